@@ -1,3 +1,35 @@
-"""manifoldlens: the geometry a trained classifier sees in its data."""
+"""manifoldlens: the geometry a trained classifier sees in its data.
+
+Input Jacobians, the local data matrix G(x) and the foliation it induces, held against the
+data manifold. The functional core is batched on the first axis and device/dtype agnostic.
+"""
+
+from .information import (
+    LocalDataMatrix,
+    LocalFisherMatrix,
+    local_data_matrix,
+    local_fisher_matrix,
+)
+from .jacobian import (
+    class_correlation,
+    gram_spectrum,
+    jacobian,
+    jacobian_gram,
+    jacobian_neighbors,
+    kernel_target_alignment,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LocalDataMatrix",
+    "LocalFisherMatrix",
+    "class_correlation",
+    "gram_spectrum",
+    "jacobian",
+    "jacobian_gram",
+    "jacobian_neighbors",
+    "kernel_target_alignment",
+    "local_data_matrix",
+    "local_fisher_matrix",
+]

@@ -1,0 +1,497 @@
+"""Input Jacobians of a classifier, batched, and the dataset Jacobian correlation matrix.
+
+Notation (DESIGN §2): scores s(x) ∈ ℝ^C, p = softmax(s), x ∈ ℝ^d.
+
+* ``J_s = ∂s/∂x`` (C × d) — ``output="logits"``
+* ``J_logp = (I − 1pᵀ) J_s`` — ``output="log_softmax"``
+* ``J_p = diag(p) J_logp`` — ``output="softmax"``
+
+One set of C vector–Jacobian products through the network gives ``J_s``; the chain rule
+above gives the other two at O(C·d) cost per sample.
+
+The dataset Jacobian matrix of seed 000 stacks ``flatten(J(x_i))`` as rows of 𝒥 (n × C·d);
+its correlation matrix is ``M = 𝒥𝒥ᵀ`` (seed 000, eq. 6), computed block by block.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._checks import check_batch, check_independent_samples
+
+__all__ = [
+    "OUTPUTS",
+    "MODEL_OUTPUTS",
+    "STRATEGIES",
+    "jacobian",
+    "score_jacobian",
+    "transform_jacobian",
+    "select_strategy",
+    "jacobian_gram",
+    "gram_spectrum",
+    "class_correlation",
+    "kernel_target_alignment",
+    "jacobian_neighbors",
+    "ClassCorrelation",
+    "Neighbors",
+]
+
+Output = Literal["logits", "softmax", "log_softmax"]
+ModelOutput = Literal["logits", "log_probs", "probs"]
+Strategy = Literal["auto", "vjp", "vmap", "forward"]
+
+OUTPUTS = ("logits", "softmax", "log_softmax")
+MODEL_OUTPUTS = ("logits", "log_probs", "probs")
+STRATEGIES = ("auto", "vjp", "vmap", "forward")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Model outputs
+# --------------------------------------------------------------------------------------
+
+
+def _to_scores(out: torch.Tensor, model_output: str) -> torch.Tensor:
+    """Map what the model returns to scores s with softmax(s) = p.
+
+    Log-probabilities are valid scores already (softmax(log p) = p). Probabilities are mapped
+    through log, clamped at the smallest normal number of the dtype.
+    """
+    if model_output == "probs":
+        return torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
+    return out
+
+
+def check_model_output(out: torch.Tensor, model_output: str, n: int) -> None:
+    """Check the model's raw output against what the caller declared it to be.
+
+    Raises ``ValueError`` for a wrong shape, NaN/Inf, and for outputs that contradict the
+    declaration: a model that already returns log-probabilities (every row's logsumexp is 0)
+    or probabilities while ``model_output="logits"`` is declared, and the converse.
+    """
+    if out.ndim != 2 or out.shape[0] != n:
+        raise ValueError(
+            f"the model must return scores shaped (n, C) = ({n}, C), got {tuple(out.shape)}"
+        )
+    if out.shape[1] < 2:
+        raise ValueError(f"the model must return at least 2 class scores, got {out.shape[1]}")
+    if not torch.isfinite(out).all():
+        rows = (~torch.isfinite(out)).any(1).nonzero().flatten()[:10].tolist()
+        raise ValueError(f"the model returned NaN/Inf for samples {rows}")
+    o = out.detach().double()
+    tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    lse = torch.logsumexp(o, dim=1)
+    rows_sum = o.sum(dim=1)
+    looks_log_probs = bool((lse.abs() < tol).all() and (o <= tol).all())
+    looks_probs = bool(((o >= 0) & (o <= 1)).all() and ((rows_sum - 1).abs() < tol).all())
+    if model_output == "logits":
+        if looks_log_probs:
+            raise ValueError(
+                "model_output='logits' was declared but the model already returns "
+                "log-probabilities (every row's logsumexp is 0, e.g. a final LogSoftmax); "
+                "pass model_output='log_probs'"
+            )
+        if looks_probs:
+            raise ValueError(
+                "model_output='logits' was declared but the model returns probabilities "
+                "(rows in [0, 1] summing to 1, e.g. a final Softmax); pass model_output='probs'"
+            )
+    elif model_output == "log_probs" and not looks_log_probs:
+        worst = float((lse.abs()).max())
+        raise ValueError(
+            "model_output='log_probs' was declared but the model's rows are not normalised "
+            f"log-probabilities (max |logsumexp| = {worst:.3g}); pass model_output='logits'"
+        )
+    elif model_output == "probs" and not looks_probs:
+        raise ValueError(
+            "model_output='probs' was declared but the model's rows are not probability "
+            "vectors (non-negative, summing to 1); pass model_output='logits' or 'log_probs'"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------
+
+
+def _jac_vjp(model: nn.Module, x: torch.Tensor, model_output: str):
+    """C summed vector–Jacobian products over the batch.
+
+    Samples are independent, so ∂(Σ_i s_c(x_i))/∂x_i = ∂s_c(x_i)/∂x_i: one backward pass per
+    class yields the class-c row of every sample's Jacobian.
+    """
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        out = model(xr)
+        check_model_output(out, model_output, x.shape[0])
+        s = _to_scores(out, model_output)
+        n, c = s.shape
+        jac = x.new_empty((n, c, *x.shape[1:]))
+        for k in range(c):
+            (g,) = torch.autograd.grad(s[:, k].sum(), xr, retain_graph=k < c - 1)
+            jac[:, k] = g
+    return jac, s.detach()
+
+
+def _functional(model: nn.Module, model_output: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def f(xi: torch.Tensor) -> torch.Tensor:
+        s = _to_scores(model(xi.unsqueeze(0)), model_output)[0]
+        return s, s
+
+    return f
+
+
+def _jac_func(model: nn.Module, x: torch.Tensor, model_output: str, mode: str):
+    """``torch.func.vmap`` of ``jacrev`` (reverse mode) or ``jacfwd`` (forward mode)."""
+    tr = torch.func.jacrev if mode == "vmap" else torch.func.jacfwd
+    jac, s = torch.func.vmap(tr(_functional(model, model_output), has_aux=True))(x.detach())
+    check_model_output(s if model_output != "probs" else s.exp(), model_output, x.shape[0])
+    return jac, s.detach()
+
+
+_STRATEGY_FNS = {
+    "vjp": _jac_vjp,
+    "vmap": lambda m, x, mo: _jac_func(m, x, mo, "vmap"),
+    "forward": lambda m, x, mo: _jac_func(m, x, mo, "forward"),
+}
+
+
+def select_strategy(model: nn.Module, x: torch.Tensor, num_classes: int | None = None) -> str:
+    """The strategy ``"auto"`` picks.
+
+    Rule (measured in ``bench/jacobian.py``, see ``docs/benchmarks.md``): forward mode when the
+    input has fewer dimensions than the model has outputs (d < C: d JVPs beat C VJPs);
+    otherwise C summed VJPs over the batch, which beat ``vmap(jacrev)`` on every model and
+    device we measured because they reuse one batched forward pass and run batched kernels.
+    """
+    d = math.prod(x.shape[1:])
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[-1]
+    return "forward" if d < num_classes else "vjp"
+
+
+def _chunks(n: int, chunk_size: int | None):
+    step = n if not chunk_size or chunk_size <= 0 else chunk_size
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def score_jacobian(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    model_output: ModelOutput = "logits",
+    strategy: Strategy = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jacobian of the scores and the scores themselves: ``(J_s (n, C, *x.shape[1:]), s (n, C))``.
+
+    Scores are the logits, or log p for models that return log-probabilities or
+    probabilities, so that ``softmax(s) = p`` always. This is the primitive the other
+    Jacobians, the local data matrix and the Gram matrix are built on.
+    """
+    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    _check_choice(strategy, STRATEGIES, "strategy")
+    check_batch(x)
+    check_independent_samples(model)
+    if strategy == "auto":
+        strategy = select_strategy(model, x)
+    fn = _STRATEGY_FNS[strategy]
+    jacs, scores = [], []
+    for sl in _chunks(x.shape[0], chunk_size):
+        j, s = fn(model, x[sl], model_output)
+        jacs.append(j)
+        scores.append(s)
+    if len(jacs) == 1:
+        return jacs[0], scores[0]
+    return torch.cat(jacs), torch.cat(scores)
+
+
+def transform_jacobian(jac_s: torch.Tensor, scores: torch.Tensor, output: Output) -> torch.Tensor:
+    """Chain rule from ``J_s`` to the Jacobian of ``output`` (DESIGN §2).
+
+    ``J_logp = J_s − 1 (pᵀ J_s)`` and ``J_p = diag(p) J_logp``.
+    """
+    _check_choice(output, OUTPUTS, "output")
+    if output == "logits":
+        return jac_s
+    p = torch.softmax(scores, dim=1)
+    flat = jac_s.reshape(jac_s.shape[0], jac_s.shape[1], -1)
+    mean = torch.einsum("nc,ncd->nd", p, flat)  # E_p[∇s]
+    j_logp = flat - mean.unsqueeze(1)
+    if output == "softmax":
+        j_logp = p.unsqueeze(-1) * j_logp
+    return j_logp.reshape(jac_s.shape)
+
+
+def jacobian(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output: Output = "log_softmax",
+    model_output: ModelOutput = "logits",
+    strategy: Strategy = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Input Jacobians of a classifier, batched over the first axis.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps ``(n, *shape)`` to ``(n, C)``. Samples must be independent: a model in train
+        mode with BatchNorm raises ``ValueError`` (call ``model.eval()``).
+    x : Tensor ``(n, *shape)``
+        Inputs; any floating dtype and device.
+    output : {"logits", "softmax", "log_softmax"}
+        Which function of x to differentiate.
+    model_output : {"logits", "log_probs", "probs"}
+        What the model returns (the seed-001 CNN ends in ``LogSoftmax``: ``"log_probs"``).
+        Outputs that contradict the declaration raise ``ValueError``. For models returning
+        log-probabilities or probabilities, ``output="logits"`` differentiates log p.
+    strategy : {"auto", "vjp", "vmap", "forward"}
+        ``"vjp"``: C summed vector–Jacobian products over the batch; ``"vmap"``:
+        ``torch.func.vmap(jacrev)``; ``"forward"``: ``vmap(jacfwd)``; ``"auto"``: see
+        :func:`select_strategy`.
+    chunk_size : int, optional
+        Samples per chunk; bounds peak memory to O(chunk · (activations + C·d)).
+
+    Returns
+    -------
+    Tensor ``(n, C, *shape)``
+
+    Examples
+    --------
+    For a linear softmax model s = Wx + b, ``J_s = W`` and ``J_logp = W − 1 pᵀW``:
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> J = jacobian(model, x, output="logits")
+    >>> J.shape
+    torch.Size([4, 2, 3])
+    >>> torch.allclose(J, model.weight.expand(4, 2, 3))
+    True
+    """
+    _check_choice(output, OUTPUTS, "output")
+    jac_s, scores = score_jacobian(
+        model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size
+    )
+    return transform_jacobian(jac_s, scores, output)
+
+
+# --------------------------------------------------------------------------------------
+# Dataset Jacobian matrix and its correlation matrix (seed 000)
+# --------------------------------------------------------------------------------------
+
+
+def _iterate(n: int, batch_size: int, progress: bool, desc: str):
+    slices = list(_chunks(n, batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(slices, desc=desc, unit="batch", leave=False)
+    return slices
+
+
+def jacobian_gram(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output: Output = "softmax",
+    model_output: ModelOutput = "logits",
+    normalize: bool = False,
+    batch_size: int = 256,
+    strategy: Strategy = "auto",
+    low_memory: bool | None = None,
+    max_memory: int = 2**30,
+    out: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Correlation matrix of the dataset Jacobian matrix, ``M = 𝒥𝒥ᵀ`` (seed 000, eq. 6).
+
+    ``M_ij = Σ_c ⟨∇f_c(x_i), ∇f_c(x_j)⟩`` with f the chosen ``output`` (softmax by default,
+    as in seed 000). With ``normalize=True`` the cosine ``M_ij / √(M_ii M_jj)`` (0 for
+    samples whose Jacobian vanishes).
+
+    Memory: the Jacobians of ``batch_size`` samples are computed at a time. When 𝒥 (n·C·d
+    numbers) exceeds ``max_memory`` bytes, or ``low_memory=True``, the blocks go to a
+    memory-mapped scratch file (in ``cache_dir`` or the system temp dir) and M is formed
+    block pair by block pair: peak RAM is O(batch · C · d + n²). ``out`` names a ``.npy``
+    file that holds M as a memory map (for n too large for RAM); the returned tensor then
+    shares that memory.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(5, 3)
+    >>> M = jacobian_gram(model, torch.randn(10, 5), normalize=True)
+    >>> M.shape, bool(torch.allclose(M.diagonal(), torch.ones(10)))
+    (torch.Size([10, 10]), True)
+    """
+    check_batch(x)
+    n = x.shape[0]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with torch.no_grad():
+        c = model(x[:1]).shape[-1]
+    width = c * math.prod(x.shape[1:])
+    dtype = x.dtype
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    if low_memory is None:
+        low_memory = n * width * np.dtype(np_dtype).itemsize > max_memory
+
+    if out is not None:
+        out = os.fspath(out)
+        if not out.endswith(".npy"):
+            raise ValueError(f"out must be a path ending in .npy, got {out!r}")
+        m_np = np.lib.format.open_memmap(out, mode="w+", dtype=np_dtype, shape=(n, n))
+        gram = torch.from_numpy(m_np)
+    else:
+        gram = torch.empty((n, n), dtype=dtype)
+
+    def block_jac(sl: slice) -> torch.Tensor:
+        j = jacobian(model, x[sl], output=output, model_output=model_output, strategy=strategy)
+        return j.reshape(j.shape[0], width)
+
+    slices = list(_chunks(n, batch_size))
+    if not low_memory:
+        full = torch.cat([block_jac(sl) for sl in _iterate(n, batch_size, progress, "jacobians")])
+        for sl in slices:
+            gram[sl] = (full[sl] @ full.T).to(device="cpu", dtype=gram.dtype)
+    else:
+        tmp = tempfile.TemporaryDirectory(dir=cache_dir, prefix="manifoldlens-jac-")
+        try:
+            store = np.lib.format.open_memmap(
+                os.path.join(tmp.name, "jacobians.npy"), mode="w+", dtype=np_dtype,
+                shape=(n, width),
+            )
+            for sl in _iterate(n, batch_size, progress, "jacobians"):
+                store[sl] = block_jac(sl).detach().cpu().numpy()
+            store.flush()
+            device = x.device
+            for i, si in enumerate(_iterate(n, batch_size, progress, "gram blocks")):
+                ji = torch.from_numpy(np.asarray(store[si])).to(device)
+                for sj in slices[: i + 1]:
+                    jj = ji if sj == si else torch.from_numpy(np.asarray(store[sj])).to(device)
+                    blk = (ji @ jj.T).cpu().to(gram.dtype)
+                    gram[si, sj] = blk
+                    gram[sj, si] = blk.T
+            del store
+        finally:
+            tmp.cleanup()
+
+    if normalize:
+        diag = gram.diagonal().clone()
+        inv = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
+        for sl in slices:
+            gram[sl] *= inv[sl, None] * inv[None, :]
+    if out is not None:
+        m_np.flush()
+    return gram
+
+
+class ClassCorrelation(NamedTuple):
+    """Class structure of a Gram matrix."""
+
+    block_means: torch.Tensor  #: (K, K) mean of M over each pair of class blocks (i ≠ j)
+    within: float  #: mean of M_ij over same-class pairs, i ≠ j
+    between: float  #: mean of M_ij over different-class pairs
+    classes: torch.Tensor  #: (K,) the class labels in block order
+
+
+def class_correlation(gram: torch.Tensor, labels: torch.Tensor) -> ClassCorrelation:
+    """Within-class vs between-class mean of a Gram or correlation matrix.
+
+    Self-pairs (the diagonal) are excluded from every mean.
+    """
+    labels = torch.as_tensor(labels).flatten().to(gram.device)
+    n = gram.shape[0]
+    if gram.shape != (n, n) or labels.numel() != n:
+        raise ValueError(
+            f"gram must be (n, n) and labels (n,), got {tuple(gram.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    classes, inv = torch.unique(labels, return_inverse=True)
+    k = classes.numel()
+    onehot = torch.nn.functional.one_hot(inv, k).to(torch.float64)
+    g = gram.to(torch.float64)
+    off = g - torch.diag_embed(g.diagonal())
+    sums = onehot.T @ off @ onehot
+    counts = onehot.sum(0)
+    pairs = counts[:, None] * counts[None, :] - torch.diag(counts)
+    block = torch.where(pairs > 0, sums / pairs.clamp_min(1), torch.full_like(sums, float("nan")))
+    within_pairs = pairs.diagonal().sum()
+    within = float(sums.diagonal().sum() / within_pairs) if within_pairs > 0 else float("nan")
+    between_pairs = pairs.sum() - within_pairs
+    between_sum = sums.sum() - sums.diagonal().sum()
+    between = float(between_sum / between_pairs) if between_pairs > 0 else float("nan")
+    return ClassCorrelation(block.to(gram.dtype), within, between, classes)
+
+
+def kernel_target_alignment(
+    gram: torch.Tensor, labels: torch.Tensor, *, centered: bool = True
+) -> float:
+    """Kernel–target alignment ``⟨K, YYᵀ⟩_F / (‖K‖_F ‖YYᵀ‖_F)`` with Y one-hot labels.
+
+    ``centered=True`` uses the centred alignment of Cortes, Mohri & Rostamizadeh (2012):
+    both matrices are centred by ``H = I − 11ᵀ/n`` first.
+    """
+    labels = torch.as_tensor(labels).flatten()
+    _, inv = torch.unique(labels, return_inverse=True)
+    y = torch.nn.functional.one_hot(inv).to(torch.float64).to(gram.device)
+    k = gram.to(torch.float64)
+    t = y @ y.T
+    if centered:
+        k = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+        t = t - t.mean(0, keepdim=True) - t.mean(1, keepdim=True) + t.mean()
+    denom = torch.linalg.norm(k) * torch.linalg.norm(t)
+    return float((k * t).sum() / denom) if denom > 0 else float("nan")
+
+
+def gram_spectrum(gram: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Eigenvalues of a symmetric Gram matrix in descending order (the top ``k`` if given)."""
+    ev = torch.linalg.eigvalsh(gram.to(torch.float64)).flip(0).to(gram.dtype)
+    return ev if k is None else ev[:k]
+
+
+class Neighbors(NamedTuple):
+    indices: torch.Tensor  #: (n, k) nearest neighbours in Jacobian space, self excluded
+    distances: torch.Tensor  #: (n, k) Euclidean distances between flattened Jacobians
+    label_agreement: float | None  #: share of neighbours with the same label
+
+
+def jacobian_neighbors(
+    gram: torch.Tensor, k: int = 5, labels: torch.Tensor | None = None, *, normalized: bool = False
+) -> Neighbors:
+    """Nearest neighbours in Jacobian space from the Gram matrix alone.
+
+    ``‖𝒥_i − 𝒥_j‖² = M_ii + M_jj − 2 M_ij``; for a cosine matrix (``normalized=True``) the
+    distance between unit vectors, ``√(2 − 2 M_ij)``.
+    """
+    n = gram.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, n-1] = [1, {n - 1}], got {k}")
+    g = gram.to(torch.float64)
+    diag = torch.ones(n, dtype=g.dtype, device=g.device) if normalized else g.diagonal()
+    d2 = (diag[:, None] + diag[None, :] - 2 * g).clamp_min(0)
+    d2.fill_diagonal_(float("inf"))
+    dist, idx = torch.topk(d2, k, dim=1, largest=False)
+    agree = None
+    if labels is not None:
+        labels = torch.as_tensor(labels).flatten().to(idx.device)
+        agree = float((labels[idx] == labels[:, None]).double().mean())
+    return Neighbors(idx, dist.sqrt().to(gram.dtype), agree)

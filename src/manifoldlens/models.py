@@ -1,0 +1,491 @@
+"""Classifier architectures, a JSON spec registry, and pickle-free checkpoints.
+
+Every model returns logits ``(n, num_classes)`` (``Seed001CNN(log_softmax=True)`` returns
+log-probabilities instead) and stores ``model.spec``, a JSON-serialisable dict from which
+:func:`build_model` rebuilds the same architecture. Inputs are batched on the first axis:
+``(n, *in_shape)`` or any ``(n, ...)`` with the same number of features per sample.
+
+Checkpoints are a ``<stem>.safetensors`` file (weights, no pickle) plus a ``<stem>.json``
+manifest (spec, user metadata, sha256 of the weights, torch version), and optionally
+``<stem>.optim.pt`` holding an optimizer state dict, read back with ``weights_only=True``.
+
+>>> m = create_model("mlp", (2,), 3, hidden=(4,))
+>>> m(torch.zeros(5, 2)).shape
+torch.Size([5, 3])
+>>> build_model(m.spec).spec == m.spec
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "ARCHITECTURES",
+    "MLP",
+    "Linear",
+    "Seed001CNN",
+    "SmallCNN",
+    "build_model",
+    "count_parameters",
+    "create_model",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+}
+
+_FORMAT = "manifoldlens.checkpoint"
+_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _make_activation(name: str) -> nn.Module:
+    """Return a fresh activation module for ``name`` (ValueError listing the choices)."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _int_tuple(values: Any, name: str, *, allow_empty: bool = False) -> tuple[int, ...]:
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}")
+    out = tuple(_positive_int(v, f"{name} entry") for v in values)
+    if not out and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    return out
+
+
+def _image_shape(in_shape: Any, min_hw: int, arch: str) -> tuple[int, int, int]:
+    shape = _int_tuple(in_shape, "in_shape")
+    if len(shape) != 3:
+        raise ValueError(f"{arch} needs in_shape (C, H, W), got {shape}")
+    if shape[1] < min_hw or shape[2] < min_hw:
+        raise ValueError(f"{arch} needs H, W >= {min_hw}, got in_shape {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _as_batch(x: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
+    """Reshape ``x`` of shape ``(n, ...)`` to ``(n, *in_shape)``, with a clear error."""
+    if x.ndim < 1:
+        raise ValueError("input must be batched on the first axis, got a 0-d tensor")
+    if tuple(x.shape[1:]) == in_shape:
+        return x
+    if _numel(x.shape[1:]) != _numel(in_shape):
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} does not match in_shape {in_shape}: "
+            f"expected (n, *{in_shape}) or (n, ...) with {_numel(in_shape)} features per sample"
+        )
+    return x.reshape(x.shape[0], *in_shape)
+
+
+def _spec(arch: str, **kwargs: Any) -> dict[str, Any]:
+    """A JSON-ready spec: tuples become lists."""
+    spec: dict[str, Any] = {"arch": arch}
+    for key, value in kwargs.items():
+        spec[key] = list(value) if isinstance(value, tuple) else value
+    return spec
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class Seed001CNN(nn.Module):
+    """The PyTorch MNIST-example CNN used by Grementieri & Fioresi.
+
+    conv(C_in→32, 3×3) → ReLU → conv(32→64, 3×3) → ReLU → max-pool 2 → flatten →
+    fc(→128) → ReLU → fc(128→num_classes) [→ LogSoftmax(dim=1) if ``log_softmax``].
+
+    The two dropout layers of the example are omitted: they act only in train mode and
+    would make input Jacobians random there. Parameter names (``conv1``, ``conv2``, ``fc1``,
+    ``fc2``) match the example, so its state dicts load with ``strict=True``.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        log_softmax: bool = False,
+    ) -> None:
+        super().__init__()
+        c, h, w = _image_shape(in_shape, 6, "Seed001CNN")
+        self.in_shape: tuple[int, ...] = (c, h, w)
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        self.conv1 = nn.Conv2d(c, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.fc_in = 64 * ((h - 4) // 2) * ((w - 4) // 2)
+        self.fc1 = nn.Linear(self.fc_in, 128)
+        self.fc2 = nn.Linear(128, self.num_classes)
+        self.log_softmax = nn.LogSoftmax(dim=1) if log_softmax else None
+        self.spec = _spec(
+            "seed001_cnn",
+            in_shape=self.in_shape,
+            num_classes=self.num_classes,
+            log_softmax=bool(log_softmax),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _as_batch(x, self.in_shape)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.fc2(x)
+        return self.log_softmax(x) if self.log_softmax is not None else x
+
+
+class MLP(nn.Module):
+    """Fully connected classifier: flatten → [Linear → act] per hidden width → Linear."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int] | int,
+        num_classes: int = 10,
+        hidden: Sequence[int] = (128, 128),
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        _make_activation(activation)
+        self.in_shape = _int_tuple(in_shape, "in_shape")
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        hidden = _int_tuple(hidden, "hidden", allow_empty=True)
+        layers: list[nn.Module] = [nn.Flatten(1)]
+        width = _numel(self.in_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, h), _make_activation(activation)]
+            width = h
+        layers.append(nn.Linear(width, self.num_classes))
+        self.net = nn.Sequential(*layers)
+        self.spec = _spec(
+            "mlp",
+            in_shape=self.in_shape,
+            num_classes=self.num_classes,
+            hidden=hidden,
+            activation=activation,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(_as_batch(x, self.in_shape))
+
+
+class SmallCNN(nn.Module):
+    """Small CNN for tiny images (e.g. 8×8 digits); works for any H, W >= 2.
+
+    [conv3×3 pad 1 → act] per entry of ``channels`` → max-pool 2 → flatten →
+    fc(→hidden) → act → fc(hidden→num_classes).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int] = (1, 8, 8),
+        num_classes: int = 10,
+        channels: Sequence[int] = (16, 32),
+        hidden: int = 64,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        _make_activation(activation)
+        c, h, w = _image_shape(in_shape, 2, "SmallCNN")
+        self.in_shape: tuple[int, ...] = (c, h, w)
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        channels = _int_tuple(channels, "channels")
+        hidden = _positive_int(hidden, "hidden")
+        feats: list[nn.Module] = []
+        prev = c
+        for ch in channels:
+            feats += [nn.Conv2d(prev, ch, 3, padding=1), _make_activation(activation)]
+            prev = ch
+        feats.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*feats)
+        self.fc_in = prev * (h // 2) * (w // 2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(1),
+            nn.Linear(self.fc_in, hidden),
+            _make_activation(activation),
+            nn.Linear(hidden, self.num_classes),
+        )
+        self.spec = _spec(
+            "small_cnn",
+            in_shape=self.in_shape,
+            num_classes=self.num_classes,
+            channels=channels,
+            hidden=hidden,
+            activation=activation,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(_as_batch(x, self.in_shape)))
+
+
+class Linear(nn.Module):
+    """Linear softmax model: flatten → ``nn.Linear`` (logits ``W x + b``).
+
+    ``weight`` (num_classes, D) and ``bias`` give the closed form used as a test reference.
+    """
+
+    def __init__(self, in_shape: Sequence[int] | int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.in_shape = _int_tuple(in_shape, "in_shape")
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        self.fc = nn.Linear(_numel(self.in_shape), self.num_classes)
+        self.spec = _spec("linear", in_shape=self.in_shape, num_classes=self.num_classes)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fc.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.fc.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _as_batch(x, self.in_shape)
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+# ----------------------------------------------------------------------------- registry
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "seed001_cnn": Seed001CNN,
+    "mlp": MLP,
+    "small_cnn": SmallCNN,
+    "linear": Linear,
+}
+
+
+def _arch_class(arch: Any) -> type[nn.Module]:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def create_model(
+    arch: str, in_shape: Sequence[int] | int, num_classes: int, **kwargs: Any
+) -> nn.Module:
+    """Instantiate architecture ``arch`` (a key of :data:`ARCHITECTURES`)."""
+    return build_model({"arch": arch, "in_shape": in_shape, "num_classes": num_classes, **kwargs})
+
+
+def build_model(spec: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a freshly initialised model from ``spec`` (as stored in ``model.spec``)."""
+    if not isinstance(spec, Mapping) or "arch" not in spec:
+        raise ValueError(f"spec must be a dict with an 'arch' key, got {spec!r}")
+    cls = _arch_class(spec["arch"])
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "arch"}
+    allowed = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"spec for {spec['arch']!r} has unknown keys {unknown}; allowed: {sorted(allowed)}"
+        )
+    return cls(**kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_SUFFIXES = (".json", ".safetensors", ".optim.pt")
+
+
+def _stem(path: str | os.PathLike[str]) -> str:
+    """Strip one known checkpoint suffix (string-wise: ``run.5`` stays ``run.5``)."""
+    s = os.fspath(path)
+    for suffix in _SUFFIXES:
+        if s.endswith(suffix):
+            return s[: -len(suffix)]
+    return s
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def save_checkpoint(
+    path_stem_or_dir: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    metadata: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Save ``model`` (which must carry ``model.spec``) and return the ``.json`` manifest path.
+
+    Writes ``<stem>.safetensors`` (weights), ``<stem>.json`` (spec, ``metadata``, sha256,
+    torch version) and, with ``optimizer``, ``<stem>.optim.pt``. An existing directory
+    as ``path_stem_or_dir`` means stem ``<dir>/checkpoint``; a trailing ``.json`` or
+    ``.safetensors`` is stripped. Suffixes are appended to the string, so ``run.5`` is kept.
+    """
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise ValueError(
+            f"{type(model).__name__} has no 'spec' dict; only manifoldlens models "
+            f"({sorted(ARCHITECTURES)}) can be checkpointed"
+        )
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+
+    p = Path(path_stem_or_dir)
+    stem = str(p / "checkpoint") if p.is_dir() else _stem(path_stem_or_dir)
+    weights = Path(stem + ".safetensors")
+    manifest_path = Path(stem + ".json")
+    optim_path = Path(stem + ".optim.pt")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+
+    manifest: dict[str, Any] = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "spec": spec,
+        "metadata": dict(metadata or {}),
+        "weights": weights.name,
+        "sha256": None,
+        "optimizer": None,
+        "optimizer_sha256": None,
+        "torch_version": torch.__version__,
+    }
+    json.dumps(manifest, default=_json_default)  # fail before writing anything
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = Path(str(weights) + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "arch": str(spec["arch"])})
+    os.replace(tmp, weights)
+    manifest["sha256"] = _sha256(weights)
+
+    if optimizer is not None:
+        tmp = Path(str(optim_path) + ".tmp")
+        torch.save(optimizer.state_dict(), tmp)
+        os.replace(tmp, optim_path)
+        manifest["optimizer"] = optim_path.name
+        manifest["optimizer_sha256"] = _sha256(optim_path)
+
+    tmp = Path(str(manifest_path) + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, manifest_path)
+    return manifest_path
+
+
+def _checked_file(directory: Path, name: Any, digest: Any, what: str) -> Path:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"checkpoint manifest in {directory} names no {what} file")
+    path = directory / name
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {what} file not found: {path}")
+    if digest is not None and _sha256(path) != digest:
+        raise ValueError(
+            f"sha256 mismatch for {path}: the file was modified or corrupted after saving"
+        )
+    return path
+
+
+def _rebind(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Point ``optimizer`` at ``model``'s parameters, matched in ``model.parameters()`` order."""
+    new = list(model.parameters())
+    old = [p for group in optimizer.param_groups for p in group["params"]]
+    if [p.shape for p in old] != [p.shape for p in new]:
+        raise ValueError(
+            f"optimizer holds {len(old)} parameters whose shapes do not match the "
+            f"{len(new)} parameters of the checkpoint's model (in model.parameters() order); "
+            "create it over build_model(spec).parameters()"
+        )
+    it = iter(new)
+    for group in optimizer.param_groups:
+        group["params"] = [next(it) for _ in group["params"]]
+    optimizer.state.clear()
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint from its ``.json``, ``.safetensors`` or stem path.
+
+    Rebuilds the model from the stored spec, verifies the sha256 of the weights, loads
+    them with ``strict=True`` (keeping their floating dtype) and moves the model to
+    ``map_location``. With ``optimizer`` (created over a model of the same spec), its
+    parameters are rebound to the returned model's, in ``model.parameters()`` order, and its
+    state is restored from ``<stem>.optim.pt``.
+    Returns ``(model in eval mode, metadata dict)``.
+    """
+    manifest_path = Path(_stem(path) + ".json")
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"checkpoint manifest not found: {manifest_path}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest_path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise ValueError(f"{manifest_path} is not a manifoldlens checkpoint manifest")
+    if manifest.get("sha256") is None:
+        raise ValueError(f"{manifest_path} records no sha256 for its weights")
+
+    directory = manifest_path.parent
+    weights = _checked_file(directory, manifest.get("weights"), manifest["sha256"], "weights")
+    model = build_model(manifest["spec"])
+    state = load_file(str(weights), device="cpu")
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model = model.to(dtypes.pop())
+    model.load_state_dict(state, strict=True)
+    model = model.to(map_location)
+
+    if optimizer is not None:
+        if manifest.get("optimizer") is None:
+            raise ValueError(f"checkpoint {manifest_path} holds no optimizer state")
+        optim_path = _checked_file(
+            directory, manifest["optimizer"], manifest.get("optimizer_sha256"), "optimizer"
+        )
+        _rebind(optimizer, model)
+        optimizer.load_state_dict(
+            torch.load(optim_path, map_location=map_location, weights_only=True)
+        )
+    return model.eval(), dict(manifest.get("metadata") or {})

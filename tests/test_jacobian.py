@@ -1,0 +1,209 @@
+"""The Jacobian engine against autograd brute force and closed forms, in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from manifoldlens.jacobian import (
+    class_correlation,
+    gram_spectrum,
+    jacobian,
+    jacobian_gram,
+    jacobian_neighbors,
+    kernel_target_alignment,
+    select_strategy,
+)
+
+from helpers import TinyCNN, TinyMLP, make
+
+OUTPUT_FNS = {
+    "logits": lambda s: s,
+    "log_softmax": lambda s: torch.log_softmax(s, -1),
+    "softmax": lambda s: torch.softmax(s, -1),
+}
+
+
+def brute_force(model, x, output):
+    f = OUTPUT_FNS[output]
+    return torch.stack(
+        [torch.autograd.functional.jacobian(lambda z: f(model(z[None])[0]), xi) for xi in x]
+    )
+
+
+MODELS = {
+    "relu_mlp": (lambda: make(TinyMLP(act=nn.ReLU)), (12,)),
+    "tanh_mlp": (lambda: make(TinyMLP(act=nn.Tanh)), (3, 4)),
+    "cnn": (lambda: make(TinyCNN()), (1, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("strategy", ["vjp", "vmap", "forward", "auto"])
+@pytest.mark.parametrize("output", ["logits", "log_softmax", "softmax"])
+def test_matches_autograd(name, strategy, output):
+    build, shape = MODELS[name]
+    model = build()
+    x = torch.randn(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if name == "tanh_mlp":
+        model.net[0] = nn.Flatten()  # accepts (3, 4) inputs
+    got = jacobian(model, x, output=output, strategy=strategy)
+    ref = brute_force(model, x, output)
+    assert got.shape == (5, ref.shape[1], *shape)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_softmax_closed_form(linear):
+    x = torch.randn(7, 12, dtype=torch.float64)
+    w = linear[1].weight
+    p = torch.softmax(linear(x), -1)
+    j_s = w.expand(7, 4, 12)
+    j_logp = j_s - torch.einsum("nc,cd->nd", p, w)[:, None]
+    j_p = p[..., None] * j_logp
+    torch.testing.assert_close(jacobian(linear, x, output="logits"), j_s)
+    torch.testing.assert_close(jacobian(linear, x, output="log_softmax"), j_logp)
+    torch.testing.assert_close(jacobian(linear, x, output="softmax"), j_p)
+    # rows of J_p sum to zero (probabilities sum to one); Σ p_c ∇log p_c = 0
+    torch.testing.assert_close(j_p.sum(1), torch.zeros(7, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "declared,head", [("log_probs", nn.LogSoftmax(1)), ("probs", nn.Softmax(1))]
+)
+def test_models_returning_probabilities(relu_mlp, declared, head):
+    wrapped = nn.Sequential(relu_mlp, head).eval()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    for output in ("log_softmax", "softmax"):
+        ref = jacobian(relu_mlp, x, output=output)
+        got = jacobian(wrapped, x, output=output, model_output=declared)
+        torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match=f"model_output='{declared}'"):
+        jacobian(wrapped, x)  # declared logits: refused with the fix in the message
+
+
+def test_declared_log_probs_but_logits(relu_mlp):
+    with pytest.raises(ValueError, match="not normalised"):
+        jacobian(relu_mlp, torch.randn(3, 12, dtype=torch.float64), model_output="log_probs")
+
+
+def test_batchnorm_train_mode_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="BatchNorm1d.*model.eval"):
+        jacobian(model, x)
+    model.eval()
+    assert jacobian(model, x).shape == (5, 3, 4)
+
+
+def test_dropout_train_mode_warns():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match="dropout"):
+        jacobian(model, torch.randn(2, 4))
+
+
+def test_bad_inputs(relu_mlp):
+    x = torch.randn(4, 12, dtype=torch.float64)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN.*\[2\]"):
+        jacobian(relu_mlp, x)
+    with pytest.raises(ValueError, match="batched on the first axis"):
+        jacobian(relu_mlp, torch.randn(12, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating"):
+        jacobian(relu_mlp, torch.ones(2, 12, dtype=torch.long))
+    with pytest.raises(ValueError, match="output must be one of"):
+        jacobian(relu_mlp, x.nan_to_num(), output="probs")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        jacobian(relu_mlp, x.nan_to_num(), strategy="fast")
+    scalar = nn.Sequential(nn.Linear(12, 1), nn.Flatten(0)).double()
+    with pytest.raises(ValueError, match=r"shaped \(n, C\)"):
+        jacobian(scalar, x.nan_to_num())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    chunk=st.one_of(st.none(), st.integers(1, 10)),
+    shape=st.sampled_from([(12,), (2, 6), (3, 2, 2)]),
+    strategy=st.sampled_from(["vjp", "vmap", "forward"]),
+)
+def test_shapes_and_chunking(n, chunk, shape, strategy):
+    model = make(TinyMLP())
+    x = torch.randn(n, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    j = jacobian(model, x, strategy=strategy, chunk_size=chunk)
+    assert j.shape == (n, 4, *shape)
+    torch.testing.assert_close(j, jacobian(model, x, strategy="vjp"))
+
+
+def test_dtype_preserved_float32():
+    model = TinyMLP().eval()
+    x = torch.randn(3, 12)
+    assert jacobian(model, x).dtype == torch.float32
+
+
+def test_auto_rule():
+    wide = nn.Linear(2, 10)
+    assert select_strategy(wide, torch.randn(1, 2)) == "forward"
+    assert select_strategy(TinyMLP(), torch.randn(1, 12)) == "vjp"
+
+
+# ------------------------------------------------------------------ Gram matrix (seed 000)
+
+
+@pytest.fixture
+def gram_setup(cnn):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 1, 6, 6, dtype=torch.float64, generator=g)
+    flat = jacobian(cnn, x, output="softmax").reshape(11, -1)
+    return cnn, x, flat
+
+
+def test_gram_brute_force(gram_setup):
+    model, x, flat = gram_setup
+    m = jacobian_gram(model, x, batch_size=4)
+    torch.testing.assert_close(m, flat @ flat.T)
+    cos = jacobian_gram(model, x, batch_size=3, normalize=True)
+    unit = flat / flat.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(cos, unit @ unit.T)
+
+
+def test_gram_low_memory_and_memmap(gram_setup, tmp_path):
+    model, x, flat = gram_setup
+    dense = jacobian_gram(model, x, batch_size=4, output="log_softmax")
+    low = jacobian_gram(
+        model, x, batch_size=4, output="log_softmax", low_memory=True, cache_dir=tmp_path
+    )
+    torch.testing.assert_close(low, dense)
+    assert list(tmp_path.iterdir()) == []  # scratch file removed
+    path = tmp_path / "m.npy"
+    mm = jacobian_gram(model, x, batch_size=5, output="log_softmax", out=path, low_memory=True)
+    torch.testing.assert_close(mm, dense)
+    np.testing.assert_allclose(np.load(path), dense.numpy())
+    with pytest.raises(ValueError, match=".npy"):
+        jacobian_gram(model, x, out=tmp_path / "m.bin")
+
+
+def test_gram_analysis():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    y = nn.functional.one_hot(labels).double()
+    m = y @ y.T + 0.1
+    cc = class_correlation(m, labels)
+    assert cc.within == pytest.approx(1.1) and cc.between == pytest.approx(0.1)
+    torch.testing.assert_close(cc.block_means, torch.eye(3, dtype=torch.float64) + 0.1)
+    assert kernel_target_alignment(y @ y.T, labels) == pytest.approx(1.0)
+    assert kernel_target_alignment(torch.eye(7, dtype=torch.float64), labels, centered=False) < 1
+    ev = gram_spectrum(m)
+    torch.testing.assert_close(ev, torch.linalg.eigvalsh(m).flip(0))
+    pts = torch.randn(7, 3, dtype=torch.float64)
+    nb = jacobian_neighbors(pts @ pts.T, k=2, labels=labels)
+    d = torch.cdist(pts, pts)
+    d.fill_diagonal_(float("inf"))
+    ref_d, ref_i = d.topk(2, largest=False)
+    assert torch.equal(nb.indices, ref_i)
+    torch.testing.assert_close(nb.distances, ref_d)
+    assert 0 <= nb.label_agreement <= 1
+    single = class_correlation(m[:6, :6], labels[:6])  # one-sample class: no within pairs
+    assert torch.isnan(single.block_means[2, 2])
