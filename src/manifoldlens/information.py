@@ -30,7 +30,13 @@ from .jacobian import (
     transform_jacobian,
 )
 
-__all__ = ["LocalDataMatrix", "LocalFisherMatrix", "local_data_matrix", "local_fisher_matrix"]
+__all__ = [
+    "LocalDataMatrix",
+    "LocalFisherMatrix",
+    "data_matrix_statistics",
+    "local_data_matrix",
+    "local_fisher_matrix",
+]
 
 
 def default_rtol(num_classes: int, dtype: torch.dtype) -> float:
@@ -295,3 +301,33 @@ def local_fisher_matrix(
         factor=torch.cat(factors) if keep_factor else None,
         gram=torch.cat(grams),
     )
+
+
+def data_matrix_statistics(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    model_output: ModelOutput = "logits",
+    batch_size: int = 256,
+    rtol: float | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """G(x) statistics over a dataset, batch by batch: nothing of size n · C · d is kept.
+
+    Returns ``trace`` (n,), ``eigenvalues`` (n, C), ``rank`` (n,) and ``probs`` (n, C).
+    """
+    check_batch(x)
+    out: dict[str, list[torch.Tensor]] = {"trace": [], "eigenvalues": [], "rank": [], "probs": []}
+    slices = list(_chunks(x.shape[0], batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        slices = tqdm(slices, desc="G(x)", unit="batch", leave=False)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    for sl in slices:
+        G = local_data_matrix(model, x[sl].to(device), model_output=model_output)
+        out["trace"].append(G.trace.cpu())
+        out["eigenvalues"].append(G.eigenvalues.cpu())
+        out["rank"].append(G.rank(rtol).cpu())
+        out["probs"].append(G.probs.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}

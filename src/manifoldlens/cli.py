@@ -1,0 +1,141 @@
+"""The ``manifoldlens`` command line. It parses arguments and calls the library; every command
+writes a run directory (``--out``, default ``runs/<command>-<timestamp>``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="run directory (default runs/<command>-<time>)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1 ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    p.add_argument("--data", default=default,
+                   help="digits, fashion-mnist, mnist, kmnist or an IDX directory")
+    p.add_argument("--root", help="directory holding the dataset's IDX files")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="manifoldlens",
+        description="The geometry a trained classifier sees in its data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier, following the trace of G")
+    _add_common(p)
+    _add_data(p)
+    p.add_argument("--arch", default="small_cnn",
+                   choices=["small_cnn", "seed001_cnn", "mlp", "linear"])
+    p.add_argument("--activation", help="relu, tanh or softplus (mlp, small_cnn)")
+    p.add_argument("--hidden", type=_ints, help="hidden widths of an mlp, e.g. 128,128")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=60)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float)
+    length.add_argument("--steps", type=int)
+    p.add_argument("--limit", type=int, help="train on a stratified subset of this size")
+    p.add_argument("--trace-every", type=int, default=50, help="steps between Tr G probes")
+    p.add_argument("--probe-size", type=int, default=60)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--keep-checkpoint", type=int, action="append", default=[],
+                   help="also keep the checkpoint of this step (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    for name, helptext in (("spectrum", "statistics of G(x) over a split"),
+                           ("gram", "the Jacobian correlation matrix M over a split")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="model checkpoint (.json, .safetensors or stem)")
+        _add_common(p)
+        _add_data(p, default=None)
+        p.add_argument("--split", default="test", choices=["train", "test"])
+        p.add_argument("--limit", type=int, help="a stratified subset of this many points")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--model-output", default="logits",
+                       choices=["logits", "log_probs", "probs"])
+        if name == "gram":
+            p.add_argument("--output", default="softmax",
+                           choices=["softmax", "log_softmax", "logits"])
+            p.add_argument("--normalize", action="store_true", help="cosine of Jacobians")
+            p.add_argument("--low-memory", action="store_true",
+                           help="stream Jacobian blocks through a scratch file")
+
+    p = sub.add_parser("demo", help="the whole story on the embedded digits, with a report")
+    _add_common(p)
+    p.add_argument("--steps", type=int, default=1500)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from . import experiments
+    from .runs import Run, default_run_dir
+
+    torch.manual_seed(args.seed)
+    out = args.out or default_run_dir(args.command)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    progress = not args.no_progress
+    resume = getattr(args, "resume", False)
+    try:
+        with Run(out, args.command, config, seed=args.seed, device=args.device,
+                 resume=resume) as run:
+            print(f"run directory: {run.path}", file=sys.stderr)
+            if args.command == "train":
+                opts = {k: v for k, v in (("activation", args.activation),
+                                          ("hidden", args.hidden)) if v is not None}
+                steps, epochs = args.steps, args.epochs
+                if steps is None and epochs is None:
+                    epochs = 10.0
+                experiments.run_train(
+                    run, data=args.data, root=args.root, arch=args.arch, arch_options=opts,
+                    limit=args.limit, trace_every=args.trace_every, probe_size=args.probe_size,
+                    resume=resume, progress=progress, optimizer=args.optimizer, lr=args.lr,
+                    momentum=args.momentum, weight_decay=args.weight_decay,
+                    batch_size=args.batch_size, steps=steps, epochs=epochs, seed=args.seed,
+                    eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                    keep_checkpoints=tuple(args.keep_checkpoint), device=args.device,
+                )
+            elif args.command in ("spectrum", "gram"):
+                model, meta = experiments.load_model(args.checkpoint, args.device)
+                ds = experiments._dataset_for(meta, args.data, args.split, args.root,
+                                              args.limit, args.seed).to(args.device)
+                if args.command == "spectrum":
+                    experiments.run_spectrum(run, model, ds, model_output=args.model_output,
+                                             batch_size=args.batch_size, progress=progress)
+                else:
+                    experiments.run_gram(
+                        run, model, ds, output=args.output, model_output=args.model_output,
+                        normalize=args.normalize, batch_size=args.batch_size,
+                        low_memory=True if args.low_memory else None, progress=progress,
+                    )
+            elif args.command == "demo":
+                experiments.run_demo(run, steps=args.steps, progress=progress)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, TypeError) as e:
+        print(f"manifoldlens {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {out}/run.json" + (f", {out}/report.html" if args.command == "demo" else ""),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

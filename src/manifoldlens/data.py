@@ -1,0 +1,729 @@
+"""Image data sets (sklearn digits, IDX files such as Fashion-MNIST) and toy 2-D densities.
+
+Images come back as float32 tensors in ``[0, 1]`` shaped ``(n, 1, H, W)`` with int64 labels.
+IDX directories are looked up in this order: an explicit ``root=``, the ``MANIFOLDLENS_DATA``
+environment variable, then ``SYSTEM_DATA_DIR/<name>`` (``/usr/share/datasets/<name>``).
+
+>>> train = load_dataset("digits")
+>>> train
+ImageDataset(name='digits', split='train', n=1437, shape=(1, 8, 8), num_classes=10)
+>>> image, label = train[0]
+>>> tuple(image.shape), label.dtype
+((1, 8, 8), torch.int64)
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DATASETS",
+    "ENV_VAR",
+    "FASHION_MNIST_CLASSES",
+    "KMNIST_CLASSES",
+    "SYSTEM_DATA_DIR",
+    "TOY_2D",
+    "ImageDataset",
+    "clear_cache",
+    "load_dataset",
+    "locate_dataset",
+    "make_toy_2d",
+    "read_idx",
+    "write_idx",
+]
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "kmnist")
+"""Built-in data set names accepted by :func:`load_dataset`."""
+
+TOY_2D = ("two-moons", "8gaussians", "checkerboard", "rings")
+"""Names accepted by :func:`make_toy_2d`."""
+
+SYSTEM_DATA_DIR = "/usr/share/datasets"
+"""Last place searched for IDX data sets: ``SYSTEM_DATA_DIR/<name>``."""
+
+ENV_VAR = "MANIFOLDLENS_DATA"
+"""Environment variable naming data directories (``os.pathsep``-separated)."""
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+KMNIST_CLASSES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
+"""Romanised hiragana of the ten Kuzushiji-MNIST classes (お き す つ な は ま や れ を)."""
+
+_DIGIT_CLASSES = tuple(str(i) for i in range(10))
+_KNOWN_CLASSES = {
+    "digits": _DIGIT_CLASSES,
+    "mnist": _DIGIT_CLASSES,
+    "fashion-mnist": FASHION_MNIST_CLASSES,
+    "kmnist": KMNIST_CLASSES,
+}
+_ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
+_SPLITS = ("train", "test")
+_IDX_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# IDX type code -> big-endian numpy dtype.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_IDX_CODES = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (raw or gzip-compressed) into a native-byte-order array.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The file. Gzip is detected from the content, not the suffix.
+
+    Returns
+    -------
+    numpy.ndarray
+        A fresh, writeable array with the file's shape and dtype (uint8, int8, int16, int32,
+        float32 or float64).
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the problem: empty file, bad magic, unknown type code, zero
+        dimensions, truncated header or data, trailing bytes, corrupt gzip.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path}: corrupt gzip data ({exc})") from None
+    elif path.suffix == ".gz" and data:
+        raise ValueError(
+            f"{path}: corrupt gzip data (name ends in .gz but the file does not start with the "
+            f"gzip magic 1f 8b; first bytes: {data[:4].hex(' ')})"
+        )
+    return _parse_idx(data, path)
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+    if len(data) == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not an IDX file")
+    if len(data) < 4:
+        raise ValueError(f"{path}: truncated IDX header: {len(data)} bytes, need at least 4")
+    if data[0] != 0 or data[1] != 0:
+        raise ValueError(
+            f"{path}: bad IDX magic {data[:4].hex(' ')} (the first two bytes must be zero); "
+            "not an IDX file"
+        )
+    code, ndim = data[2], data[3]
+    if code not in _IDX_DTYPES:
+        known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
+        raise ValueError(f"{path}: unknown IDX dtype code 0x{code:02X} (known: {known})")
+    if ndim == 0:
+        raise ValueError(f"{path}: IDX header declares 0 dimensions; need at least 1")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(
+            f"{path}: truncated IDX header: {ndim} dimensions need {header} bytes, "
+            f"file has {len(data)}"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[code]
+    expected = math.prod(shape) * dtype.itemsize
+    got = len(data) - header
+    if got < expected:
+        raise ValueError(
+            f"{path}: truncated IDX data: shape {shape} of {dtype.newbyteorder('=')} needs "
+            f"{expected} bytes after the header, got {got}"
+        )
+    if got > expected:
+        raise ValueError(
+            f"{path}: {got - expected} trailing bytes after the IDX data (shape {shape} of "
+            f"{dtype.newbyteorder('=')} needs {expected} bytes, got {got})"
+        )
+    arr = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=header)
+    return arr.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray | torch.Tensor) -> Path:
+    """Write ``array`` as an IDX file, gzip-compressed when ``path`` ends with ``.gz``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Destination; parent directories must exist.
+    array : numpy.ndarray or torch.Tensor
+        At least 1-D, dtype uint8, int8, int16, int32, float32 or float64.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = write_idx(Path(d) / "x-idx1-ubyte.gz", np.arange(5, dtype=np.uint8))
+    ...     read_idx(p).tolist()
+    [0, 1, 2, 3, 4]
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    native = array.dtype.newbyteorder("=")
+    if native not in _IDX_CODES:
+        names = ", ".join(str(d) for d in _IDX_CODES)
+        raise TypeError(f"IDX cannot store dtype {array.dtype}; use one of {names}")
+    if not 1 <= array.ndim <= 255:
+        raise ValueError(f"IDX needs 1 to 255 dimensions, got array of shape {array.shape}")
+    if any(d >= 2**32 for d in array.shape):
+        raise ValueError(f"IDX dimensions must be < 2**32, got shape {array.shape}")
+    code = _IDX_CODES[native]
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    payload = header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
+    path = Path(path)
+    if path.suffix == ".gz":
+        payload = gzip.compress(payload, mtime=0)
+    path.write_bytes(payload)
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    # Keyed on mtime and size too, so a rewritten file is re-read.
+    arr = read_idx(path)
+    arr.flags.writeable = False
+    return arr
+
+
+def _read_idx_shared(path: Path) -> np.ndarray:
+    st = path.stat()
+    return _read_idx_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def clear_cache() -> None:
+    """Drop the in-process cache of parsed data set files."""
+    _read_idx_cached.cache_clear()
+    _digits_arrays.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The data set container
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageDataset(Dataset):
+    """Labelled grey-scale images held in memory as tensors.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        Float tensor ``(n, C, H, W)``, values in ``[0, 1]``.
+    labels : torch.Tensor
+        Integer tensor ``(n,)`` with values in ``range(len(classes))``; stored as int64.
+    name, split : str
+        Data set name and split (``"train"`` or ``"test"``).
+    classes : sequence of str
+        Class names; ``classes[k]`` names label ``k``.
+    indices : torch.Tensor, optional
+        Row of each sample in its source (the sklearn array for digits, the split's IDX file
+        otherwise); defaults to ``arange(n)``. Kept through :meth:`subset`.
+
+    Attributes
+    ----------
+    images, labels, name, split, classes, indices
+        As above; ``classes`` is a list.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        name: str,
+        split: str,
+        classes: Sequence[str],
+        indices: torch.Tensor | None = None,
+    ) -> None:
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(
+                f"images must be a float tensor shaped (n, C, H, W), got {images.dtype} "
+                f"of shape {tuple(images.shape)}"
+            )
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"labels must be shaped ({images.shape[0]},) to match images, "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be integers, got {labels.dtype}")
+        if indices is None:
+            indices = torch.arange(images.shape[0], device=labels.device)
+        if indices.shape != labels.shape:
+            raise ValueError(f"indices must be shaped {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.indices = indices.long()
+        self.name = name
+        self.split = split
+        self.classes = list(classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, ``len(classes)``."""
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape ``(C, H, W)`` of one image."""
+        return tuple(self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, idx: int | slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[idx], self.labels[idx]
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"shape={self.shape}, num_classes={self.num_classes})"
+        )
+
+    def _replace(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+    ) -> ImageDataset:
+        return ImageDataset(images, labels, self.name, self.split, self.classes, indices)
+
+    def subset(self, n: int, seed: int = 0, stratified: bool = True) -> ImageDataset:
+        """Return ``n`` samples drawn without replacement, in their original order.
+
+        Parameters
+        ----------
+        n : int
+            Number of samples, ``1 <= n <= len(self)``.
+        seed : int
+            Seed; the same seed gives the same subset.
+        stratified : bool
+            Keep class proportions (largest-remainder rounding) instead of drawing uniformly.
+
+        Returns
+        -------
+        ImageDataset
+            New data set sharing nothing with this one.
+
+        Examples
+        --------
+        >>> small = load_dataset("digits").subset(100)
+        >>> len(small), small.labels.bincount().tolist()
+        (100, [10, 10, 10, 10, 10, 10, 10, 10, 10, 10])
+        """
+        total = len(self)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= total:
+            raise ValueError(f"subset size must be an integer in [1, {total}], got {n!r}")
+        rng = np.random.default_rng(seed)
+        labels = self.labels.cpu().numpy()
+        if stratified:
+            values, counts = np.unique(labels, return_counts=True)
+            quota = n * counts / total
+            take = np.floor(quota).astype(np.int64)
+            order = np.argsort(-(quota - take), kind="stable")
+            take[order[: n - int(take.sum())]] += 1
+            chosen = [
+                rng.choice(np.flatnonzero(labels == v), size=k, replace=False)
+                for v, k in zip(values, take, strict=True)
+            ]
+            sel = np.sort(np.concatenate(chosen))
+        else:
+            sel = np.sort(rng.choice(total, size=n, replace=False))
+        sel_t = torch.from_numpy(sel).to(self.images.device)
+        return self._replace(
+            self.images[sel_t].clone(), self.labels[sel_t].clone(), self.indices[sel_t].clone()
+        )
+
+    def to(self, device: str | torch.device) -> ImageDataset:
+        """Return a copy of the data set on ``device``."""
+        return self._replace(
+            self.images.to(device), self.labels.to(device), self.indices.to(device)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_split(split: str) -> str:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    return split
+
+
+def _resolve_name(name: str) -> tuple[str, Path | None]:
+    """Return (data set name, directory when ``name`` is a path)."""
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"data set name must be a string or path, got {type(name).__name__}")
+    text = os.fspath(name)
+    if not text.strip():
+        raise ValueError(f"empty data set name; use one of {DATASETS} or a directory path")
+    key = text.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key in DATASETS and not isinstance(name, os.PathLike):
+        return key, None
+    seps = {os.sep, os.altsep} - {None}
+    if isinstance(name, os.PathLike) or any(s in text for s in seps) or text.startswith("~"):
+        directory = Path(text).expanduser()
+        return directory.resolve().name or text, directory
+    if Path(text).is_dir():
+        return Path(text).resolve().name, Path(text)
+    return text, None
+
+
+def _find_file(directory: Path, stem: str) -> Path | None:
+    variants = [stem, stem.replace("-idx", ".idx")]  # also Kaggle-style train-images.idx3-ubyte
+    for base in variants:
+        for cand in (directory / base, directory / f"{base}.gz"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _candidate_dirs(
+    name: str, directory: Path | None, root: str | os.PathLike | None
+) -> list[tuple[Path, str]]:
+    if directory is not None:
+        return [(directory.absolute(), "name is a path")]
+    cands: list[tuple[Path, str]] = []
+    if root is not None:
+        r = Path(root).expanduser()
+        cands += [(r / name, "root=<dir>/<name>"), (r, "root=")]
+    for part in os.environ.get(ENV_VAR, "").split(os.pathsep):
+        if part.strip():
+            e = Path(part.strip()).expanduser()
+            cands += [(e / name, f"${ENV_VAR}/<name>"), (e, f"${ENV_VAR}")]
+    cands.append((Path(SYSTEM_DATA_DIR) / name, "SYSTEM_DATA_DIR/<name>"))
+    return cands
+
+
+def locate_dataset(
+    name: str, split: str = "train", root: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """Find the IDX image and label files of ``split`` of data set ``name``.
+
+    Parameters
+    ----------
+    name, split, root
+        As in :func:`load_dataset`.
+
+    Returns
+    -------
+    (pathlib.Path, pathlib.Path)
+        The images file and the labels file (raw or ``.gz``).
+
+    Raises
+    ------
+    FileNotFoundError
+        One message listing every place searched and how to obtain the files.
+    """
+    _check_split(split)
+    ds_name, directory = _resolve_name(name)
+    if ds_name == "digits" and directory is None:
+        raise ValueError("'digits' ships with scikit-learn and has no IDX files")
+    img_stem, lab_stem = _IDX_STEMS[split]
+    looked = []
+    for cand, how in _candidate_dirs(ds_name, directory, root):
+        if not cand.is_dir():
+            looked.append(f"  - {cand}  [{how}]: no such directory")
+            continue
+        img, lab = _find_file(cand, img_stem), _find_file(cand, lab_stem)
+        if img is not None and lab is not None:
+            return img, lab
+        missing = [s for s, f in ((img_stem, img), (lab_stem, lab)) if f is None]
+        looked.append(f"  - {cand}  [{how}]: missing {' and '.join(s + '[.gz]' for s in missing)}")
+    if ENV_VAR not in os.environ and directory is None:
+        looked.append(f"  - ${ENV_VAR}: not set")
+    if ds_name == "fashion-mnist":
+        hint = (
+            "To get it: apt-get install -y dataset-fashion-mnist (installs the files into "
+            f"{Path(SYSTEM_DATA_DIR) / ds_name}), or put the four IDX files in a directory and "
+            f"pass root=<dir> or set {ENV_VAR}=<dir>."
+        )
+    elif directory is not None:
+        hint = (
+            f"To use it: put {img_stem}[.gz] and {lab_stem}[.gz] in {directory.absolute()}, "
+            "or pass a built-in name or a directory that holds them."
+        )
+    else:
+        hint = (
+            f"To use it: put the IDX files ({img_stem}[.gz], {lab_stem}[.gz] and their "
+            f"{'t10k' if split == 'train' else 'train'} counterparts) in a directory and pass "
+            f"root=<dir> or set {ENV_VAR}=<dir> (a parent holding <dir>/{ds_name}/ works too)."
+        )
+        if ds_name not in DATASETS and directory is None:
+            hint += f" Note: {ds_name!r} is not a built-in name; built-ins are {DATASETS}."
+    raise FileNotFoundError(
+        f"data set {ds_name!r} (split {split!r}) not found: need {img_stem}[.gz] and "
+        f"{lab_stem}[.gz]. Looked in:\n" + "\n".join(looked) + "\n" + hint
+    )
+
+
+def _check_images(images: np.ndarray, path: Path) -> None:
+    if images.ndim != 3:
+        raise ValueError(
+            f"{path}: images must be 3-D (n, H, W), got {images.ndim}-D shape {images.shape}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"{path}: holds 0 images")
+    if images.dtype.kind in "iu":
+        lo, hi = int(images.min()), int(images.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(
+                f"{path}: integer images must lie in [0, 255] (scaled by 1/255), "
+                f"got values in [{lo}, {hi}]"
+            )
+    else:
+        if not np.isfinite(images).all():
+            raise ValueError(f"{path}: images contain NaN or Inf")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"{path}: float images must already lie in [0, 1], got values in [{lo}, {hi}]"
+            )
+
+
+def _check_labels(labels: np.ndarray, path: Path) -> None:
+    if labels.ndim != 1:
+        raise ValueError(
+            f"{path}: labels must be 1-D (n,), got {labels.ndim}-D shape {labels.shape}"
+        )
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and int(labels.min()) < 0:
+        raise ValueError(f"{path}: labels must be non-negative, found {int(labels.min())}")
+
+
+def _idx_classes(name: str, split_labels: list[np.ndarray], lab_path: Path) -> list[str]:
+    top = max(int(lab.max()) for lab in split_labels)
+    if name in _KNOWN_CLASSES:
+        classes = list(_KNOWN_CLASSES[name])
+        if top >= len(classes):
+            raise ValueError(
+                f"{lab_path}: label {top} out of range for {name!r} ({len(classes)} classes)"
+            )
+        return classes
+    return [str(k) for k in range(top + 1)]
+
+
+def _load_idx(name: str, split: str, root: str | os.PathLike | None) -> ImageDataset:
+    ds_name, _ = _resolve_name(name)
+    img_path, lab_path = locate_dataset(name, split, root)
+    images = _read_idx_shared(img_path)
+    labels = _read_idx_shared(lab_path)
+    _check_images(images, img_path)
+    _check_labels(labels, lab_path)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"count mismatch: {img_path} holds {images.shape[0]} images but {lab_path} holds "
+            f"{labels.shape[0]} labels"
+        )
+    # Class list from every split present, so train and test agree on num_classes.
+    all_labels = [labels]
+    other = "test" if split == "train" else "train"
+    other_lab = _find_file(lab_path.parent, _IDX_STEMS[other][1])
+    if ds_name not in _KNOWN_CLASSES and other_lab is not None:
+        try:
+            extra = _read_idx_shared(other_lab)
+            _check_labels(extra, other_lab)
+            if extra.size:
+                all_labels.append(extra)
+        except ValueError:
+            pass  # that split's own load reports its problem
+    classes = _idx_classes(ds_name, all_labels, lab_path)
+    x = torch.from_numpy(images.astype(np.float32))
+    if images.dtype.kind in "iu":
+        x.div_(255.0)
+    return ImageDataset(
+        x.unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        ds_name,
+        split,
+        classes,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(y)), test_size=0.2, random_state=0, stratify=y
+    )
+    out = (X, y, train_idx, test_idx)
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+def _load_digits(split: str) -> ImageDataset:
+    X, y, train_idx, test_idx = _digits_arrays()
+    idx = train_idx if split == "train" else test_idx
+    images = torch.from_numpy((X[idx] / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+    return ImageDataset(
+        images,
+        torch.from_numpy(y[idx].astype(np.int64)),
+        "digits",
+        split,
+        _DIGIT_CLASSES,
+        torch.from_numpy(idx.astype(np.int64)),
+    )
+
+
+def load_dataset(
+    name: str, split: str = "train", root: str | os.PathLike | None = None
+) -> ImageDataset:
+    """Load a labelled image data set as float32 tensors in ``[0, 1]``.
+
+    Parameters
+    ----------
+    name : str or PathLike
+        ``"digits"``: scikit-learn's bundled 8x8 digits (pixel values 0..16 divided by 16).
+        Fixed split: ``train_test_split(test_size=0.2, random_state=0, stratify=labels)``
+        over the 1797 images, giving 1437 train and 360 test images in the order that call
+        returns them (``.indices`` holds their rows in ``load_digits()``); ``root`` is ignored.
+        ``"fashion-mnist"``, ``"mnist"``, ``"kmnist"`` or any other name: a directory of IDX
+        files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+        ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each raw or ``.gz``).
+        A path (containing a separator, or an existing directory) is used directly and the
+        data set is named after its last component.
+    split : {"train", "test"}
+        ``"test"`` reads the ``t10k-*`` files.
+    root : str or PathLike, optional
+        Directory holding the files, or a parent holding ``<name>/``. Searched first, then each
+        directory in ``$MANIFOLDLENS_DATA`` (same two readings), then
+        ``SYSTEM_DATA_DIR/<name>``.
+
+    Returns
+    -------
+    ImageDataset
+        Images ``(n, 1, H, W)`` float32 (integer pixels divided by 255; float pixels must
+        already lie in ``[0, 1]``) and int64 labels. Class names: Fashion-MNIST's ten
+        garment names, ``"0"``..``"9"`` for digits and MNIST, :data:`KMNIST_CLASSES` for
+        KMNIST, otherwise ``str(k)`` for ``k`` up to the largest label of either split.
+        Parsed files are cached in-process (keyed on path, mtime and size); each call returns
+        fresh tensors that share nothing with the cache or earlier calls.
+
+    Raises
+    ------
+    FileNotFoundError
+        Files not found; the message lists every place searched and how to get them.
+    ValueError
+        Bad split, malformed IDX file, images not 3-D, labels not 1-D non-negative integers,
+        or image and label counts that differ (naming both files).
+
+    Examples
+    --------
+    >>> test = load_dataset("digits", "test")
+    >>> tuple(test.images.shape), test.num_classes, float(test.images.max())
+    ((360, 1, 8, 8), 10, 1.0)
+    """
+    _check_split(split)
+    ds_name, directory = _resolve_name(name)
+    if ds_name == "digits" and directory is None:
+        return _load_digits(split)
+    return _load_idx(name, split, root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy 2-D densities
+# ---------------------------------------------------------------------------------------------
+
+_TOY_NOISE = {"two-moons": 0.05, "8gaussians": 0.2, "checkerboard": 0.0, "rings": 0.08}
+
+
+def make_toy_2d(name: str, n: int, seed: int = 0, noise: float | None = None) -> torch.Tensor:
+    """Sample a toy 2-D density, roughly centred and within ``[-4, 4]^2``.
+
+    Parameters
+    ----------
+    name : {"two-moons", "8gaussians", "checkerboard", "rings"}
+        ``two-moons``: sklearn-style interleaved half circles, centred and scaled by 2.
+        ``8gaussians``: eight Gaussians centred on the circle of radius 2.
+        ``checkerboard``: uniform on the 8 dark squares (side 2) of a 4x4 board on
+        ``[-4, 4]^2``. ``rings``: four concentric circles of radii 1..4, uniform along
+        their length.
+    n : int
+        Number of samples (positive).
+    seed : int
+        Seed of the ``numpy.random.Generator``; same seed, same samples.
+    noise : float, optional
+        Standard deviation of the Gaussian noise (for two-moons in units before scaling).
+        Defaults: two-moons 0.05, 8gaussians 0.2, checkerboard 0 (none), rings 0.08.
+
+    Returns
+    -------
+    torch.Tensor
+        float32, shape ``(n, 2)``.
+
+    Examples
+    --------
+    >>> x = make_toy_2d("two-moons", 500, seed=1)
+    >>> x.shape, x.dtype, bool((x == make_toy_2d("two-moons", 500, seed=1)).all())
+    (torch.Size([500, 2]), torch.float32, True)
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    key = {"moons": "two-moons", "eight-gaussians": "8gaussians"}.get(key, key)
+    if key not in TOY_2D:
+        raise ValueError(f"unknown toy density {name!r}; choose one of {TOY_2D}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    sigma = _TOY_NOISE[key] if noise is None else float(noise)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    rng = np.random.default_rng(seed)
+    if key == "two-moons":
+        t = rng.uniform(0.0, math.pi, n)
+        inner = rng.random(n) < 0.5
+        x = np.where(inner, 1.0 - np.cos(t), np.cos(t))
+        y = np.where(inner, 0.5 - np.sin(t), np.sin(t))
+        pts = np.stack([x, y], axis=1) + sigma * rng.standard_normal((n, 2))
+        pts = (pts - [0.5, 0.25]) * 2.0
+    elif key == "8gaussians":
+        angle = rng.integers(0, 8, n) * (math.pi / 4)
+        centres = 2.0 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        pts = centres + sigma * rng.standard_normal((n, 2))
+    elif key == "checkerboard":
+        dark = np.array([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0])
+        cell = dark[rng.integers(0, len(dark), n)]
+        pts = -4.0 + 2.0 * (cell + rng.random((n, 2))) + sigma * rng.standard_normal((n, 2))
+    else:  # rings
+        radii = np.array([1.0, 2.0, 3.0, 4.0])
+        r = radii[rng.choice(len(radii), size=n, p=radii / radii.sum())]
+        angle = rng.uniform(0.0, 2 * math.pi, n)
+        r = r + sigma * rng.standard_normal(n)
+        pts = np.stack([r * np.cos(angle), r * np.sin(angle)], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(pts, dtype=np.float32))

@@ -1,0 +1,220 @@
+"""Run directories: every command records what it did, how, and what it measured.
+
+A run directory holds ``run.json`` (command, config, seed, package versions, device, wall
+time, status, metrics), ``metrics.jsonl`` (one JSON object a line, for curves), figures as
+PNG, arrays as ``.npz`` and checkpoints under ``checkpoints/``. ``run.json`` is written when
+the run starts and rewritten when it ends, also when it fails, so nothing computed is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Run", "default_run_dir", "environment"]
+
+
+def default_run_dir(command: str, root: str | os.PathLike = "runs") -> Path:
+    """``runs/<command>-<UTC timestamp>``, made unique if it exists already."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{command}-{stamp}"
+    k = 1
+    while path.exists():
+        k += 1
+        path = Path(root) / f"{command}-{stamp}-{k}"
+    return path
+
+
+def environment(device: Any = None) -> dict[str, Any]:
+    """Package versions and the machine, for ``run.json``."""
+    import torch
+
+    from . import __version__
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "manifoldlens": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    for mod in ("sklearn", "matplotlib", "safetensors"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional in some environments
+            pass
+    if device is not None:
+        dev = torch.device(device)
+        info["device"] = str(dev)
+        if dev.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "tolist"):  # numpy arrays and torch tensors
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
+class Run:
+    """A run directory.
+
+    Parameters
+    ----------
+    path : path
+        The directory; created if missing. An existing ``run.json`` is kept and extended
+        when ``resume=True`` (its metrics are reloaded), refused otherwise.
+    command : str
+        The command's name (``"train"``, ``"demo"`` …).
+    config : dict
+        Everything that defines the run; written to ``run.json``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d, Run(d + "/r", "example", {"lr": 0.1}) as run:
+    ...     run.log(step=1, loss=0.5)
+    ...     run.metrics["accuracy"] = 0.9
+    >>> # run.json now holds status "ok", the config, versions and wall time
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        command: str,
+        config: dict[str, Any] | None = None,
+        *,
+        seed: int | None = None,
+        device: Any = None,
+        resume: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.command = command
+        self.config = dict(config or {})
+        self.seed = seed
+        self.device = device
+        self.metrics: dict[str, Any] = {}
+        self._start = time.perf_counter()
+        self._previous_wall = 0.0
+        meta = self.path / "run.json"
+        if meta.exists():
+            if not resume:
+                raise FileExistsError(
+                    f"{self.path} already holds a run; pass resume=True (CLI: --resume) to "
+                    "continue it, or choose another directory"
+                )
+            old = json.loads(meta.read_text())
+            self.metrics = old.get("metrics", {}) or {}
+            self._previous_wall = float(old.get("wall_time_s", 0.0) or 0.0)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._write("running")
+
+    # -- files ----------------------------------------------------------------------------
+
+    def file(self, name: str) -> Path:
+        """Path of a file inside the run directory (parent folders created)."""
+        p = self.path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def log(self, **record: Any) -> None:
+        """Append one record to ``metrics.jsonl`` (flushed at once)."""
+        with open(self.file("metrics.jsonl"), "a") as fh:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+
+    def read_log(self, key: str | None = None) -> list[dict[str, Any]]:
+        """Records of ``metrics.jsonl`` (those holding ``key`` if given)."""
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return []
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return [r for r in rows if key is None or key in r]
+
+    def save_figure(self, name: str, fig: Any, dpi: int = 150) -> Path:
+        """Save a matplotlib figure as ``<name>.png`` (closed after if pyplot manages it)."""
+        path = self.file(name if name.endswith(".png") else name + ".png")
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        if getattr(fig.canvas, "manager", None) is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        return path
+
+    def save_arrays(self, name: str, **arrays: Any) -> Path:
+        """Save arrays (tensors or numpy) to ``<name>.npz``."""
+        path = self.file(name if name.endswith(".npz") else name + ".npz")
+        np.savez_compressed(
+            path,
+            **{k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+               for k, v in arrays.items()},
+        )
+        return path
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        path = self.file(name if name.endswith(".json") else name + ".json")
+        path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
+        return path
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    @property
+    def wall_time(self) -> float:
+        return self._previous_wall + time.perf_counter() - self._start
+
+    def _write(self, status: str, error: str | None = None) -> None:
+        doc = {
+            "command": self.command,
+            "argv": sys.argv,
+            "config": self.config,
+            "seed": self.seed,
+            "status": status,
+            "started": self.started,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(self.wall_time, 3),
+            "environment": environment(self.device),
+            "metrics": self.metrics,
+        }
+        if error:
+            doc["error"] = error
+        tmp = self.path / "run.json.tmp"
+        tmp.write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
+        os.replace(tmp, self.path / "run.json")
+
+    def checkpoint_state(self) -> None:
+        """Rewrite ``run.json`` with the metrics so far (status stays "running")."""
+        self._write("running")
+
+    def finish(self, status: str = "ok", error: str | None = None) -> None:
+        self._write(status, error)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish("ok")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("interrupted", "interrupted by the user; resume with --resume")
+        else:
+            self.finish("failed", f"{exc_type.__name__}: {exc}")

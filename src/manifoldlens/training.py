@@ -1,0 +1,396 @@
+"""Classifier training with callbacks, deterministic seeding, checkpoints and resume.
+
+Seed 001 trains the PyTorch-MNIST-example CNN with SGD, batch 60, learning rate 0.01
+(:data:`SEED001_DEFAULTS`) and follows the mean trace of G on a batch during training
+(Figure 2): :class:`TraceOfG`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .information import default_rtol, local_data_matrix
+from .jacobian import MODEL_OUTPUTS, ModelOutput, _check_choice, _to_scores
+from .models import load_checkpoint, save_checkpoint
+from .runs import Run
+
+__all__ = [
+    "SEED001_DEFAULTS",
+    "Callback",
+    "TraceOfG",
+    "TrainState",
+    "TrainResult",
+    "evaluate",
+    "train_classifier",
+]
+
+#: Seed 001 §4: SGD, batch size 60, fixed learning rate 0.01.
+SEED001_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "batch_size": 60, "momentum": 0.0}
+
+
+def _tensors(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        return data.images, data.labels
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data[0], data[1]
+    raise TypeError(f"{name} must be an ImageDataset or an (x, y) pair of tensors")
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor, model_output: str) -> torch.Tensor:
+    return F.cross_entropy(_to_scores(out, model_output), y)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 1000,
+    model_output: ModelOutput = "logits",
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (eval mode, restored after)."""
+    x, y = _tensors(data, "data")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, correct, n = 0.0, 0, x.shape[0]
+    try:
+        for i in range(0, n, batch_size):
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+            s = _to_scores(model(xb), model_output)
+            total += float(F.cross_entropy(s, yb, reduction="sum"))
+            correct += int((s.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return {"loss": total / n, "accuracy": correct / n}
+
+
+@dataclass
+class TrainState:
+    """What callbacks see at each step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    epoch: int = 0
+    loss: float = float("nan")
+    run: Run | None = None
+    model_output: str = "logits"
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Callback:
+    """Hooks into :func:`train_classifier`. ``state_dict`` goes into checkpoints."""
+
+    def on_train_start(self, state: TrainState) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def on_step(self, state: TrainState) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def on_train_end(self, state: TrainState) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class TraceOfG(Callback):
+    """Mean trace and numerical rank of G(x, w) on a fixed probe batch during training.
+
+    Seed 001 Figure 2: the mean trace (the soft rank, eq. 11) and its exponential moving
+    average ``ema_t = β ema_{t−1} + (1 − β) trace_t``. Records go to ``metrics.jsonl`` under
+    ``"trace_of_g"`` and a figure ``trace_of_g.png`` is written at the end of training.
+
+    Parameters
+    ----------
+    probe : Tensor (n, *shape)
+        The fixed batch (seed 001 uses one batch of images).
+    every : int
+        Steps between measurements (also at step 0, before training).
+    beta : float
+        Smoothing of the moving average.
+    rtol : float, optional
+        Relative eigenvalue tolerance for the numerical rank.
+    """
+
+    def __init__(
+        self, probe: torch.Tensor, every: int = 100, beta: float = 0.9, rtol: float | None = None
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.probe = probe
+        self.every = every
+        self.beta = beta
+        self.rtol = rtol
+        self.records: list[dict[str, float]] = []
+
+    def measure(self, state: TrainState) -> dict[str, float]:
+        model = state.model
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            G = local_data_matrix(
+                model, self.probe.to(device), model_output=state.model_output
+            )
+        finally:
+            model.train(was_training)
+        trace = G.trace
+        c = G.num_classes
+        rtol = self.rtol if self.rtol is not None else default_rtol(c, G.eigenvalues.dtype)
+        rank = G.rank(rtol).double()
+        mean = float(trace.mean())
+        prev = self.records[-1]["ema_trace"] if self.records else mean
+        rec = {
+            "step": state.step,
+            "mean_trace": mean,
+            "median_trace": float(trace.median()),
+            "ema_trace": self.beta * prev + (1 - self.beta) * mean,
+            "mean_rank": float(rank.mean()),
+            "full_rank_fraction": float((rank == c - 1).double().mean()),
+        }
+        self.records.append(rec)
+        if state.run is not None:
+            state.run.log(trace_of_g=rec)
+        return rec
+
+    def on_train_start(self, state: TrainState) -> None:
+        done = {r["step"] for r in self.records}
+        if state.step % self.every == 0 and state.step not in done:
+            self.measure(state)
+
+    def on_step(self, state: TrainState) -> None:
+        if state.step % self.every == 0:
+            self.measure(state)
+
+    def on_train_end(self, state: TrainState) -> None:
+        if state.run is not None and self.records:
+            from .viz import plot_trace_of_g
+
+            state.run.save_figure("trace_of_g", plot_trace_of_g(self.records))
+            state.run.save_json("trace_of_g", self.records)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = list(state.get("records", []))
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    step: int
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+    checkpoint: Path | None = None
+
+
+def _make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(directory.glob("step-*.json"))
+    return found[-1] if found else None
+
+
+def train_classifier(
+    model: nn.Module,
+    train_data: Any,
+    *,
+    test_data: Any = None,
+    optimizer: str = "sgd",
+    lr: float = 0.01,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    batch_size: int = 60,
+    epochs: float | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    model_output: ModelOutput = "logits",
+    callbacks: Sequence[Callback] = (),
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: Sequence[int] = (),
+    run: Run | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> TrainResult:
+    """Train a classifier by minimising cross-entropy; seed-001 defaults (SGD, 60, 0.01).
+
+    Deterministic: epoch e visits the training set in the order of
+    ``randperm(n, generator=seed + e)``, so a run resumed from a checkpoint takes the same
+    steps it would have taken uninterrupted. With ``run`` and ``checkpoint_every``, the model
+    (safetensors), optimizer and callback states are saved under ``run/checkpoints/`` every
+    ``checkpoint_every`` steps (only the latest is kept, plus the steps in
+    ``keep_checkpoints``); ``resume=True`` continues from the latest one. A NaN/Inf loss stops
+    training with ``FloatingPointError`` and the last good checkpoint is kept.
+
+    Training length: ``steps`` or ``epochs`` (one of them; ``epochs`` may be fractional).
+    """
+    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    x, y = _tensors(train_data, "train_data")
+    n = x.shape[0]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    per_epoch = math.ceil(n / batch_size)
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps or epochs")
+    total = steps if steps is not None else int(round(epochs * per_epoch))
+    if total < 0:
+        raise ValueError(f"the number of steps must be >= 0, got {total}")
+    if (checkpoint_every or resume) and run is None:
+        raise ValueError("checkpoints and resume need a run directory (run=Run(...))")
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model.to(device)
+    opt = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    state = TrainState(model, opt, run=run, model_output=model_output)
+    history: list[dict[str, float]] = []
+    ckpt_dir = run.path / "checkpoints" if run is not None else None
+    last_ckpt: Path | None = None
+
+    if resume and ckpt_dir is not None and (latest := _latest_checkpoint(ckpt_dir)) is not None:
+        loaded, meta = load_checkpoint(latest, map_location=device)
+        model.load_state_dict(loaded.state_dict())
+        opt.load_state_dict(
+            torch.load(str(latest)[: -len(".json")] + ".optim.pt", weights_only=True,
+                       map_location=device)
+        )
+        state.step = int(meta["step"])
+        history = list(meta.get("history", []))
+        for cb, cb_state in zip(callbacks, meta.get("callbacks", []), strict=False):
+            cb.load_state_dict(cb_state)
+        if "rng_state" in meta:
+            torch.set_rng_state(torch.tensor(meta["rng_state"], dtype=torch.uint8))
+        last_ckpt = latest
+
+    def save(step: int) -> Path:
+        nonlocal last_ckpt
+        meta = {
+            "step": step,
+            "epoch": step / per_epoch,
+            "metrics": state.metrics,
+            "history": history,
+            "callbacks": [cb.state_dict() for cb in callbacks],
+            "rng_state": torch.get_rng_state().tolist(),
+            "train_config": {"optimizer": optimizer, "lr": lr, "momentum": momentum,
+                             "weight_decay": weight_decay, "batch_size": batch_size,
+                             "seed": seed, "model_output": model_output},
+        }
+        path = save_checkpoint(ckpt_dir / f"step-{step:08d}", model, metadata=meta, optimizer=opt)
+        if last_ckpt is not None and last_ckpt != path:
+            old_step = int(last_ckpt.name[5:13])
+            if old_step not in keep_checkpoints:
+                for suffix in (".json", ".safetensors", ".optim.pt"):
+                    Path(str(last_ckpt)[: -len(".json")] + suffix).unlink(missing_ok=True)
+        last_ckpt = path
+        if run is not None:
+            run.checkpoint_state()
+        return path
+
+    def run_eval() -> None:
+        if test_data is None:
+            return
+        m = evaluate(model, test_data, model_output=model_output, device=device)
+        state.metrics = {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
+        rec = {"step": state.step, "epoch": state.step / per_epoch, **state.metrics}
+        history.append(rec)
+        if run is not None:
+            run.log(eval=rec)
+
+    model.train()
+    for cb in callbacks:
+        cb.on_train_start(state)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.5)
+    try:
+        while state.step < total:
+            epoch, offset = divmod(state.step, per_epoch)
+            state.epoch = epoch
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+            for b in range(offset, per_epoch):
+                if state.step >= total:
+                    break
+                idx = perm[b * batch_size : (b + 1) * batch_size]
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = _loss(model(xb), yb, model_output)
+                if not torch.isfinite(loss):
+                    where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""
+                    raise FloatingPointError(
+                        f"loss became {float(loss)} at step {state.step + 1} (lr={lr}); lower "
+                        f"the learning rate{where}"
+                    )
+                loss.backward()
+                opt.step()
+                state.step += 1
+                state.loss = float(loss.detach())
+                if run is not None and state.step % max(1, per_epoch // 10) == 0:
+                    run.log(step=state.step, loss=state.loss)
+                for cb in callbacks:
+                    cb.on_step(state)
+                if eval_every and state.step % eval_every == 0:
+                    run_eval()
+                if checkpoint_every and state.step % checkpoint_every == 0:
+                    save(state.step)
+                if bar is not None:
+                    bar.update(1)
+                    if state.step % 10 == 0 or state.step == total:
+                        bar.set_postfix(
+                            {"loss": f"{state.loss:.3f}",
+                             **{k: f"{v:.3f}" for k, v in state.metrics.items()}},
+                            refresh=False,
+                        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if not history or history[-1]["step"] != state.step:
+        run_eval()
+    for cb in callbacks:
+        cb.on_train_end(state)
+    if checkpoint_every and (last_ckpt is None or not str(last_ckpt).endswith(
+            f"step-{state.step:08d}.json")):
+        save(state.step)
+    model.eval()
+    if run is not None:
+        run.metrics.update(state.metrics)
+        run.metrics["steps"] = state.step
+    return TrainResult(model, state.step, history, dict(state.metrics), last_ckpt)
+
+
+def read_trace_records(path: str | Path) -> list[dict[str, float]]:
+    """The :class:`TraceOfG` records of a run directory (from ``metrics.jsonl``)."""
+    p = Path(path) / "metrics.jsonl"
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [r["trace_of_g"] for r in rows if "trace_of_g" in r]
