@@ -22,6 +22,7 @@ from manifoldlens.models import (
     count_parameters,
     create_model,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
 )
 
@@ -285,9 +286,22 @@ def test_missing_files_raise_file_not_found(tmp_path) -> None:
         load_checkpoint(tmp_path / "m")
 
 
-def test_model_without_spec_rejected(tmp_path) -> None:
-    with pytest.raises(ValueError, match="spec"):
-        save_checkpoint(tmp_path / "x", nn.Linear(2, 2))
+def test_any_module_round_trips_through_load_weights(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 2)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "x", model, metadata={"step": 1}, optimizer=opt)
+    with pytest.raises(ValueError, match="load_weights"):
+        load_checkpoint(tmp_path / "x")
+    fresh = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    assert load_weights(tmp_path / "x.json", fresh, optimizer=opt2) == {"step": 1}
+    x = torch.randn(5, 2)
+    assert torch.equal(fresh(x), model(x))
+    for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
 def test_float64_weights_keep_dtype(tmp_path) -> None:

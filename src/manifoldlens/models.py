@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,6 +43,7 @@ __all__ = [
     "count_parameters",
     "create_model",
     "load_checkpoint",
+    "load_weights",
     "save_checkpoint",
 ]
 
@@ -357,19 +359,18 @@ def save_checkpoint(
     metadata: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
-    """Save ``model`` (which must carry ``model.spec``) and return the ``.json`` manifest path.
+    """Save ``model`` and return the ``.json`` manifest path.
 
     Writes ``<stem>.safetensors`` (weights), ``<stem>.json`` (spec, ``metadata``, sha256,
     torch version) and, with ``optimizer``, ``<stem>.optim.pt``. An existing directory
     as ``path_stem_or_dir`` means stem ``<dir>/checkpoint``; a trailing ``.json`` or
     ``.safetensors`` is stripped. Suffixes are appended to the string, so ``run.5`` is kept.
+    Any ``nn.Module`` can be saved; one without a manifoldlens ``spec`` is stored with
+    ``"spec": null`` and read back into a model you build with :func:`load_weights`.
     """
     spec = getattr(model, "spec", None)
     if not isinstance(spec, dict) or "arch" not in spec:
-        raise ValueError(
-            f"{type(model).__name__} has no 'spec' dict; only manifoldlens models "
-            f"({sorted(ARCHITECTURES)}) can be checkpointed"
-        )
+        spec = None
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
 
@@ -395,7 +396,8 @@ def save_checkpoint(
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tmp = Path(str(weights) + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "arch": str(spec["arch"])})
+    arch = str(spec["arch"]) if spec else type(model).__name__
+    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "arch": arch})
     os.replace(tmp, weights)
     manifest["sha256"] = _sha256(weights)
 
@@ -441,6 +443,53 @@ def _rebind(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     optimizer.state.clear()
 
 
+def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    manifest_path = Path(_stem(path) + ".json")
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"checkpoint manifest not found: {manifest_path}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest_path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise ValueError(f"{manifest_path} is not a manifoldlens checkpoint manifest")
+    if manifest.get("sha256") is None:
+        raise ValueError(f"{manifest_path} records no sha256 for its weights")
+    return manifest_path, manifest
+
+
+def load_weights(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    map_location: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint's weights (and optimizer state) into an existing ``model``.
+
+    Works for any ``nn.Module``: the sha256 of the weights is verified, the state dict is
+    loaded with ``strict=True`` and the optimizer state (over ``model``'s parameters) is read
+    with ``weights_only=True``. Returns the checkpoint's metadata.
+    """
+    manifest_path, manifest = _read_manifest(path)
+    directory = manifest_path.parent
+    weights = _checked_file(directory, manifest.get("weights"), manifest["sha256"], "weights")
+    if map_location is None:
+        map_location = next(iter(model.parameters()), torch.empty(0)).device
+    state = load_file(str(weights), device="cpu")
+    model.load_state_dict(state, strict=True)
+    if optimizer is not None:
+        if manifest.get("optimizer") is None:
+            raise ValueError(f"checkpoint {manifest_path} holds no optimizer state")
+        optim_path = _checked_file(
+            directory, manifest["optimizer"], manifest.get("optimizer_sha256"), "optimizer"
+        )
+        optimizer.load_state_dict(
+            torch.load(optim_path, map_location=map_location, weights_only=True)
+        )
+    return dict(manifest.get("metadata") or {})
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -456,36 +505,26 @@ def load_checkpoint(
     state is restored from ``<stem>.optim.pt``.
     Returns ``(model in eval mode, metadata dict)``.
     """
-    manifest_path = Path(_stem(path) + ".json")
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"checkpoint manifest not found: {manifest_path}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-        raise ValueError(f"{manifest_path} is not a manifoldlens checkpoint manifest")
-    if manifest.get("sha256") is None:
-        raise ValueError(f"{manifest_path} records no sha256 for its weights")
-
-    directory = manifest_path.parent
-    weights = _checked_file(directory, manifest.get("weights"), manifest["sha256"], "weights")
+    manifest_path, manifest = _read_manifest(path)
+    if manifest.get("spec") is None:
+        raise ValueError(
+            f"{manifest_path} holds the weights of a custom model (no architecture spec): "
+            "build the model yourself and call load_weights(path, model)"
+        )
     model = build_model(manifest["spec"])
-    state = load_file(str(weights), device="cpu")
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    if len(dtypes) == 1:
-        model = model.to(dtypes.pop())
-    model.load_state_dict(state, strict=True)
-    model = model.to(map_location)
-
+    weights = _checked_file(
+        manifest_path.parent, manifest.get("weights"), manifest["sha256"], "weights"
+    )
+    with safe_open(str(weights), framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    floating = {d for d in dtypes if d in _FLOAT_DTYPES}
+    if len(floating) == 1:
+        model = model.to(_FLOAT_DTYPES[floating.pop()])
     if optimizer is not None:
-        if manifest.get("optimizer") is None:
-            raise ValueError(f"checkpoint {manifest_path} holds no optimizer state")
-        optim_path = _checked_file(
-            directory, manifest["optimizer"], manifest.get("optimizer_sha256"), "optimizer"
-        )
         _rebind(optimizer, model)
-        optimizer.load_state_dict(
-            torch.load(optim_path, map_location=map_location, weights_only=True)
-        )
-    return model.eval(), dict(manifest.get("metadata") or {})
+    metadata = load_weights(path, model, optimizer=optimizer, map_location=map_location)
+    return model.to(map_location).eval(), metadata
+
+
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                 "F64": torch.float64}

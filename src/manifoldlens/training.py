@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_batch
 from .information import default_rtol, local_data_matrix
 from .jacobian import MODEL_OUTPUTS, ModelOutput, _check_choice, _to_scores
-from .models import load_checkpoint, save_checkpoint
+from .models import load_weights, save_checkpoint
 from .runs import Run
 
 __all__ = [
@@ -253,6 +254,7 @@ def train_classifier(
     """
     _check_choice(model_output, MODEL_OUTPUTS, "model_output")
     x, y = _tensors(train_data, "train_data")
+    check_batch(x, "train_data")
     n = x.shape[0]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -275,12 +277,7 @@ def train_classifier(
     last_ckpt: Path | None = None
 
     if resume and ckpt_dir is not None and (latest := _latest_checkpoint(ckpt_dir)) is not None:
-        loaded, meta = load_checkpoint(latest, map_location=device)
-        model.load_state_dict(loaded.state_dict())
-        opt.load_state_dict(
-            torch.load(str(latest)[: -len(".json")] + ".optim.pt", weights_only=True,
-                       map_location=device)
-        )
+        meta = load_weights(latest, model, optimizer=opt, map_location=device)
         state.step = int(meta["step"])
         history = list(meta.get("history", []))
         for cb, cb_state in zip(callbacks, meta.get("callbacks", []), strict=False):
@@ -348,8 +345,8 @@ def train_classifier(
                 if not torch.isfinite(loss):
                     where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""
                     raise FloatingPointError(
-                        f"loss became {float(loss)} at step {state.step + 1} (lr={lr}); lower "
-                        f"the learning rate{where}"
+                        f"loss became {float(loss.detach())} at step {state.step + 1} "
+                        f"(lr={lr}); lower the learning rate{where}"
                     )
                 loss.backward()
                 opt.step()
