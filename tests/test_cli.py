@@ -1,0 +1,97 @@
+"""The command line end to end on small settings: run directories, figures, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from manifoldlens.cli import main
+
+
+def _doc(path):
+    return json.loads((path / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "train"
+    rc = main(["train", "--data", "digits", "--arch", "mlp", "--hidden", "32", "--steps", "40",
+               "--lr", "0.1", "--limit", "300", "--trace-every", "10", "--probe-size", "20",
+               "--checkpoint-every", "20", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_run_directory(trained):
+    doc = _doc(trained)
+    assert doc["status"] == "ok" and doc["command"] == "train"
+    assert doc["config"]["lr"] == 0.1 and doc["seed"] == 0
+    assert {"torch", "numpy", "python", "device"} <= set(doc["environment"])
+    assert doc["wall_time_s"] > 0 and "test_accuracy" in doc["metrics"]
+    for name in ("trace_of_g.png", "training.png", "model.json", "model.safetensors",
+                 "metrics.jsonl", "checkpoints/step-00000040.json"):
+        assert (trained / name).exists(), name
+
+
+def test_resume_a_finished_run_extends_it(trained, tmp_path):
+    import shutil
+
+    out = tmp_path / "r"
+    shutil.copytree(trained, out)
+    rc = main(["train", "--data", "digits", "--arch", "mlp", "--hidden", "32", "--steps", "60",
+               "--lr", "0.1", "--limit", "300", "--trace-every", "10", "--probe-size", "20",
+               "--checkpoint-every", "20", "--out", str(out), "--resume", "--no-progress"])
+    assert rc == 0
+    assert _doc(out)["metrics"]["steps"] == 60
+    records = json.loads((out / "trace_of_g.json").read_text())
+    assert [r["step"] for r in records] == [0, 10, 20, 30, 40, 50, 60]
+
+
+def test_spectrum_and_gram(trained, tmp_path):
+    out = tmp_path / "spec"
+    assert main(["spectrum", str(trained / "model.json"), "--limit", "50", "--out", str(out),
+                 "--no-progress"]) == 0
+    m = _doc(out)["metrics"]["spectrum"]
+    assert m["n"] == 50 and m["rank_max"] <= 9
+    arr = np.load(out / "spectrum.npz")
+    assert arr["eigenvalues"].shape == (50, 10) and arr["trace"].shape == (50,)
+    for name in ("trace_histogram.png", "spectra.png", "rank_counts.png", "eigenvectors.png"):
+        assert (out / name).exists()
+    out = tmp_path / "gram"
+    assert main(["gram", str(trained / "model"), "--limit", "60", "--normalize",
+                 "--low-memory", "--batch-size", "16", "--out", str(out), "--no-progress"]) == 0
+    g = np.load(out / "gram.npy")
+    assert g.shape == (60, 60)
+    np.testing.assert_allclose(np.diag(g), 1.0, rtol=1e-5)
+    m = _doc(out)["metrics"]["gram"]
+    assert -1 <= m["kernel_target_alignment"] <= 1
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert main(["spectrum", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.json" in err and "error" in err
+    assert _doc(tmp_path / "o")["status"] == "failed"
+    assert main(["train", "--data", "nosuchset", "--root", str(tmp_path),
+                 "--out", str(tmp_path / "t"), "--no-progress"]) == 2
+    assert "looked" in capsys.readouterr().err.lower()
+
+
+def test_demo_small(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "30", "--out", str(out), "--no-progress"]) == 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 8
+    doc = _doc(out)
+    assert doc["status"] == "ok" and "spectrum" in doc["metrics"] and "gram" in doc["metrics"]
+
+
+def test_console_script_help():
+    proc = subprocess.run([sys.executable, "-m", "manifoldlens.cli", "--help"],
+                          capture_output=True, text=True, check=True)
+    for cmd in ("train", "spectrum", "gram", "demo"):
+        assert cmd in proc.stdout
