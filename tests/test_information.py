@@ -156,7 +156,7 @@ def test_large_input_never_dense():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 10)).eval()
     x = torch.randn(2, 3, 64, 64)
     G = local_data_matrix(model, x)
-    assert G.eigenvectors.shape == (2, 10, 3, 64, 64)
+    assert G.eigenvectors.shape == (2, 10, 3 * 64 * 64)
     assert (G.rank() == 9).all()
     v = torch.randn_like(x)
     torch.testing.assert_close(G.project(G.project(v)), G.project(v), atol=1e-4, rtol=1e-4)

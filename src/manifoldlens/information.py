@@ -110,8 +110,10 @@ class _FactoredPSD:
         av = torch.einsum("ncd,nd->nc", a, v.reshape(len(self), -1).to(a.dtype))
         return (av**2).sum(-1)
 
-    def _eigenvectors(self) -> torch.Tensor:
-        """Orthonormal eigenvectors (n, C, D) from ``v_k = Aᵀu_k / √λ_k``.
+    @cached_property
+    def eigenvectors(self) -> torch.Tensor:
+        """Orthonormal eigenvectors (n, C, D) for :attr:`eigenvalues`: ``v_k = Aᵀu_k / √λ_k``
+        with ``AAᵀ = UΛUᵀ`` (D = d for G, #params for F; a row of G's reshapes to an input).
 
         Re-orthonormalised by a thin Householder QR (O(C²D)) in order of decreasing λ, so
         vectors of (numerically) zero eigenvalues are completed to unit vectors orthogonal
@@ -167,18 +169,13 @@ class LocalDataMatrix(_FactoredPSD):
     def dim(self) -> int:
         return self.factor.shape[-1]
 
-    @cached_property
-    def eigenvectors(self) -> torch.Tensor:
-        """Unit eigenvectors (n, C, *input_shape) for :attr:`eigenvalues`, orthonormal."""
-        return self._eigenvectors().reshape(len(self), self.num_classes, *self.input_shape)
-
     def basis(self, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthonormal basis of ``D_x = (ker G)^⊥`` (the range of G).
 
         Returns ``(vectors (n, C, d), mask (n, C) bool)``: the rows with ``mask`` true span
         D_x; the others are zero. The numerical rank uses the tolerance of :meth:`rank`.
         """
-        vecs = self.eigenvectors.reshape(len(self), self.num_classes, -1)
+        vecs = self.eigenvectors
         ev = self.eigenvalues
         mask = (ev > self._tol(rtol)) & (ev > 0)
         return vecs * mask.unsqueeze(-1).to(vecs.dtype), mask
@@ -250,11 +247,6 @@ class LocalFisherMatrix(_FactoredPSD):
     ``keep_factor=True``, the factor ``B = diag(√p) J_w log p`` (n, C, #params) for
     :meth:`quadratic_form` and the eigenvectors in parameter space.
     """
-
-    @cached_property
-    def eigenvectors(self) -> torch.Tensor:
-        """Orthonormal eigenvectors in parameter space (n, C, #params); needs the factor."""
-        return self._eigenvectors()
 
 
 def local_fisher_matrix(
