@@ -4,6 +4,13 @@ Input Jacobians, the local data matrix G(x) and the foliation it induces, held a
 data manifold. The functional core is batched on the first axis and device/dtype agnostic.
 """
 
+from .foliation import (
+    InvolutivityResult,
+    PathResult,
+    horizontal_path,
+    involutivity_residual,
+    leaf_crossing_path,
+)
 from .information import (
     LocalDataMatrix,
     LocalFisherMatrix,
@@ -22,6 +29,11 @@ from .jacobian import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "InvolutivityResult",
+    "PathResult",
+    "horizontal_path",
+    "involutivity_residual",
+    "leaf_crossing_path",
     "LocalDataMatrix",
     "LocalFisherMatrix",
     "class_correlation",

@@ -48,16 +48,17 @@ def default_rtol(num_classes: int, dtype: torch.dtype) -> float:
 class _FactoredPSD:
     """A batch of PSD matrices ``BᵀB`` held through the factor B (n, C, D) or its Gram."""
 
+    factor: torch.Tensor | None = None
+
     def __init__(
         self,
         probs: torch.Tensor,
         factor: torch.Tensor | None = None,
         gram: torch.Tensor | None = None,
     ) -> None:
-        if factor is None and gram is None:
-            raise ValueError("need the factor or its Gram matrix")
         self.probs = probs
-        self.factor = factor
+        if factor is not None:
+            self.factor = factor
         if gram is not None:
             self.__dict__["gram"] = gram
 
@@ -152,18 +153,27 @@ class LocalDataMatrix(_FactoredPSD):
     True
     """
 
-    def __init__(self, factor: torch.Tensor, probs: torch.Tensor, input_shape: tuple[int, ...]):
-        super().__init__(probs, factor=factor)
-        self.input_shape = tuple(input_shape)
+    def __init__(self, jac_logp: torch.Tensor, probs: torch.Tensor):
+        n, c = probs.shape
+        self.jac_logp = jac_logp.reshape(n, c, -1)
+        self.input_shape = tuple(jac_logp.shape[2:]) or (self.jac_logp.shape[-1],)
+        super().__init__(probs)
 
     @classmethod
-    def from_jacobian(
-        cls, jac_logp: torch.Tensor, probs: torch.Tensor
-    ) -> LocalDataMatrix:
-        """Build from ``J_logp`` (n, C, *shape) and p (n, C): ``A = diag(√p) J_logp``."""
-        n, c = probs.shape
-        flat = jac_logp.reshape(n, c, -1)
-        return cls(probs.sqrt().unsqueeze(-1) * flat, probs, tuple(jac_logp.shape[2:]))
+    def from_jacobian(cls, jac_logp: torch.Tensor, probs: torch.Tensor) -> LocalDataMatrix:
+        """Build from ``J_logp`` (n, C, *shape) and p (n, C)."""
+        return cls(jac_logp, probs)
+
+    @cached_property
+    def factor(self) -> torch.Tensor:  # type: ignore[override]
+        """``A = diag(√p) J_logp`` (n, C, d), formed on first use."""
+        return self.probs.sqrt().unsqueeze(-1) * self.jac_logp
+
+    @cached_property
+    def gram(self) -> torch.Tensor:
+        """``AAᵀ = (J Jᵀ) ⊙ √p√pᵀ`` (n, C, C), without forming A (no copy of J)."""
+        sp = self.probs.sqrt()
+        return (self.jac_logp @ self.jac_logp.mT) * (sp.unsqueeze(-1) * sp.unsqueeze(-2))
 
     @property
     def dim(self) -> int:
@@ -216,7 +226,9 @@ class LocalDataMatrix(_FactoredPSD):
 
     def to(self, *args, **kwargs) -> LocalDataMatrix:
         return LocalDataMatrix(
-            self.factor.to(*args, **kwargs), self.probs.to(*args, **kwargs), self.input_shape
+            self.jac_logp.to(*args, **kwargs).reshape(len(self), self.num_classes,
+                                                      *self.input_shape),
+            self.probs.to(*args, **kwargs),
         )
 
 
@@ -237,7 +249,7 @@ def local_data_matrix(
         model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size
     )
     jac_logp = transform_jacobian(jac_s, scores, "log_softmax")
-    return LocalDataMatrix.from_jacobian(jac_logp, torch.softmax(scores, dim=1))
+    return LocalDataMatrix(jac_logp, torch.softmax(scores, dim=1))
 
 
 class LocalFisherMatrix(_FactoredPSD):

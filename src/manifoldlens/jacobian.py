@@ -158,7 +158,7 @@ def _jac_func(model: nn.Module, x: torch.Tensor, model_output: str, mode: str):
     tr = torch.func.jacrev if mode == "vmap" else torch.func.jacfwd
     jac, s = torch.func.vmap(tr(_functional(model, model_output), has_aux=True))(x.detach())
     check_model_output(s if model_output != "probs" else s.exp(), model_output, x.shape[0])
-    return jac, s.detach()
+    return jac.detach(), s.detach()
 
 
 _STRATEGY_FNS = {

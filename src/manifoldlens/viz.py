@@ -18,6 +18,8 @@ __all__ = [
     "plot_gram_spectrum",
     "plot_eigenvectors",
     "plot_training",
+    "plot_path_strip",
+    "save_path_gif",
 ]
 
 BLUE, RED, GREY = "#1f5fa8", "#c8372d", "#7f7f7f"
@@ -253,3 +255,70 @@ def plot_training(history: Sequence[dict]) -> Figure:
     _style(ax)
     ax.set_title("Evaluation during training", fontsize=11)
     return fig
+
+
+def _as_image(t: np.ndarray) -> np.ndarray:
+    img = np.asarray(t)
+    if img.ndim == 3:
+        img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+    elif img.ndim == 1:
+        side = int(round(np.sqrt(img.size)))
+        img = img.reshape(side, side) if side * side == img.size else img[None, :]
+    return img
+
+
+def _frame_indices(steps: int, frames: int) -> np.ndarray:
+    return np.unique(np.linspace(0, steps - 1, min(frames, steps)).round().astype(int))
+
+
+def plot_path_strip(result, i: int = 0, *, frames: int = 8, classes=None,
+                    title: str | None = None) -> Figure:
+    """Images along path ``i`` of a :class:`~manifoldlens.foliation.PathResult`, with the
+    predicted class and its probability under each and the step above (seed 001 Fig. 3–6)."""
+    pts = _np(result.points[:, i])
+    probs = _np(result.probs[:, i])
+    steps = _np(result.record_steps).astype(int)
+    idx = _frame_indices(len(steps), frames)
+    fig = Figure(figsize=(1.45 * len(idx), 1.9), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(idx)))
+    for ax, k in zip(axes, idx, strict=True):
+        ax.imshow(_as_image(pts[k]), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        c = int(probs[k].argmax())
+        name = classes[c] if classes is not None else str(c)
+        ax.set_xlabel(f"{name}: {probs[k, c]:.2f}", fontsize=7)
+        ax.set_title(f"step {steps[k]}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def save_path_gif(result, path, i: int = 0, *, frames: int = 40, classes=None,
+                  fps: int = 8):
+    """Animated GIF of path ``i`` with the prediction in the title (Pillow writer)."""
+    from pathlib import Path
+
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    pts = _np(result.points[:, i])
+    probs = _np(result.probs[:, i])
+    steps = _np(result.record_steps).astype(int)
+    idx = _frame_indices(len(steps), frames)
+    fig = Figure(figsize=(2.4, 2.6), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(_as_image(pts[idx[0]]), cmap="gray_r", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+    def update(k):
+        im.set_data(_as_image(pts[k]))
+        c = int(probs[k].argmax())
+        name = classes[c] if classes is not None else str(c)
+        ax.set_title(f"step {steps[k]} — {name}: {probs[k, c]:.2f}", fontsize=8)
+        return (im,)
+
+    anim = FuncAnimation(fig, update, frames=list(idx), blit=False)
+    path = Path(path)
+    anim.save(str(path), writer=PillowWriter(fps=fps))
+    return path

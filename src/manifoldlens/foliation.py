@@ -1,0 +1,498 @@
+"""Moving along and across the foliation that G(x) induces (seed 001 §3–4).
+
+``D_x = (ker G(x))^⊥`` is the tangent space of the leaf through x (Theorem 3.1).
+
+* :func:`horizontal_path` — Algorithm 1: ``x_t = x_{t−1} + α v/‖v‖`` with
+  ``v = P_{D_{x_{t−1}}}(target − x_{t−1})``, until ``‖target − x‖ < tol``.
+* :func:`leaf_crossing_path` — §4.2: ``v = P_{ker G(x_t)} r`` for a fixed random r.
+* :func:`involutivity_residual` — the Frobenius condition: the part of the Lie brackets
+  ``[∇log p_i, ∇log p_j] = H_j ∇log p_i − H_i ∇log p_j`` outside D_x.
+
+Paths are batched: n points advance together, each stops on its own (target reached,
+NaN/Inf, or no admissible direction left).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._checks import check_batch, check_independent_samples
+from .information import LocalDataMatrix, local_data_matrix
+from .jacobian import MODEL_OUTPUTS, ModelOutput, _check_choice, _to_scores, check_model_output
+
+__all__ = [
+    "PathResult",
+    "InvolutivityResult",
+    "horizontal_path",
+    "leaf_crossing_path",
+    "involutivity_residual",
+]
+
+#: Status of each path when it stopped.
+RUNNING, REACHED, MAX_STEPS, NONFINITE, STALLED = (
+    "running", "reached", "max_steps", "nonfinite", "stalled",
+)
+
+
+@dataclass
+class PathResult:
+    """Recorded states of a batch of paths.
+
+    Attributes
+    ----------
+    points : Tensor (T, n, *shape)
+        Positions at the recorded steps (:attr:`record_steps`); a path that stopped keeps its
+        last position.
+    distances : Tensor (T, n)
+        ‖target − x‖ at the recorded steps (distance from the start for leaf crossings).
+    probs : Tensor (T, n, C)
+        Model probabilities at the recorded steps.
+    steps : Tensor (n,)
+        Steps taken by each path.
+    reached : Tensor (n,) bool
+        Whether the path came within ``tol`` of its target.
+    status : list[str]
+        ``"reached"``, ``"max_steps"``, ``"nonfinite"`` (NaN/Inf appeared: the path stopped at
+        its last finite point) or ``"stalled"`` (the admissible direction vanished).
+    length : Tensor (n,)
+        Euclidean length of the path, Σ ‖x_t − x_{t−1}‖.
+    record_steps : Tensor (T,)
+        The step index of each record.
+    """
+
+    points: torch.Tensor
+    distances: torch.Tensor
+    probs: torch.Tensor
+    steps: torch.Tensor
+    reached: torch.Tensor
+    status: list[str]
+    length: torch.Tensor
+    record_steps: torch.Tensor
+    residuals: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    @property
+    def final(self) -> torch.Tensor:
+        """Final positions (n, *shape)."""
+        return self.points[-1]
+
+    def strip(self, i: int = 0, frames: int = 8, classes=None, title: str | None = None):
+        """Figure: ``frames`` evenly spaced images along path ``i`` with the predicted class
+        and its probability under each (seed 001 Figures 3–6)."""
+        from .viz import plot_path_strip
+
+        return plot_path_strip(self, i, frames=frames, classes=classes, title=title)
+
+    def save_gif(self, path: str | os.PathLike, i: int = 0, frames: int = 40,
+                 classes=None, fps: int = 8) -> Path:
+        """Animated GIF of path ``i`` (matplotlib's Pillow writer)."""
+        from .viz import save_path_gif
+
+        return save_path_gif(self, path, i, frames=frames, classes=classes, fps=fps)
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).norm(dim=1)
+
+
+class _Recorder:
+    def __init__(self, record_every: int) -> None:
+        self.every = max(1, int(record_every))
+        self.points: list[torch.Tensor] = []
+        self.dist: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+        self.residuals: list[torch.Tensor] = []
+        self.steps: list[int] = []
+
+    def add(self, step, x, dist, probs, resid) -> None:
+        self.points.append(x.detach().cpu().clone())
+        self.dist.append(dist.detach().cpu().clone())
+        self.probs.append(probs.detach().cpu().clone())
+        self.residuals.append(resid.detach().cpu().clone())
+        self.steps.append(step)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            "rec_points": torch.stack(self.points),
+            "rec_dist": torch.stack(self.dist),
+            "rec_probs": torch.stack(self.probs),
+            "rec_resid": torch.stack(self.residuals),
+            "rec_steps": torch.tensor(self.steps),
+        }
+
+    def load(self, st: dict[str, torch.Tensor]) -> None:
+        self.points = list(st["rec_points"])
+        self.dist = list(st["rec_dist"])
+        self.probs = list(st["rec_probs"])
+        self.residuals = list(st["rec_resid"])
+        self.steps = st["rec_steps"].tolist()
+
+
+def _probs(model, x, model_output):
+    with torch.no_grad():
+        out = model(x)
+    check_model_output(out, model_output, x.shape[0])
+    return torch.softmax(_to_scores(out, model_output), dim=1)
+
+
+def _save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path / "state.safetensors")
+    (path / "state.json.tmp").write_text(json.dumps(meta))
+    os.replace(path / "state.json.tmp", path / "state.json")
+
+
+def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    from safetensors.torch import load_file
+
+    if not (path / "state.json").exists():
+        return None
+    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
+
+
+def _walk(
+    model: nn.Module,
+    x0: torch.Tensor,
+    direction_fn,
+    distance_fn,
+    *,
+    kind: str,
+    step_size: float,
+    max_steps: int,
+    tol: float | None,
+    clamp: tuple[float, float] | None,
+    record_every: int,
+    model_output: str,
+    rtol: float | None,
+    checkpoint_dir: str | os.PathLike | None,
+    checkpoint_every: int,
+    progress: bool,
+    config: dict[str, Any],
+    reference,
+    cap: bool,
+) -> PathResult:
+    """The shared stepping loop of both path kinds.
+
+    A path stalls when its direction ``v`` is below ``max(1e-6, 100·eps)`` of ``reference``
+    (the length of the vector that was projected).
+    """
+    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_independent_samples(model)
+    if step_size <= 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    if max_steps < 0:
+        raise ValueError(f"the number of steps must be >= 0, got {max_steps}")
+    if clamp is not None and not clamp[0] < clamp[1]:
+        raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {clamp}")
+    n = x0.shape[0]
+    stall_rtol = max(1e-6, 100 * torch.finfo(x0.dtype).eps)
+    x = x0.detach().clone()
+    steps = torch.zeros(n, dtype=torch.long)
+    length = torch.zeros(n, dtype=torch.float64)
+    status = [RUNNING] * n
+    rec = _Recorder(record_every)
+    step = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    loaded = _load_state(ckpt) if ckpt is not None else None
+    if loaded is not None:
+        tensors, meta = loaded
+        if meta.get("config") != config:
+            raise ValueError(
+                f"{ckpt} holds the state of a different {kind} path (its settings differ); "
+                "use another checkpoint directory or delete that one"
+            )
+        x = tensors["x"].to(x0)
+        steps, length = tensors["steps"], tensors["length"]
+        status, step = meta["status"], meta["step"]
+        rec.load(tensors)
+    else:
+        dist = distance_fn(x)
+        p = _probs(model, x, model_output)
+        reached0 = dist < tol if tol is not None else torch.zeros(n, dtype=torch.bool)
+        for i in range(n):
+            if reached0[i]:
+                status[i] = REACHED
+        rec.add(0, x, dist, p, torch.zeros(n, dtype=x.dtype))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_steps, initial=step, desc=kind, unit="step", mininterval=0.5)
+    last_resid = torch.zeros(n, dtype=x.dtype)
+    try:
+        while step < max_steps:
+            active = torch.tensor([s == RUNNING for s in status])
+            if not active.any():
+                break
+            idx = active.nonzero().flatten()
+            xa = x[idx]
+            G = local_data_matrix(model, xa, model_output=model_output)
+            fin = torch.isfinite(G.gram).all(-1).all(-1)
+            if not fin.all():  # NaN/Inf in the Jacobian: those paths stop here
+                for i in idx[~fin].tolist():
+                    status[i] = NONFINITE
+                idx, xa = idx[fin], xa[fin]
+                if len(idx) == 0:
+                    continue
+                G = LocalDataMatrix(G.jac_logp[fin], G.probs[fin])
+            v, resid = direction_fn(G, xa, idx)
+            norm = _flat_norm(v)
+            finite = torch.isfinite(v.reshape(len(idx), -1)).all(1) & torch.isfinite(norm)
+            stalled = finite & (norm <= stall_rtol * reference(xa, idx))
+            move = finite & ~stalled
+            alpha = torch.minimum(norm, torch.full_like(norm, step_size)) if cap else step_size
+            scale = torch.where(move, alpha / norm.clamp_min(torch.finfo(v.dtype).tiny), 0)
+            new = xa + scale.view(-1, *[1] * (x.ndim - 1)) * torch.nan_to_num(v)
+            if clamp is not None:
+                new = new.clamp(*clamp)
+            ok = torch.isfinite(new.reshape(len(idx), -1)).all(1) & move
+            if ok.any():  # a step into a region where the model breaks stops that path only
+                with torch.no_grad():
+                    out_new = model(new[ok])
+                good = torch.isfinite(out_new.reshape(out_new.shape[0], -1)).all(1)
+                ok[ok.nonzero().flatten()[~good]] = False
+            length[idx[ok]] += _flat_norm(new - xa)[ok].double().cpu()
+            x[idx[ok]] = new[ok]
+            steps[idx[ok]] += 1
+            last_resid[idx] = resid.to(last_resid.dtype)
+            for j, i in enumerate(idx.tolist()):
+                if not bool(finite[j]) or (bool(move[j]) and not bool(ok[j])):
+                    status[i] = NONFINITE
+                elif bool(stalled[j]):
+                    status[i] = STALLED
+            step += 1
+            dist = distance_fn(x)
+            if tol is not None:
+                for i in idx.tolist():
+                    if status[i] == RUNNING and float(dist[i]) < tol:
+                        status[i] = REACHED
+            if step % rec.every == 0 or step == max_steps:
+                rec.add(step, x, dist, _probs(model, x, model_output), last_resid)
+            if ckpt is not None and checkpoint_every and step % checkpoint_every == 0:
+                _save_state(ckpt, {"x": x, "steps": steps, "length": length, **rec.state()},
+                            {"config": config, "status": status, "step": step})
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if rec.steps[-1] != step:
+        rec.add(step, x, distance_fn(x), _probs(model, x, model_output), last_resid)
+    status = [MAX_STEPS if s == RUNNING else s for s in status]
+    if ckpt is not None:
+        _save_state(ckpt, {"x": x, "steps": steps, "length": length, **rec.state()},
+                    {"config": config, "status": status, "step": step})
+    st = rec.state()
+    return PathResult(
+        points=st["rec_points"], distances=st["rec_dist"], probs=st["rec_probs"], steps=steps,
+        reached=torch.tensor([s == REACHED for s in status]), status=status, length=length,
+        record_steps=st["rec_steps"], residuals=st["rec_resid"],
+    )
+
+
+def _config(kind: str, **kw: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": kind}
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor):
+            a = v.detach().cpu().double().numpy()
+            out[k] = {"shape": list(a.shape), "sum": float(a.sum()), "abs": float(np.abs(a).sum())}
+        else:
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def horizontal_path(
+    model: nn.Module,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    step_size: float = 0.1,
+    max_steps: int = 10000,
+    tol: float = 1.0,
+    model_output: ModelOutput = "logits",
+    clamp: tuple[float, float] | None = None,
+    record_every: int = 1,
+    rtol: float | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    progress: bool = False,
+) -> PathResult:
+    """Algorithm 1 of seed 001, batched: move each source along its leaf towards its target.
+
+    ``x_t = x_{t−1} + min(α, ‖v‖) v/‖v‖`` with ``v = P_{D_{x_{t−1}}}(target − x_{t−1})``, the
+    projection through an orthonormal basis of ``D_x = (ker G)^⊥`` (never a d × d matrix).
+    Capping the step at ‖v‖ (Algorithm 1 always steps α) keeps a path from overshooting the
+    closest point of its leaf, where it would otherwise oscillate with amplitude α. A path stops
+    when ``‖target − x‖ < tol``, after ``max_steps``, when NaN/Inf appears (that path only),
+    or when ``target − x`` has no component in D_x left. ``clamp=(lo, hi)`` keeps points in
+    the data domain. With ``checkpoint_dir``, the state is saved every ``checkpoint_every``
+    steps and a later call with the same arguments resumes from it.
+
+    :attr:`PathResult.residuals` holds, per record, ``‖P_ker v‖/‖v‖`` of the step taken
+    (0 up to rounding: every step lies in D_x).
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 3).double()
+    >>> src, tgt = torch.zeros(2, 4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)
+    >>> res = horizontal_path(model, src, tgt, step_size=0.05, max_steps=200, tol=1e-3)
+    >>> res.points.shape[1:], res.status  # a linear model's leaf is a plane: target unreachable
+    (torch.Size([2, 4]), ['stalled', 'stalled'])
+    """
+    check_batch(source, "source")
+    check_batch(target, "target")
+    if source.shape != target.shape:
+        raise ValueError(
+            f"source and target must have the same shape, got {tuple(source.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    target = target.detach().to(source)
+
+    def direction(G, xa, idx):
+        v = G.project(target[idx] - xa, rtol)
+        resid = _flat_norm(G.project_kernel(v, rtol)) / _flat_norm(v).clamp_min(1e-300)
+        return v, resid
+
+    def distance(x):
+        return _flat_norm(target - x)
+
+    config = _config("horizontal", source=source, target=target, step_size=step_size,
+                     max_steps=max_steps, tol=tol, clamp=clamp, record_every=record_every,
+                     model_output=model_output, rtol=rtol)
+    return _walk(model, source, direction, distance, kind="horizontal", step_size=step_size,
+                 max_steps=max_steps, tol=tol, clamp=clamp, record_every=record_every,
+                 model_output=model_output, rtol=rtol, checkpoint_dir=checkpoint_dir,
+                 checkpoint_every=checkpoint_every, progress=progress, config=config,
+                 reference=lambda xa, idx: _flat_norm(target[idx] - xa), cap=True)
+
+
+def leaf_crossing_path(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    direction: torch.Tensor | None = None,
+    steps: int = 1000,
+    step_size: float = 0.1,
+    seed: int = 0,
+    model_output: ModelOutput = "logits",
+    clamp: tuple[float, float] | None = None,
+    record_every: int = 1,
+    rtol: float | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    progress: bool = False,
+) -> PathResult:
+    """Move across the leaves (seed 001 §4.2): ``x_t = x_{t−1} + α v/‖v‖`` with
+    ``v = P_{ker G(x_{t−1})} r`` for a fixed direction r (random normal from ``seed`` unless
+    given; one per point). The prediction is constant to second order along the way
+    (``vᵀGv = 0``); :attr:`PathResult.distances` is the distance from the start.
+
+    :attr:`PathResult.residuals` holds ``‖P_D v‖/‖v‖`` of the step taken (0 up to rounding).
+    """
+    check_batch(x, "x")
+    if direction is None:
+        g = torch.Generator().manual_seed(seed)
+        r = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x)
+    else:
+        r = direction.detach().to(x)
+        if r.shape != x.shape:
+            r = r.expand_as(x).clone()
+    start = x.detach().clone()
+
+    def direction_fn(G, xa, idx):
+        v = G.project_kernel(r[idx], rtol)
+        resid = _flat_norm(G.project(v, rtol)) / _flat_norm(v).clamp_min(1e-300)
+        return v, resid
+
+    def distance(z):
+        return _flat_norm(z - start)
+
+    config = _config("leaf_crossing", x=x, direction=r, steps=steps, step_size=step_size,
+                     clamp=clamp, record_every=record_every, model_output=model_output,
+                     rtol=rtol)
+    return _walk(model, x, direction_fn, distance, kind="across", step_size=step_size,
+                 max_steps=steps, tol=None, clamp=clamp, record_every=record_every,
+                 model_output=model_output, rtol=rtol, checkpoint_dir=checkpoint_dir,
+                 checkpoint_every=checkpoint_every, progress=progress, config=config,
+                 reference=lambda xa, idx: _flat_norm(r[idx]), cap=False)
+
+
+@dataclass
+class InvolutivityResult:
+    """Relative Lie-bracket residuals outside D_x, per point and class pair."""
+
+    residual: torch.Tensor  #: (n, P) ‖P_ker [X_i, X_j]‖ / ‖[X_i, X_j]‖
+    bracket_norm: torch.Tensor  #: (n, P) ‖[X_i, X_j]‖
+    pairs: list[tuple[int, int]]
+
+    @property
+    def max(self) -> torch.Tensor:
+        """Largest residual per point (n,) over pairs with a non-negligible bracket."""
+        r = torch.where(torch.isfinite(self.residual), self.residual, 0)
+        return r.max(dim=1).values
+
+
+def involutivity_residual(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    pairs: list[tuple[int, int]] | None = None,
+    model_output: ModelOutput = "logits",
+    rtol: float | None = None,
+) -> InvolutivityResult:
+    """Numerical Frobenius check: is ``x ↦ D_x`` involutive (seed 001 §3, App. B)?
+
+    For the fields ``X_i = ∇_x log p_i`` the bracket ``[X_i, X_j] = H_j X_i − H_i X_j`` (H_i the
+    Hessian of log p_i, by Hessian-vector products) must lie in ``D_x = span{X_c}`` for the
+    distribution to be integrable. Returns ``‖P_{ker G}[X_i, X_j]‖ / ‖[X_i, X_j]‖`` per point and
+    pair (NaN where the bracket vanishes). Theorem 3.1: ≈ 0 for ReLU networks (piecewise
+    linear: H_i = −G on each linear region); in general not for smooth activations.
+    """
+    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_batch(x)
+    check_independent_samples(model)
+    G = local_data_matrix(model, x, model_output=model_output)
+    c = G.num_classes
+    if pairs is None:
+        pairs = [(i, j) for i in range(c) for j in range(i + 1, c)]
+    for i, j in pairs:
+        if not (0 <= i < c and 0 <= j < c) or i == j:
+            raise ValueError(f"pairs must hold distinct class indices in [0, {c}), got {(i, j)}")
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        logp = torch.log_softmax(_to_scores(model(xr), model_output), dim=1)
+        fields = {}
+        for k in sorted({k for p in pairs for k in p}):
+            (fields[k],) = torch.autograd.grad(logp[:, k].sum(), xr, create_graph=True)
+
+        def hvp(k: int, v: torch.Tensor) -> torch.Tensor:
+            (h,) = torch.autograd.grad((fields[k] * v).sum(), xr, retain_graph=True,
+                                       allow_unused=True)
+            return torch.zeros_like(xr) if h is None else h
+
+        res, norms = [], []
+        for i, j in pairs:
+            xi, xj = fields[i].detach(), fields[j].detach()
+            bracket = hvp(j, xi) - hvp(i, xj)
+            bn = _flat_norm(bracket)
+            out = _flat_norm(G.project_kernel(bracket.detach(), rtol))
+            scale = torch.maximum(_flat_norm(xi), _flat_norm(xj)) ** 2
+            tiny = bn <= 1e3 * torch.finfo(x.dtype).eps * scale.clamp_min(1e-300)
+            res.append(torch.where(tiny, torch.full_like(bn, float("nan")), out / bn))
+            norms.append(bn)
+    return InvolutivityResult(torch.stack(res, 1).detach(), torch.stack(norms, 1).detach(),
+                              list(pairs))
