@@ -95,3 +95,24 @@ def test_console_script_help():
                           capture_output=True, text=True, check=True)
     for cmd in ("train", "spectrum", "gram", "demo"):
         assert cmd in proc.stdout
+
+
+@pytest.mark.parametrize("experiment,extra", [
+    ("across", ["--steps", "6", "--record-every", "2"]),
+    ("horizontal", ["--n", "3", "--steps", "6", "--record-every", "3"]),
+    ("mirror", ["--n", "2", "--steps", "4", "--clamp", "0", "1"]),
+    ("noisy", ["--n", "2", "--noise-steps", "3", "--steps", "4"]),
+    ("involutivity", ["--n", "2"]),
+])
+def test_leaf_experiments(trained, tmp_path, experiment, extra):
+    out = tmp_path / experiment
+    rc = main(["leaf", experiment, str(trained / "model.json"), *extra, "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert _doc(out)["status"] == "ok" and _doc(out)["command"] == f"leaf-{experiment}"
+    assert len(list(out.glob("*.png"))) >= 1
+    if experiment == "involutivity":
+        assert res["max"] < 1e-8  # ReLU MLP: Theorem 3.1
+    if experiment in ("horizontal", "mirror"):
+        assert 0 <= res["reached_share"] <= 1

@@ -77,6 +77,43 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--low-memory", action="store_true",
                            help="stream Jacobian blocks through a scratch file")
 
+    leaf = sub.add_parser("leaf", help="seed 001 experiments: the foliation of a classifier")
+    lsub = leaf.add_subparsers(dest="experiment", required=True)
+    p = lsub.add_parser("train", help="Fig. 2: seed-001 CNN, SGD 60/0.01, trace of G; keeps "
+                        "the step-10000 checkpoint")
+    _add_common(p)
+    _add_data(p, default="fashion-mnist")
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--trace-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true")
+    for name, helptext in (
+        ("across", "Fig. 3: steps across the leaves from test images"),
+        ("horizontal", "Fig. 4: horizontal paths between test images"),
+        ("mirror", "Fig. 5: horizontal paths towards mirrored images"),
+        ("noisy", "Fig. 6: from a noisy image towards a valid one"),
+        ("involutivity", "Theorem 3.1: Lie-bracket residuals outside D_x"),
+    ):
+        p = lsub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="model checkpoint (.json) e.g. from `leaf train`")
+        _add_common(p)
+        _add_data(p, default=None)
+        p.add_argument("--split", default="test", choices=["train", "test"])
+        p.add_argument("--model-output", default="logits",
+                       choices=["logits", "log_probs", "probs"])
+        p.add_argument("--n", type=int, default=20 if name == "horizontal" else 8,
+                       help="points (or pairs)")
+        if name != "involutivity":
+            p.add_argument("--steps", type=int, default=1000 if name == "across" else 10000)
+            p.add_argument("--step-size", type=float, default=0.1)
+            p.add_argument("--record-every", type=int, default=10 if name == "across" else 50)
+            p.add_argument("--resume", action="store_true", help="continue the run in --out")
+        if name in ("horizontal", "mirror", "noisy"):
+            p.add_argument("--tol", type=float, default=1.0)
+        if name == "noisy":
+            p.add_argument("--noise-steps", type=int, default=250)
+        if name in ("across", "horizontal", "mirror"):
+            p.add_argument("--clamp", type=float, nargs=2, metavar=("LO", "HI"))
+
     p = sub.add_parser("demo", help="the whole story on the embedded digits, with a report")
     _add_common(p)
     p.add_argument("--steps", type=int, default=1500)
@@ -91,12 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runs import Run, default_run_dir
 
     torch.manual_seed(args.seed)
-    out = args.out or default_run_dir(args.command)
+    name = args.command + (f"-{args.experiment}" if args.command == "leaf" else "")
+    out = args.out or default_run_dir(name)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     progress = not args.no_progress
     resume = getattr(args, "resume", False)
     try:
-        with Run(out, args.command, config, seed=args.seed, device=args.device,
+        with Run(out, name, config, seed=args.seed, device=args.device,
                  resume=resume) as run:
             print(f"run directory: {run.path}", file=sys.stderr)
             if args.command == "train":
@@ -127,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         normalize=args.normalize, batch_size=args.batch_size,
                         low_memory=True if args.low_memory else None, progress=progress,
                     )
+            elif args.command == "leaf":
+                _leaf(args, run, progress, experiments)
             elif args.command == "demo":
                 experiments.run_demo(run, steps=args.steps, progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, TypeError) as e:
@@ -135,6 +175,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"done: {out}/run.json" + (f", {out}/report.html" if args.command == "demo" else ""),
           file=sys.stderr)
     return 0
+
+
+def _leaf(args, run, progress: bool, experiments) -> None:
+    if args.experiment == "train":
+        experiments.run_train(
+            run, data=args.data, root=args.root, arch="seed001_cnn", trace_every=args.trace_every,
+            probe_size=60, resume=args.resume, progress=progress, optimizer="sgd", lr=0.01,
+            batch_size=60, steps=args.steps, seed=args.seed, eval_every=1000,
+            checkpoint_every=1000, keep_checkpoints=(10000,), device=args.device,
+        )
+        return
+    model, meta = experiments.load_model(args.checkpoint, args.device)
+    ds = experiments._dataset_for(meta, args.data, args.split, args.root, None).to(args.device)
+    common = {"model_output": args.model_output, "seed": args.seed}
+    if args.experiment == "involutivity":
+        experiments.run_leaf_involutivity(run, model, ds, n=args.n, **common)
+        return
+    common.update(steps=args.steps, step_size=args.step_size, record_every=args.record_every,
+                  progress=progress)
+    clamp = tuple(args.clamp) if getattr(args, "clamp", None) else None
+    if args.experiment == "across":
+        experiments.run_leaf_across(run, model, ds, n=args.n, clamp=clamp, **common)
+    elif args.experiment in ("horizontal", "mirror"):
+        experiments.run_leaf_horizontal(run, model, ds, pairs=args.n, tol=args.tol, clamp=clamp,
+                                        mirror=args.experiment == "mirror",
+                                        name=args.experiment, **common)
+    else:
+        experiments.run_leaf_noisy(run, model, ds, n=args.n, tol=args.tol,
+                                   noise_steps=args.noise_steps, **common)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,7 +26,16 @@ from .report import Section, write_report
 from .runs import Run
 from .training import TraceOfG, train_classifier
 
-__all__ = ["run_demo", "run_gram", "run_spectrum", "run_train"]
+__all__ = [
+    "run_demo",
+    "run_gram",
+    "run_leaf_across",
+    "run_leaf_horizontal",
+    "run_leaf_involutivity",
+    "run_leaf_noisy",
+    "run_spectrum",
+    "run_train",
+]
 
 
 def run_train(
@@ -247,3 +256,211 @@ def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str,
         ],
     )
     return run.metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed 001 §4.2–4.3: the leaf experiments
+# ---------------------------------------------------------------------------------------------
+
+
+def _pick(dataset: ImageDataset, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(len(dataset), generator=g)[:n]
+
+
+def _pairs(dataset: ImageDataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n (source, target) index pairs with different labels."""
+    g = torch.Generator().manual_seed(seed)
+    src, tgt = [], []
+    while len(src) < n:
+        i, j = torch.randint(len(dataset), (2,), generator=g).tolist()
+        if dataset.labels[i] != dataset.labels[j]:
+            src.append(i)
+            tgt.append(j)
+    return torch.tensor(src), torch.tensor(tgt)
+
+
+def _path_metrics(res, start_class: torch.Tensor) -> dict[str, Any]:
+    pred = res.probs.argmax(-1)
+    return {
+        "record_steps": res.record_steps,
+        "mean_distance": res.distances.mean(1),
+        "agreement_with_start": (pred == start_class).double().mean(1),
+        "mean_max_prob": res.probs.max(-1).values.mean(1),
+    }
+
+
+def _interpolation(model, src, tgt, steps: int, model_output: str):
+    """Straight segments between the endpoints, as a path-like record."""
+    from types import SimpleNamespace
+
+    t = torch.linspace(0, 1, steps).to(src)
+    pts = src[None] + t.view(-1, *[1] * src.ndim) * (tgt - src)[None]
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(_scores(model, p, model_output), 1) for p in pts])
+    return SimpleNamespace(points=pts, probs=probs, record_steps=torch.arange(steps))
+
+
+def _scores(model, x, model_output):
+    from .jacobian import _to_scores
+
+    return _to_scores(model(x), model_output)
+
+
+def _class_changes(probs: torch.Tensor) -> torch.Tensor:
+    pred = probs.argmax(-1)  # (T, n)
+    return (pred[1:] != pred[:-1]).sum(0)
+
+
+def run_leaf_across(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 8, steps: int = 1000,
+    step_size: float = 0.1, seed: int = 0, record_every: int = 10, clamp=None,
+    model_output: str = "logits", progress: bool = True,
+) -> dict[str, Any]:
+    """Seed 001 Figure 3: from test images, ``steps`` steps across the leaves (on ker G)."""
+    from .foliation import leaf_crossing_path
+
+    idx = _pick(dataset, n, seed)
+    x = dataset.images[idx]
+    res = leaf_crossing_path(model, x, steps=steps, step_size=step_size, seed=seed,
+                             record_every=record_every, clamp=clamp, model_output=model_output,
+                             checkpoint_dir=run.path / "state", progress=progress)
+    start = res.probs[0].argmax(-1)
+    m = _path_metrics(res, start)
+    run.save_arrays("across", indices=idx, points=res.points, probs=res.probs,
+                    distances=res.distances, record_steps=res.record_steps)
+    run.save_figure("across_strips", viz.plot_path_grid(
+        [(res, i, f"test #{int(idx[i])}") for i in range(min(n, 6))], frames=9,
+        classes=dataset.classes, title="Across the leaves (seed 001 Fig. 3)"))
+    run.save_figure("across_curves", viz.plot_curves(res.record_steps, {
+        "distance from start": res.distances, "prediction = start class": m[
+            "agreement_with_start"], "max probability": res.probs.max(-1).values}))
+    out = {
+        "n": n, "steps": steps, "step_size": step_size,
+        "final_mean_distance": float(res.distances[-1].mean()),
+        "final_agreement_with_start": float(m["agreement_with_start"][-1]),
+        "min_agreement_with_start": float(m["agreement_with_start"].min()),
+        "final_mean_max_prob": float(m["mean_max_prob"][-1]),
+        "start_mean_max_prob": float(m["mean_max_prob"][0]),
+        "status": res.status,
+        "curve": {k: v.tolist() for k, v in m.items()},
+    }
+    run.save_json("results", out)
+    run.metrics["across"] = {k: v for k, v in out.items() if k != "curve"}
+    return out
+
+
+def run_leaf_horizontal(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, pairs: int = 20,
+    steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
+    record_every: int = 50, clamp=None, mirror: bool = False, model_output: str = "logits",
+    progress: bool = True, name: str = "horizontal",
+) -> dict[str, Any]:
+    """Seed 001 Figure 4 (and Figure 5 with ``mirror=True``: targets flipped left–right):
+    horizontal paths between test images beside the straight line between them."""
+    from .foliation import horizontal_path
+
+    si, ti = _pairs(dataset, pairs, seed)
+    src, tgt = dataset.images[si], dataset.images[ti]
+    if mirror:
+        tgt = tgt.flip(-1)
+    res = horizontal_path(model, src, tgt, step_size=step_size, max_steps=steps, tol=tol,
+                          record_every=record_every, clamp=clamp, model_output=model_output,
+                          checkpoint_dir=run.path / "state", progress=progress)
+    lin = _interpolation(model, src, tgt, 33, model_output)
+    straight = (tgt - src).reshape(pairs, -1).norm(dim=1)
+    reached = res.reached
+    run.save_arrays(name, sources=si, targets=ti, points=res.points, probs=res.probs,
+                    distances=res.distances, steps=res.steps, reached=reached,
+                    length=res.length, record_steps=res.record_steps)
+    rows = []
+    for i in range(min(pairs, 4)):
+        rows.append((res, i, f"path {i}"))
+        rows.append((lin, i, f"line {i}"))
+    label = "mirrored targets (seed 001 Fig. 5)" if mirror else "seed 001 Fig. 4"
+    run.save_figure(f"{name}_strips", viz.plot_path_grid(
+        rows, frames=9, classes=dataset.classes,
+        title=f"Horizontal paths vs straight lines, {label}"))
+    run.save_figure(f"{name}_distance", viz.plot_curves(
+        res.record_steps, {"distance to target": res.distances}, logy=("distance to target",)))
+    steps_reached = res.steps[reached].double()
+    out = {
+        "pairs": pairs, "max_steps": steps, "step_size": step_size, "tol": tol,
+        "mirror": mirror,
+        "reached_share": float(reached.double().mean()),
+        "steps_to_reach_median": float(steps_reached.median()) if reached.any() else None,
+        "steps_to_reach_max": int(steps_reached.max()) if reached.any() else None,
+        "final_distance_median": float(res.distances[-1].median()),
+        "start_distance_median": float(res.distances[0].median()),
+        "path_length_over_straight_median": float((res.length / straight.double()).median()),
+        "class_changes_path_mean": float(_class_changes(res.probs).double().mean()),
+        "class_changes_line_mean": float(_class_changes(lin.probs).double().mean()),
+        "min_max_prob_path_mean": float(res.probs.max(-1).values.min(0).values.mean()),
+        "min_max_prob_line_mean": float(lin.probs.max(-1).values.min(0).values.mean()),
+        "status_counts": {s: res.status.count(s) for s in set(res.status)},
+    }
+    run.save_json("results", out)
+    run.metrics[name] = out
+    return out
+
+
+def run_leaf_noisy(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 8, noise_steps: int = 250,
+    steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
+    record_every: int = 50, model_output: str = "logits", progress: bool = True,
+) -> dict[str, Any]:
+    """Seed 001 Figure 6: move a valid image ``noise_steps`` across the leaves, then try to
+    reach another valid image by a horizontal path; the noise persists."""
+    from .foliation import horizontal_path, leaf_crossing_path
+
+    si, ti = _pairs(dataset, n, seed)
+    x0, tgt = dataset.images[si], dataset.images[ti]
+    noisy = leaf_crossing_path(model, x0, steps=noise_steps, step_size=step_size, seed=seed,
+                               record_every=noise_steps, model_output=model_output,
+                               checkpoint_dir=run.path / "state_noise", progress=progress).final
+    res = horizontal_path(model, noisy, tgt, step_size=step_size, max_steps=steps, tol=tol,
+                          record_every=record_every, model_output=model_output,
+                          checkpoint_dir=run.path / "state", progress=progress)
+    noise = (noisy - x0).reshape(n, -1)
+    residual = (res.final - tgt).reshape(n, -1)
+    cos = torch.nn.functional.cosine_similarity(noise, residual, dim=1)
+    run.save_arrays("noisy", sources=si, targets=ti, noisy=noisy, points=res.points,
+                    probs=res.probs, distances=res.distances, record_steps=res.record_steps)
+    run.save_figure("noisy_strips", viz.plot_path_grid(
+        [(res, i, f"pair {i}") for i in range(min(n, 6))], frames=9, classes=dataset.classes,
+        title="Noisy start → valid image (seed 001 Fig. 6)"))
+    run.save_figure("noisy_distance", viz.plot_curves(
+        res.record_steps, {"distance to target": res.distances}, logy=("distance to target",)))
+    out = {
+        "n": n, "noise_steps": noise_steps, "steps": steps, "tol": tol,
+        "noise_norm_median": float(noise.norm(dim=1).median()),
+        "final_distance_median": float(residual.norm(dim=1).median()),
+        "reached_share": float(res.reached.double().mean()),
+        "residual_noise_cosine_median": float(cos.median()),
+        "status_counts": {s: res.status.count(s) for s in set(res.status)},
+    }
+    run.save_json("results", out)
+    run.metrics["noisy"] = out
+    return out
+
+
+def run_leaf_involutivity(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 16, seed: int = 0,
+    model_output: str = "logits",
+) -> dict[str, Any]:
+    """Theorem 3.1 checked numerically: Lie-bracket residuals outside D_x on test images."""
+    from .foliation import involutivity_residual
+
+    idx = _pick(dataset, n, seed)
+    x = dataset.images[idx].double()
+    res = involutivity_residual(model.double(), x, model_output=model_output)
+    model.float()
+    run.save_arrays("involutivity", indices=idx, residual=res.residual,
+                    bracket_norm=res.bracket_norm, pairs=torch.tensor(res.pairs))
+    run.save_figure("involutivity", viz.plot_residual_histogram(res.residual))
+    r = res.residual[torch.isfinite(res.residual)]
+    out = {"n": n, "pairs": len(res.pairs), "median": float(r.median()), "max": float(r.max()),
+           "dtype": "float64"}
+    run.save_json("results", out)
+    run.metrics["involutivity"] = out
+    return out

@@ -20,6 +20,9 @@ __all__ = [
     "plot_training",
     "plot_path_strip",
     "save_path_gif",
+    "plot_path_grid",
+    "plot_curves",
+    "plot_residual_histogram",
 ]
 
 BLUE, RED, GREY = "#1f5fa8", "#c8372d", "#7f7f7f"
@@ -322,3 +325,77 @@ def save_path_gif(result, path, i: int = 0, *, frames: int = 40, classes=None,
     path = Path(path)
     anim.save(str(path), writer=PillowWriter(fps=fps))
     return path
+
+
+def plot_path_grid(rows, *, frames: int = 8, classes=None, title: str | None = None) -> Figure:
+    """Several paths as rows of image strips. ``rows``: ``(result, index, label)`` tuples,
+    where ``result`` has ``points`` (T, n, ...), ``probs`` (T, n, C), ``record_steps`` (T,)."""
+    k = frames
+    fig = Figure(figsize=(1.25 * k + 1.2, 1.55 * len(rows)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rows), k))
+    for r, (res, i, label) in enumerate(rows):
+        pts = _np(res.points[:, i])
+        probs = _np(res.probs[:, i])
+        steps = _np(res.record_steps).astype(int)
+        idx = _frame_indices(len(steps), k)
+        for j in range(k):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(idx):
+                ax.axis("off")
+                continue
+            t = idx[j]
+            ax.imshow(_as_image(pts[t]), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            c = int(probs[t].argmax())
+            name = classes[c] if classes is not None else str(c)
+            ax.set_xlabel(f"{name}: {probs[t, c]:.2f}", fontsize=6)
+            ax.set_title(f"{steps[t]}", fontsize=6)
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_curves(x, curves: dict, *, xlabel: str = "step", title: str | None = None,
+                logy: Sequence[str] = ()) -> Figure:
+    """One panel per named curve; each value is (T,) or (T, n) (mean ± std band over n)."""
+    names = list(curves)
+    fig = Figure(figsize=(3.3 * len(names), 2.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    xs = _np(x)
+    for ax, name in zip(axes, names, strict=True):
+        y = _np(curves[name])
+        if y.ndim == 2:
+            m, s = np.nanmean(y, 1), np.nanstd(y, 1)
+            ax.plot(xs, y, color=BLUE, alpha=0.15, lw=0.6)
+            ax.plot(xs, m, color=RED, lw=1.6)
+            ax.fill_between(xs, m - s, m + s, color=RED, alpha=0.15)
+        else:
+            ax.plot(xs, y, color=BLUE, lw=1.4)
+        if name in logy:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        _style(ax)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_residual_histogram(residuals, *, title: str | None = None) -> Figure:
+    """log10 of involutivity residuals ‖P_ker [X_i, X_j]‖ / ‖[X_i, X_j]‖."""
+    r = _np(residuals).ravel()
+    r = r[np.isfinite(r)]
+    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    ax = fig.subplots()
+    vals = np.log10(np.maximum(r, 1e-18))
+    ax.hist(vals, bins=40, color=BLUE)
+    ax.axvline(np.log10(np.finfo(np.float32).eps), color=GREY, ls="--", lw=0.8,
+               label="float32 eps")
+    ax.set_xlabel("log10 residual  ||P_ker [X_i, X_j]|| / ||[X_i, X_j]||")
+    ax.set_ylabel("point × class-pair count")
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(title or f"Involutivity residuals (median {np.median(r):.2g})", fontsize=10)
+    _style(ax)
+    return fig
