@@ -158,7 +158,7 @@ def test_resume_after_interruption(tmp_path):
     kw = dict(step_size=0.05, max_steps=40, tol=1e-4, record_every=5)
     full = horizontal_path(model, src, tgt, **kw)
     with pytest.raises(KeyboardInterrupt):
-        horizontal_path(_Interrupt(model, 50).eval(), src, tgt, checkpoint_dir=tmp_path,
+        horizontal_path(_Interrupt(model, 25).eval(), src, tgt, checkpoint_dir=tmp_path,
                         checkpoint_every=10, **kw)
     resumed = horizontal_path(model, src, tgt, checkpoint_dir=tmp_path, checkpoint_every=10,
                               **kw)

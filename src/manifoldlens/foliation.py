@@ -26,7 +26,15 @@ from torch import nn
 
 from ._checks import check_batch, check_independent_samples
 from .information import LocalDataMatrix, local_data_matrix
-from .jacobian import MODEL_OUTPUTS, ModelOutput, _check_choice, _to_scores, check_model_output
+from .jacobian import (
+    MODEL_OUTPUTS,
+    ModelOutput,
+    _check_choice,
+    _to_scores,
+    check_model_output,
+    score_jacobian,
+    transform_jacobian,
+)
 
 __all__ = [
     "PathResult",
@@ -174,7 +182,6 @@ def _walk(
     clamp: tuple[float, float] | None,
     record_every: int,
     model_output: str,
-    rtol: float | None,
     checkpoint_dir: str | os.PathLike | None,
     checkpoint_every: int,
     progress: bool,
@@ -184,6 +191,9 @@ def _walk(
 ) -> PathResult:
     """The shared stepping loop of both path kinds.
 
+    One pass of C vector–Jacobian products per step gives G at the current points and their
+    probabilities (used for the records). A point where the model's output or Jacobian is
+    not finite is replaced by the path's previous point and that path stops ("nonfinite").
     A path stalls when its direction ``v`` is below ``max(1e-6, 100·eps)`` of ``reference``
     (the length of the vector that was projected).
     """
@@ -197,57 +207,77 @@ def _walk(
         raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {clamp}")
     n = x0.shape[0]
     stall_rtol = max(1e-6, 100 * torch.finfo(x0.dtype).eps)
-    x = x0.detach().clone()
-    steps = torch.zeros(n, dtype=torch.long)
-    length = torch.zeros(n, dtype=torch.float64)
-    status = [RUNNING] * n
     rec = _Recorder(record_every)
-    step = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     loaded = _load_state(ckpt) if ckpt is not None else None
     if loaded is not None:
-        tensors, meta = loaded
+        t, meta = loaded
         if meta.get("config") != config:
             raise ValueError(
                 f"{ckpt} holds the state of a different {kind} path (its settings differ); "
                 "use another checkpoint directory or delete that one"
             )
-        x = tensors["x"].to(x0)
-        steps, length = tensors["steps"], tensors["length"]
-        status, step = meta["status"], meta["step"]
-        rec.load(tensors)
+        x, x_prev = t["x"].to(x0), t["x_prev"].to(x0)
+        steps, length, last_len = t["steps"], t["length"], t["last_len"]
+        last_probs, last_resid = t["last_probs"].to(x0), t["last_resid"].to(x0)
+        status, step, pending = meta["status"], meta["step"], meta["pending"]
+        rec.load(t)
     else:
+        x = x0.detach().clone()
+        x_prev = x.clone()
+        steps = torch.zeros(n, dtype=torch.long)
+        length = torch.zeros(n, dtype=torch.float64)
+        last_len = torch.zeros(n, dtype=torch.float64)
+        status = [RUNNING] * n
+        step, pending = 0, False
+        last_probs = _probs(model, x, model_output)  # validates the starting points
+        last_resid = torch.zeros(n, dtype=x.dtype)
         dist = distance_fn(x)
-        p = _probs(model, x, model_output)
-        reached0 = dist < tol if tol is not None else torch.zeros(n, dtype=torch.bool)
-        for i in range(n):
-            if reached0[i]:
-                status[i] = REACHED
-        rec.add(0, x, dist, p, torch.zeros(n, dtype=x.dtype))
+        if tol is not None:
+            status = [REACHED if float(d) < tol else RUNNING for d in dist]
+        rec.add(0, x, dist, last_probs, last_resid)
+
+    def stop_nonfinite(rows: torch.Tensor) -> None:
+        for i in rows.tolist():
+            x[i] = x_prev[i]
+            length[i] -= last_len[i]
+            steps[i] = max(int(steps[i]) - (1 if last_len[i] > 0 else 0), 0)
+            last_len[i] = 0
+            status[i] = NONFINITE
+
+    def save() -> None:
+        _save_state(ckpt, {"x": x, "x_prev": x_prev, "steps": steps, "length": length,
+                           "last_len": last_len, "last_probs": last_probs,
+                           "last_resid": last_resid, **rec.state()},
+                    {"config": config, "status": status, "step": step, "pending": pending})
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_steps, initial=step, desc=kind, unit="step", mininterval=0.5)
-    last_resid = torch.zeros(n, dtype=x.dtype)
     try:
-        while step < max_steps:
-            active = torch.tensor([s == RUNNING for s in status])
-            if not active.any():
+        while True:
+            idx = torch.tensor([i for i, st in enumerate(status) if st == RUNNING],
+                               dtype=torch.long)
+            if len(idx) and (step < max_steps or pending):
+                xa = x[idx]
+                jac_s, scores = score_jacobian(model, xa, model_output=model_output,
+                                               check_output=False)
+                ok = (torch.isfinite(scores).all(1)
+                      & torch.isfinite(jac_s.reshape(len(idx), -1)).all(1))
+                if not ok.all():  # the last step led where the model breaks: undo, stop
+                    stop_nonfinite(idx[~ok])
+                    idx, xa, jac_s, scores = idx[ok], xa[ok], jac_s[ok], scores[ok]
+                probs = torch.softmax(scores, dim=1)
+                last_probs[idx] = probs
+            if pending:
+                rec.add(step, x, distance_fn(x), last_probs, last_resid)
+                pending = False
+            if step >= max_steps or len(idx) == 0:
                 break
-            idx = active.nonzero().flatten()
-            xa = x[idx]
-            G = local_data_matrix(model, xa, model_output=model_output)
-            fin = torch.isfinite(G.gram).all(-1).all(-1)
-            if not fin.all():  # NaN/Inf in the Jacobian: those paths stop here
-                for i in idx[~fin].tolist():
-                    status[i] = NONFINITE
-                idx, xa = idx[fin], xa[fin]
-                if len(idx) == 0:
-                    continue
-                G = LocalDataMatrix(G.jac_logp[fin], G.probs[fin])
+            G = LocalDataMatrix(transform_jacobian(jac_s, scores, "log_softmax"), probs)
             v, resid = direction_fn(G, xa, idx)
             norm = _flat_norm(v)
             finite = torch.isfinite(v.reshape(len(idx), -1)).all(1) & torch.isfinite(norm)
@@ -258,47 +288,55 @@ def _walk(
             new = xa + scale.view(-1, *[1] * (x.ndim - 1)) * torch.nan_to_num(v)
             if clamp is not None:
                 new = new.clamp(*clamp)
-            ok = torch.isfinite(new.reshape(len(idx), -1)).all(1) & move
-            if ok.any():  # a step into a region where the model breaks stops that path only
-                with torch.no_grad():
-                    out_new = model(new[ok])
-                good = torch.isfinite(out_new.reshape(out_new.shape[0], -1)).all(1)
-                ok[ok.nonzero().flatten()[~good]] = False
-            length[idx[ok]] += _flat_norm(new - xa)[ok].double().cpu()
-            x[idx[ok]] = new[ok]
-            steps[idx[ok]] += 1
+            good = torch.isfinite(new.reshape(len(idx), -1)).all(1) & move
+            moved = idx[good]
+            x_prev[moved] = xa[good]
+            last_len[moved] = _flat_norm(new - xa)[good].double().cpu()
+            length[moved] += last_len[moved]
+            x[moved] = new[good]
+            steps[moved] += 1
             last_resid[idx] = resid.to(last_resid.dtype)
             for j, i in enumerate(idx.tolist()):
-                if not bool(finite[j]) or (bool(move[j]) and not bool(ok[j])):
+                if not bool(finite[j]) or (bool(move[j]) and not bool(good[j])):
                     status[i] = NONFINITE
                 elif bool(stalled[j]):
                     status[i] = STALLED
             step += 1
-            dist = distance_fn(x)
             if tol is not None:
-                for i in idx.tolist():
+                dist = distance_fn(x)
+                for i in moved.tolist():
                     if status[i] == RUNNING and float(dist[i]) < tol:
                         status[i] = REACHED
-            if step % rec.every == 0 or step == max_steps:
-                rec.add(step, x, dist, _probs(model, x, model_output), last_resid)
+            pending = step % rec.every == 0 or step == max_steps
             if ckpt is not None and checkpoint_every and step % checkpoint_every == 0:
-                _save_state(ckpt, {"x": x, "steps": steps, "length": length, **rec.state()},
-                            {"config": config, "status": status, "step": step})
+                save()
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    if rec.steps[-1] != step:
-        rec.add(step, x, distance_fn(x), _probs(model, x, model_output), last_resid)
-    status = [MAX_STEPS if s == RUNNING else s for s in status]
+    # points that stopped after their last step (reached, stalled) were not re-evaluated
+    fresh = torch.tensor([st in (REACHED, STALLED) and last_len[i] > 0
+                          for i, st in enumerate(status)])
+    if fresh.any():
+        rows = fresh.nonzero().flatten()
+        with torch.no_grad():
+            s = _to_scores(model(x[rows]), model_output)
+        bad = ~torch.isfinite(s).all(1)
+        stop_nonfinite(rows[bad])
+        last_probs[rows[~bad]] = torch.softmax(s[~bad], 1)
+    if rec.steps[-1] != step or fresh.any():
+        if rec.steps[-1] == step:
+            rec.points.pop(), rec.dist.pop(), rec.probs.pop(), rec.residuals.pop()
+            rec.steps.pop()
+        rec.add(step, x, distance_fn(x), last_probs, last_resid)
+    status = [MAX_STEPS if st == RUNNING else st for st in status]
     if ckpt is not None:
-        _save_state(ckpt, {"x": x, "steps": steps, "length": length, **rec.state()},
-                    {"config": config, "status": status, "step": step})
+        save()
     st = rec.state()
     return PathResult(
         points=st["rec_points"], distances=st["rec_dist"], probs=st["rec_probs"], steps=steps,
-        reached=torch.tensor([s == REACHED for s in status]), status=status, length=length,
+        reached=torch.tensor([s_ == REACHED for s_ in status]), status=status, length=length,
         record_steps=st["rec_steps"], residuals=st["rec_resid"],
     )
 
@@ -375,7 +413,7 @@ def horizontal_path(
                      model_output=model_output, rtol=rtol)
     return _walk(model, source, direction, distance, kind="horizontal", step_size=step_size,
                  max_steps=max_steps, tol=tol, clamp=clamp, record_every=record_every,
-                 model_output=model_output, rtol=rtol, checkpoint_dir=checkpoint_dir,
+                 model_output=model_output, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every, progress=progress, config=config,
                  reference=lambda xa, idx: _flat_norm(target[idx] - xa), cap=True)
 
@@ -426,7 +464,7 @@ def leaf_crossing_path(
                      rtol=rtol)
     return _walk(model, x, direction_fn, distance, kind="across", step_size=step_size,
                  max_steps=steps, tol=None, clamp=clamp, record_every=record_every,
-                 model_output=model_output, rtol=rtol, checkpoint_dir=checkpoint_dir,
+                 model_output=model_output, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every, progress=progress, config=config,
                  reference=lambda xa, idx: _flat_norm(r[idx]), cap=False)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -126,7 +127,7 @@ def check_model_output(out: torch.Tensor, model_output: str, n: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _jac_vjp(model: nn.Module, x: torch.Tensor, model_output: str):
+def _jac_vjp(model: nn.Module, x: torch.Tensor, model_output: str, check: bool = True):
     """C summed vector–Jacobian products over the batch.
 
     Samples are independent, so ∂(Σ_i s_c(x_i))/∂x_i = ∂s_c(x_i)/∂x_i: one backward pass per
@@ -135,7 +136,8 @@ def _jac_vjp(model: nn.Module, x: torch.Tensor, model_output: str):
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         out = model(xr)
-        check_model_output(out, model_output, x.shape[0])
+        if check:
+            check_model_output(out, model_output, x.shape[0])
         s = _to_scores(out, model_output)
         n, c = s.shape
         jac = x.new_empty((n, c, *x.shape[1:]))
@@ -153,19 +155,24 @@ def _functional(model: nn.Module, model_output: str) -> Callable[[torch.Tensor],
     return f
 
 
-def _jac_func(model: nn.Module, x: torch.Tensor, model_output: str, mode: str):
+def _jac_func(
+    model: nn.Module, x: torch.Tensor, model_output: str, mode: str, check: bool = True
+):
     """``torch.func.vmap`` of ``jacrev`` (reverse mode) or ``jacfwd`` (forward mode)."""
     tr = torch.func.jacrev if mode == "vmap" else torch.func.jacfwd
     jac, s = torch.func.vmap(tr(_functional(model, model_output), has_aux=True))(x.detach())
-    check_model_output(s if model_output != "probs" else s.exp(), model_output, x.shape[0])
+    if check:
+        check_model_output(s if model_output != "probs" else s.exp(), model_output, x.shape[0])
     return jac.detach(), s.detach()
 
 
 _STRATEGY_FNS = {
     "vjp": _jac_vjp,
-    "vmap": lambda m, x, mo: _jac_func(m, x, mo, "vmap"),
-    "forward": lambda m, x, mo: _jac_func(m, x, mo, "forward"),
+    "vmap": lambda m, x, mo, check=True: _jac_func(m, x, mo, "vmap", check),
+    "forward": lambda m, x, mo, check=True: _jac_func(m, x, mo, "forward", check),
 }
+
+_NUM_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def select_strategy(model: nn.Module, x: torch.Tensor, num_classes: int | None = None) -> str:
@@ -178,8 +185,11 @@ def select_strategy(model: nn.Module, x: torch.Tensor, num_classes: int | None =
     """
     d = math.prod(x.shape[1:])
     if num_classes is None:
+        num_classes = _NUM_CLASSES.get(model)
+    if num_classes is None:
         with torch.no_grad():
             num_classes = model(x[:1]).shape[-1]
+        _NUM_CLASSES[model] = num_classes
     return "forward" if d < num_classes else "vjp"
 
 
@@ -196,23 +206,27 @@ def score_jacobian(
     model_output: ModelOutput = "logits",
     strategy: Strategy = "auto",
     chunk_size: int | None = None,
+    check_output: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jacobian of the scores and the scores themselves: ``(J_s (n, C, *x.shape[1:]), s (n, C))``.
 
     Scores are the logits, or log p for models that return log-probabilities or
     probabilities, so that ``softmax(s) = p`` always. This is the primitive the other
     Jacobians, the local data matrix and the Gram matrix are built on.
+    ``check_output=False`` skips the checks of the inputs and the model's outputs (for inner
+    loops that validated them once and handle NaN rows themselves).
     """
     _check_choice(model_output, MODEL_OUTPUTS, "model_output")
     _check_choice(strategy, STRATEGIES, "strategy")
-    check_batch(x)
-    check_independent_samples(model)
+    if check_output:
+        check_batch(x)
+        check_independent_samples(model)
     if strategy == "auto":
         strategy = select_strategy(model, x)
     fn = _STRATEGY_FNS[strategy]
     jacs, scores = [], []
     for sl in _chunks(x.shape[0], chunk_size):
-        j, s = fn(model, x[sl], model_output)
+        j, s = fn(model, x[sl], model_output, check=check_output)
         jacs.append(j)
         scores.append(s)
     if len(jacs) == 1:

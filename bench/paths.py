@@ -1,0 +1,138 @@
+"""Horizontal-path and leaf-crossing steps: batched manifoldlens vs the seed-001 reference method.
+
+The reference method (lucagrementieri/model-manifold) advances one pair at a time: every step
+it computes the Jacobian of log p with ``torch.autograd.functional.jacobian``, projects onto
+D_x by least squares (horizontal step) or onto ker G through a full d × d QR (kernel step).
+Ours advances ``--pairs`` points together through :func:`manifoldlens.horizontal_path` and
+:func:`manifoldlens.leaf_crossing_path`. Same model (the seed-001 CNN), same inputs, CPU.
+Methods are timed round-robin; the JSON reports ms per pair-step and the ratios.
+
+    python bench/paths.py [--pairs 32] [--steps 5] [--ref-pairs 4] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from manifoldlens import horizontal_path, leaf_crossing_path
+from manifoldlens.models import Seed001CNN
+
+
+def reference_horizontal(model, src, tgt, steps, alpha=0.1):
+    """Seed-001 Algorithm 1 as in the reference code: one pair, Jacobian + least squares."""
+
+    def logp(z):
+        return torch.log_softmax(model(z[None]), dim=1)[0]
+
+    x = src.clone()
+    for _ in range(steps):
+        j = torch.autograd.functional.jacobian(logp, x).reshape(10, -1)  # (C, d)
+        delta = (tgt - x).reshape(-1, 1)
+        coef = torch.linalg.lstsq(j.T, delta).solution  # min ‖Jᵀa − δ‖
+        v = (j.T @ coef).reshape(x.shape)
+        x = x + alpha * v / v.norm()
+    return x
+
+
+def reference_kernel(model, x0, r, steps, alpha=0.1):
+    """Seed-001 §4.2 as in the reference code: one point, Jacobian + full d × d QR."""
+
+    def logp(z):
+        return torch.log_softmax(model(z[None]), dim=1)[0]
+
+    x = x0.clone()
+    for _ in range(steps):
+        j = torch.autograd.functional.jacobian(logp, x).reshape(10, -1)
+        q, _ = torch.linalg.qr(j.T, mode="complete")  # d × d
+        rank = int(torch.linalg.matrix_rank(j))
+        k = q[:, rank:]
+        v = (k @ (k.T @ r.reshape(-1))).reshape(x.shape)
+        x = x + alpha * v / v.norm()
+    return x
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--ref-pairs", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = Seed001CNN((1, 28, 28), 10).eval()
+    g = torch.Generator().manual_seed(1)
+    src = torch.rand(args.pairs, 1, 28, 28, generator=g)
+    tgt = torch.rand(args.pairs, 1, 28, 28, generator=g)
+    r = torch.randn(args.pairs, 1, 28, 28, generator=g)
+    s, k = args.steps, args.ref_pairs
+
+    methods = {
+        "ours_horizontal": (lambda: horizontal_path(model, src, tgt, max_steps=s, tol=0.0,
+                                                    record_every=s), args.pairs * s),
+        "ref_horizontal": (lambda: [reference_horizontal(model, src[i], tgt[i], s)
+                                    for i in range(k)], k * s),
+        "ours_kernel": (lambda: leaf_crossing_path(model, src, direction=r, steps=s,
+                                                   record_every=s), args.pairs * s),
+        "ref_kernel": (lambda: [reference_kernel(model, src[i], r[i], s) for i in range(k)],
+                       k * s),
+    }
+    for name, (fn, _) in methods.items():  # warm-up
+        print(f"[paths] warm-up {name}", file=sys.stderr)
+        fn()
+    times = {name: [] for name in methods}
+    for rep in range(args.repeats):
+        order = list(methods)[rep % 4:] + list(methods)[: rep % 4]
+        for name in order:
+            fn, pair_steps = methods[name]
+            times[name].append(1e3 * timed(fn) / pair_steps)
+        print(f"[paths] round {rep + 1}: " + ", ".join(
+            f"{n}={times[n][-1]:.2f}ms" for n in methods), file=sys.stderr)
+
+    def summary(v):
+        return {"median": round(statistics.median(v), 3), "min": round(min(v), 3),
+                "raw": [round(t, 3) for t in v]}
+
+    def ratio(a, b):
+        paired = statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+        return {"of_medians": round(statistics.median(times[a]) / statistics.median(times[b]), 3),
+                "of_mins": round(min(times[a]) / min(times[b]), 3),
+                "median_of_paired_rounds": round(paired, 3)}
+
+    out = {
+        "meta": {
+            "benchmark": "bench/paths.py", "command": " ".join(["python", *sys.argv]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "device": "cpu",
+            "model": "Seed001CNN (1x28x28, C=10), random init, eval, float32",
+            "pairs": args.pairs, "steps_per_round": s, "ref_pairs": k, "repeats": args.repeats,
+        },
+        "ms_per_pair_step": {n: summary(v) for n, v in times.items()},
+        "ratios": {
+            "horizontal_ref_over_ours": {**ratio("ref_horizontal", "ours_horizontal"),
+                                         "target": ">= 2.5"},
+            "kernel_ref_over_ours": {**ratio("ref_kernel", "ours_kernel"), "target": ">= 4"},
+        },
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
