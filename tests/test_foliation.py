@@ -211,3 +211,31 @@ def test_involutivity_bracket_against_autograd_hessians():
     G = local_data_matrix(model, x)
     ref = G.project_kernel(bracket[None]).norm() / bracket.norm()
     torch.testing.assert_close(res.residual[0, 0], ref)
+
+
+def test_records_hold_the_model_at_the_recorded_points():
+    model = make(TinyMLP(act=nn.Tanh))
+    g = torch.Generator().manual_seed(8)
+    src = torch.randn(3, 12, dtype=F64, generator=g)
+    tgt = torch.randn(3, 12, dtype=F64, generator=g)
+    q, _ = local_data_matrix(model, src[:1]).basis()
+    tgt[0] = src[0] + 0.2 * q[0, 0]  # along its leaf: stops early, its records stay current
+    res = horizontal_path(model, src, tgt, step_size=0.05, max_steps=23, tol=0.02,
+                          record_every=4)
+    assert res.status[0] == "reached" and 3 <= res.steps[0] < 8
+    assert res.record_steps.tolist() == [0, 4, 8, 12, 16, 20, 23]
+    with torch.no_grad():
+        ref = torch.softmax(model(res.points.reshape(-1, 12)), -1).reshape(res.probs.shape)
+    torch.testing.assert_close(res.probs, ref)
+    torch.testing.assert_close(res.distances, (tgt - res.points).norm(dim=-1))
+
+
+def test_clamp_that_cancels_the_step_stalls():
+    model = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+        model.bias.zero_()
+    src = torch.ones(1, 2, dtype=F64)
+    res = horizontal_path(model, src, torch.full((1, 2), 5.0, dtype=F64), clamp=(0.0, 1.0),
+                          max_steps=50, tol=1e-3)
+    assert res.status == ["stalled"] and res.steps[0] == 0 and res.length[0] == 0

@@ -197,3 +197,21 @@ def test_local_fisher_matches_brute_force():
     torch.testing.assert_close(F2.eigenvalues, F.eigenvalues)
     with pytest.raises(RuntimeError, match="keep_factor"):
         F2.quadratic_form(torch.zeros(3, 10))
+
+
+def test_basis_keeps_improbable_classes_in_float32():
+    """D_x = span{∇log p_c} for every class, however small p_c (G weighs them by p_c)."""
+    torch.manual_seed(0)
+    model = nn.Linear(20, 10)
+    with torch.no_grad():
+        model.weight.mul_(12)
+    x = torch.randn(3, 20)
+    G = local_data_matrix(model, x)
+    assert G.probs.min() < 1e-6  # some classes are improbable
+    _, mask = G.basis()
+    assert (mask.sum(-1) == 9).all()
+    j = jacobian(model, x)  # (n, C, d) rows ∇log p_c
+    for c in range(10):
+        rows = j[:, c]
+        rel = G.project_kernel(rows).norm(dim=1) / rows.norm(dim=1)
+        assert rel.max() < 1e-4, (c, rel)

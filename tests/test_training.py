@@ -127,3 +127,25 @@ def test_bad_arguments(digits, tmp_path):
     Run(tmp_path / "x", "train").finish()
     with pytest.raises(FileExistsError, match="resume"):
         Run(tmp_path / "x", "train")
+
+
+def test_resume_after_crash_keeps_logs_consistent(digits, tmp_path):
+    train, test = digits
+    model = _Breaks(at=14)  # NaN from the 14th training step: stops with last checkpoint 10
+    cb = TraceOfG(test.images[:8], every=2)
+    with pytest.raises(FloatingPointError), Run(tmp_path / "r", "train") as run:
+        train_classifier(model, train, steps=20, checkpoint_every=5, callbacks=[cb], run=run,
+                         progress=False)
+    model.at = 10**9
+    cb = TraceOfG(test.images[:8], every=2)
+    with Run(tmp_path / "r", "train", resume=True) as run:
+        train_classifier(model, train, steps=20, checkpoint_every=5, callbacks=[cb], run=run,
+                         resume=True, progress=False)
+        records = run.read_log("trace_of_g")
+    steps = [r["trace_of_g"]["step"] for r in records]
+    assert steps == list(range(0, 21, 2))
+    assert [r["step"] for r in cb.records] == steps
+    with pytest.raises(ValueError, match="other settings.*batch_size"):
+        with Run(tmp_path / "r", "train", resume=True) as run:
+            train_classifier(model, train, steps=30, batch_size=17, checkpoint_every=5,
+                             run=run, resume=True, progress=False)

@@ -187,6 +187,7 @@ def _walk(
     progress: bool,
     config: dict[str, Any],
     reference,
+    off,
     cap: bool,
 ) -> PathResult:
     """The shared stepping loop of both path kinds.
@@ -195,7 +196,10 @@ def _walk(
     probabilities (used for the records). A point where the model's output or Jacobian is
     not finite is replaced by the path's previous point and that path stops ("nonfinite").
     A path stalls when its direction ``v`` is below ``max(1e-6, 100·eps)`` of ``reference``
-    (the length of the vector that was projected).
+    (the length of the vector that was projected) or when ``clamp`` cancels its step.
+    ``off(G, Δ)`` is the part of a step Δ outside the distribution followed; its relative
+    size is recorded as the residual. Bookkeeping (indices, status, lengths) lives on the
+    CPU; points and probabilities stay on the model's device.
     """
     _check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_independent_samples(model)
@@ -220,7 +224,7 @@ def _walk(
             )
         x, x_prev = t["x"].to(x0), t["x_prev"].to(x0)
         steps, length, last_len = t["steps"], t["length"], t["last_len"]
-        last_probs, last_resid = t["last_probs"].to(x0), t["last_resid"].to(x0)
+        last_probs, last_resid = t["last_probs"].to(x0), t["last_resid"]
         status, step, pending = meta["status"], meta["step"], meta["pending"]
         rec.load(t)
     else:
@@ -232,7 +236,7 @@ def _walk(
         status = [RUNNING] * n
         step, pending = 0, False
         last_probs = _probs(model, x, model_output)  # validates the starting points
-        last_resid = torch.zeros(n, dtype=x.dtype)
+        last_resid = torch.zeros(n, dtype=torch.float64)
         dist = distance_fn(x)
         if tol is not None:
             status = [REACHED if float(d) < tol else RUNNING for d in dist]
@@ -261,12 +265,19 @@ def _walk(
         while True:
             idx = torch.tensor([i for i, st in enumerate(status) if st == RUNNING],
                                dtype=torch.long)
-            if len(idx) and (step < max_steps or pending):
+            if len(idx) and step >= max_steps and pending:  # the last record: forward only
+                with torch.no_grad():
+                    sc = _to_scores(model(x[idx]), model_output)
+                bad = (~torch.isfinite(sc).all(1)).cpu()
+                stop_nonfinite(idx[bad])
+                last_probs[idx[~bad]] = torch.softmax(sc[~bad], 1)
+                idx = idx[:0]
+            if len(idx):
                 xa = x[idx]
                 jac_s, scores = score_jacobian(model, xa, model_output=model_output,
                                                check_output=False)
                 ok = (torch.isfinite(scores).all(1)
-                      & torch.isfinite(jac_s.reshape(len(idx), -1)).all(1))
+                      & torch.isfinite(jac_s.reshape(len(idx), -1)).all(1)).cpu()
                 if not ok.all():  # the last step led where the model breaks: undo, stop
                     stop_nonfinite(idx[~ok])
                     idx, xa, jac_s, scores = idx[ok], xa[ok], jac_s[ok], scores[ok]
@@ -278,7 +289,7 @@ def _walk(
             if step >= max_steps or len(idx) == 0:
                 break
             G = LocalDataMatrix(transform_jacobian(jac_s, scores, "log_softmax"), probs)
-            v, resid = direction_fn(G, xa, idx)
+            v = direction_fn(G, xa, idx)
             norm = _flat_norm(v)
             finite = torch.isfinite(v.reshape(len(idx), -1)).all(1) & torch.isfinite(norm)
             stalled = finite & (norm <= stall_rtol * reference(xa, idx))
@@ -288,14 +299,21 @@ def _walk(
             new = xa + scale.view(-1, *[1] * (x.ndim - 1)) * torch.nan_to_num(v)
             if clamp is not None:
                 new = new.clamp(*clamp)
-            good = torch.isfinite(new.reshape(len(idx), -1)).all(1) & move
+            delta = new - xa
+            disp = _flat_norm(delta)
+            if clamp is not None:  # the clamp cancelled the step: the path cannot go on
+                blocked = move & (disp <= 1e-3 * step_size)
+                stalled, move = stalled | blocked, move & ~blocked
+            good = (torch.isfinite(new.reshape(len(idx), -1)).all(1) & move).cpu()
+            finite, stalled = finite.cpu(), stalled.cpu()
             moved = idx[good]
+            resid = (_flat_norm(off(G, delta)) / disp.clamp_min(1e-300)).double().cpu()
             x_prev[moved] = xa[good]
-            last_len[moved] = _flat_norm(new - xa)[good].double().cpu()
+            last_len[moved] = disp[good].double().cpu()
             length[moved] += last_len[moved]
             x[moved] = new[good]
             steps[moved] += 1
-            last_resid[idx] = resid.to(last_resid.dtype)
+            last_resid[moved] = resid[good]
             for j, i in enumerate(idx.tolist()):
                 if not bool(finite[j]) or (bool(move[j]) and not bool(good[j])):
                     status[i] = NONFINITE
@@ -303,10 +321,17 @@ def _walk(
                     status[i] = STALLED
             step += 1
             if tol is not None:
-                dist = distance_fn(x)
-                for i in moved.tolist():
-                    if status[i] == RUNNING and float(dist[i]) < tol:
+                dist = distance_fn(x).cpu()
+                done = [i for i in moved.tolist() if status[i] == RUNNING and dist[i] < tol]
+                if done:  # evaluate the model where these paths stop (for the records)
+                    rows = torch.tensor(done)
+                    for i in done:
                         status[i] = REACHED
+                    with torch.no_grad():
+                        sc = _to_scores(model(x[rows]), model_output)
+                    bad = (~torch.isfinite(sc).all(1)).cpu()
+                    stop_nonfinite(rows[bad])
+                    last_probs[rows[~bad]] = torch.softmax(sc[~bad], 1)
             pending = step % rec.every == 0 or step == max_steps
             if ckpt is not None and checkpoint_every and step % checkpoint_every == 0:
                 save()
@@ -315,20 +340,7 @@ def _walk(
     finally:
         if bar is not None:
             bar.close()
-    # points that stopped after their last step (reached, stalled) were not re-evaluated
-    fresh = torch.tensor([st in (REACHED, STALLED) and last_len[i] > 0
-                          for i, st in enumerate(status)])
-    if fresh.any():
-        rows = fresh.nonzero().flatten()
-        with torch.no_grad():
-            s = _to_scores(model(x[rows]), model_output)
-        bad = ~torch.isfinite(s).all(1)
-        stop_nonfinite(rows[bad])
-        last_probs[rows[~bad]] = torch.softmax(s[~bad], 1)
-    if rec.steps[-1] != step or fresh.any():
-        if rec.steps[-1] == step:
-            rec.points.pop(), rec.dist.pop(), rec.probs.pop(), rec.residuals.pop()
-            rec.steps.pop()
+    if rec.steps[-1] != step:
         rec.add(step, x, distance_fn(x), last_probs, last_resid)
     status = [MAX_STEPS if st == RUNNING else st for st in status]
     if ckpt is not None:
@@ -401,9 +413,7 @@ def horizontal_path(
     target = target.detach().to(source)
 
     def direction(G, xa, idx):
-        v = G.project(target[idx] - xa, rtol)
-        resid = _flat_norm(G.project_kernel(v, rtol)) / _flat_norm(v).clamp_min(1e-300)
-        return v, resid
+        return G.project(target[idx] - xa, rtol)
 
     def distance(x):
         return _flat_norm(target - x)
@@ -415,7 +425,8 @@ def horizontal_path(
                  max_steps=max_steps, tol=tol, clamp=clamp, record_every=record_every,
                  model_output=model_output, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every, progress=progress, config=config,
-                 reference=lambda xa, idx: _flat_norm(target[idx] - xa), cap=True)
+                 reference=lambda xa, idx: _flat_norm(target[idx] - xa),
+                 off=lambda G, d: G.project_kernel(d, rtol), cap=True)
 
 
 def leaf_crossing_path(
@@ -452,9 +463,7 @@ def leaf_crossing_path(
     start = x.detach().clone()
 
     def direction_fn(G, xa, idx):
-        v = G.project_kernel(r[idx], rtol)
-        resid = _flat_norm(G.project(v, rtol)) / _flat_norm(v).clamp_min(1e-300)
-        return v, resid
+        return G.project_kernel(r[idx], rtol)
 
     def distance(z):
         return _flat_norm(z - start)
@@ -466,7 +475,8 @@ def leaf_crossing_path(
                  max_steps=steps, tol=None, clamp=clamp, record_every=record_every,
                  model_output=model_output, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every, progress=progress, config=config,
-                 reference=lambda xa, idx: _flat_norm(r[idx]), cap=False)
+                 reference=lambda xa, idx: _flat_norm(r[idx]),
+                 off=lambda G, d: G.project(d, rtol), cap=False)
 
 
 @dataclass
@@ -525,10 +535,12 @@ def involutivity_residual(
         res, norms = [], []
         for i, j in pairs:
             xi, xj = fields[i].detach(), fields[j].detach()
-            bracket = hvp(j, xi) - hvp(i, xj)
+            hi, hj = hvp(j, xi), hvp(i, xj)
+            bracket = hi - hj
             bn = _flat_norm(bracket)
             out = _flat_norm(G.project_kernel(bracket.detach(), rtol))
-            scale = torch.maximum(_flat_norm(xi), _flat_norm(xj)) ** 2
+            # cancellation below rounding of the two terms: the bracket is numerically 0
+            scale = _flat_norm(hi) + _flat_norm(hj)
             tiny = bn <= 1e3 * torch.finfo(x.dtype).eps * scale.clamp_min(1e-300)
             res.append(torch.where(tiny, torch.full_like(bn, float("nan")), out / bn))
             norms.append(bn)

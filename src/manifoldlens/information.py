@@ -111,6 +111,10 @@ class _FactoredPSD:
         av = torch.einsum("ncd,nd->nc", a, v.reshape(len(self), -1).to(a.dtype))
         return (av**2).sum(-1)
 
+    def _right(self, u: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ U`` (n, D, C)."""
+        return self._need_factor("eigenvectors").mT @ u
+
     @cached_property
     def eigenvectors(self) -> torch.Tensor:
         """Orthonormal eigenvectors (n, C, D) for :attr:`eigenvalues`: ``v_k = Aᵀu_k / √λ_k``
@@ -120,14 +124,17 @@ class _FactoredPSD:
         vectors of (numerically) zero eigenvalues are completed to unit vectors orthogonal
         to the range, i.e. lying in the kernel.
         """
-        a = self._need_factor("eigenvectors")
         evals, u = self._eigh
-        scale = torch.where(evals > 0, evals.rsqrt(), torch.zeros_like(evals))
-        v = (a.mT @ u) * scale.unsqueeze(-2)  # (n, D, C)
-        q, r = torch.linalg.qr(v)
-        sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        return (q * sign.unsqueeze(-2)).mT
+        return _orthonormalize(self._right(u), evals)
+
+
+def _orthonormalize(v: torch.Tensor, evals: torch.Tensor) -> torch.Tensor:
+    """Rows (n, C, D) of ``v / √λ`` (v: (n, D, C)) made orthonormal by a thin QR, signs kept."""
+    scale = torch.where(evals > 0, evals.rsqrt(), torch.zeros_like(evals))
+    q, r = torch.linalg.qr(v * scale.unsqueeze(-2))
+    sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (q * sign.unsqueeze(-2)).mT
 
 
 class LocalDataMatrix(_FactoredPSD):
@@ -177,17 +184,33 @@ class LocalDataMatrix(_FactoredPSD):
 
     @property
     def dim(self) -> int:
-        return self.factor.shape[-1]
+        return self.jac_logp.shape[-1]
+
+    def _right(self, u: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ U = J_logpᵀ (√p ⊙ U)`` without forming A."""
+        return self.jac_logp.mT @ (self.probs.sqrt().unsqueeze(-1) * u)
+
+    @cached_property
+    def _row_space(self) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.jac_logp
+        evals, u = torch.linalg.eigh(j @ j.mT)
+        evals, u = evals.flip(-1).clamp_min(0), u.flip(-1)
+        return evals, _orthonormalize(j.mT @ u, evals)
 
     def basis(self, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Orthonormal basis of ``D_x = (ker G)^⊥`` (the range of G).
+        """Orthonormal basis of ``D_x = (ker G)^⊥ = span{∇log p_c}``, the row space of J_logp.
 
-        Returns ``(vectors (n, C, d), mask (n, C) bool)``: the rows with ``mask`` true span
-        D_x; the others are zero. The numerical rank uses the tolerance of :meth:`rank`.
+        Built from the C × C Gram ``J_logp J_logpᵀ``, so it does not depend on p: the
+        gradients of improbable classes, which G weighs by p_c (and float32 loses when p_c
+        underflows), are kept, as in Proposition 2.1. Returns ``(vectors (n, C, d), mask (n, C)
+        bool)``: the rows with ``mask`` true span D_x, the others are zero. Directions above
+        ``rtol`` (default ``10·C·eps``) of the largest are kept, at most C − 1 of them.
         """
-        vecs = self.eigenvectors
-        ev = self.eigenvalues
-        mask = (ev > self._tol(rtol)) & (ev > 0)
+        evals, vecs = self._row_space
+        if rtol is None:
+            rtol = default_rtol(self.num_classes, evals.dtype)
+        mask = (evals > rtol * evals[:, :1]) & (evals > 0)
+        mask[:, self.num_classes - 1 :] = False  # Σ_c p_c ∇log p_c = 0: rank ≤ C − 1
         return vecs * mask.unsqueeze(-1).to(vecs.dtype), mask
 
     def _flat(self, v: torch.Tensor) -> torch.Tensor:
@@ -197,7 +220,7 @@ class LocalDataMatrix(_FactoredPSD):
                 f"v must be shaped like x, (n, *input_shape) = ({n}, "
                 f"{', '.join(map(str, self.input_shape))}), got {tuple(v.shape)}"
             )
-        return v.reshape(n, -1).to(self.factor.dtype)
+        return v.reshape(n, -1).to(self.jac_logp.dtype)
 
     def project(self, v: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
         """Orthogonal projection of v onto ``D_x = (ker G)^⊥`` (shaped like v)."""
@@ -211,8 +234,10 @@ class LocalDataMatrix(_FactoredPSD):
         return v - self.project(v, rtol)
 
     def quadratic_form(self, v: torch.Tensor) -> torch.Tensor:
-        """``vᵀ G(x) v`` (n,): the second-order KL, ``KL(p(x+v)‖p(x)) ≈ ½ vᵀGv``."""
-        return super().quadratic_form(self._flat(v))
+        """``vᵀ G(x) v = Σ_c p_c ⟨∇log p_c, v⟩²`` (n,): the second-order KL,
+        ``KL(p(x+v)‖p(x)) ≈ ½ vᵀGv``."""
+        jv = torch.einsum("ncd,nd->nc", self.jac_logp, self._flat(v))
+        return (self.probs * jv**2).sum(-1)
 
     def dense(self, max_dim: int = 4096) -> torch.Tensor:
         """G as dense (n, d, d) matrices — only for small d (``d ≤ max_dim``)."""

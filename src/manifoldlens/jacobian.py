@@ -363,7 +363,8 @@ def jacobian_gram(
     with torch.no_grad():
         c = model(x[:1]).shape[-1]
     width = c * math.prod(x.shape[1:])
-    dtype = x.dtype
+    # half-precision inputs accumulate M in float32 (products overflow float16)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     if low_memory is None:
         low_memory = n * width * np.dtype(np_dtype).itemsize > max_memory
@@ -379,11 +380,13 @@ def jacobian_gram(
 
     def block_jac(sl: slice) -> torch.Tensor:
         j = jacobian(model, x[sl], output=output, model_output=model_output, strategy=strategy)
-        return j.reshape(j.shape[0], width)
+        return j.reshape(j.shape[0], width).to(dtype)
 
     slices = list(_chunks(n, batch_size))
     if not low_memory:
-        full = torch.cat([block_jac(sl) for sl in _iterate(n, batch_size, progress, "jacobians")])
+        full = torch.empty((n, width), dtype=dtype, device=x.device)
+        for sl in _iterate(n, batch_size, progress, "jacobians"):
+            full[sl] = block_jac(sl)
         for sl in slices:
             gram[sl] = (full[sl] @ full.T).to(device="cpu", dtype=gram.dtype)
     else:

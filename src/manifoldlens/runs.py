@@ -151,6 +151,25 @@ class Run:
         rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         return [r for r in rows if key is None or key in r]
 
+    def truncate_log(self, step: int) -> None:
+        """Drop the ``metrics.jsonl`` records of steps after ``step`` (before a resume redoes
+        them). A record's step is its ``"step"`` or that of its single nested record."""
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return
+
+        def step_of(rec: dict[str, Any]) -> Any:
+            if "step" in rec:
+                return rec["step"]
+            inner = [v for v in rec.values() if isinstance(v, dict) and "step" in v]
+            return inner[0]["step"] if len(inner) == 1 else None
+
+        keep = [line for line in p.read_text().splitlines() if line.strip()
+                and ((s := step_of(json.loads(line))) is None or s <= step)]
+        tmp = p.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, p)
+
     def save_figure(self, name: str, fig: Any, dpi: int = 150) -> Path:
         """Save a matplotlib figure as ``<name>.png`` (closed after if pyplot manages it)."""
         path = self.file(name if name.endswith(".png") else name + ".png")

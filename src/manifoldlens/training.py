@@ -267,6 +267,9 @@ def train_classifier(
     if (checkpoint_every or resume) and run is None:
         raise ValueError("checkpoints and resume need a run directory (run=Run(...))")
 
+    train_config = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
+                    "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
+                    "model_output": model_output, "n_train": n}
     device = torch.device(device)
     torch.manual_seed(seed)
     model.to(device)
@@ -278,12 +281,24 @@ def train_classifier(
 
     if resume and ckpt_dir is not None and (latest := _latest_checkpoint(ckpt_dir)) is not None:
         meta = load_weights(latest, model, optimizer=opt, map_location=device)
+        saved = meta.get("train_config")
+        if saved is not None and saved != train_config:
+            diff = {k: (saved.get(k), v) for k, v in train_config.items() if saved.get(k) != v}
+            raise ValueError(
+                f"cannot resume from {latest}: it was trained with other settings "
+                f"(checkpoint, now) = {diff}; pass the same settings or start a new run"
+            )
         state.step = int(meta["step"])
+        run.truncate_log(state.step)  # records logged after the checkpoint are redone
         history = list(meta.get("history", []))
         for cb, cb_state in zip(callbacks, meta.get("callbacks", []), strict=False):
             cb.load_state_dict(cb_state)
         if "rng_state" in meta:
             torch.set_rng_state(torch.tensor(meta["rng_state"], dtype=torch.uint8))
+        if meta.get("cuda_rng_state") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(
+                [torch.tensor(st, dtype=torch.uint8) for st in meta["cuda_rng_state"]]
+            )
         last_ckpt = latest
 
     def save(step: int) -> Path:
@@ -295,9 +310,9 @@ def train_classifier(
             "history": history,
             "callbacks": [cb.state_dict() for cb in callbacks],
             "rng_state": torch.get_rng_state().tolist(),
-            "train_config": {"optimizer": optimizer, "lr": lr, "momentum": momentum,
-                             "weight_decay": weight_decay, "batch_size": batch_size,
-                             "seed": seed, "model_output": model_output},
+            "cuda_rng_state": ([st.tolist() for st in torch.cuda.get_rng_state_all()]
+                               if torch.cuda.is_available() else None),
+            "train_config": train_config,
         }
         path = save_checkpoint(ckpt_dir / f"step-{step:08d}", model, metadata=meta, optimizer=opt)
         if last_ckpt is not None and last_ckpt != path:
