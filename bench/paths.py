@@ -1,10 +1,13 @@
 """Horizontal-path and leaf-crossing steps: batched manifoldlens vs the seed-001 reference method.
 
-The reference method (lucagrementieri/model-manifold) advances one pair at a time: every step
-it computes the Jacobian of log p with ``torch.autograd.functional.jacobian``, projects onto
-D_x by least squares (horizontal step) or onto ker G through a full d × d QR (kernel step).
+The reference method (lucagrementieri/model-manifold, ``model_manifold/inspect.py``) advances
+one point at a time: every step it computes the Jacobian of log p with
+``torch.autograd.functional.jacobian``, projects onto D_x by least squares (horizontal step) or
+onto ker G through a complete d × d QR and least squares on its d − C + 1 kernel columns
+(kernel step), clamps to the data domain and evaluates the model once more for the record.
 Ours advances ``--pairs`` points together through :func:`manifoldlens.horizontal_path` and
-:func:`manifoldlens.leaf_crossing_path`. Same model (the seed-001 CNN), same inputs, CPU.
+:func:`manifoldlens.leaf_crossing_path`, also clamping and recording every step. Same model
+(the seed-001 CNN), same inputs, CPU.
 Methods are timed round-robin; the JSON reports ms per pair-step and the ratios.
 
     python bench/paths.py [--pairs 32] [--steps 5] [--ref-pairs 4] [--repeats 3] [--threads 2]
@@ -26,37 +29,43 @@ from manifoldlens import horizontal_path, leaf_crossing_path
 from manifoldlens.models import Seed001CNN
 
 
-def reference_horizontal(model, src, tgt, steps, alpha=0.1):
-    """Seed-001 Algorithm 1 as in the reference code: one pair, Jacobian + least squares."""
-
-    def logp(z):
-        return torch.log_softmax(model(z[None]), dim=1)[0]
-
-    x = src.clone()
+def _reference_walk(model, x, direction_of, projection, steps, alpha=0.1, clamp=(0.0, 1.0)):
+    """One point at a time, as the reference code does each step: the Jacobian of log p
+    (``torch.autograd.functional.jacobian``), columns normalised, a projection, a normalised
+    step, the domain clamp, and one more forward pass for the recorded probabilities."""
+    net = torch.nn.Sequential(model, torch.nn.LogSoftmax(dim=1))  # reference nets end so
+    points, probs = [x], []
     for _ in range(steps):
-        j = torch.autograd.functional.jacobian(logp, x).reshape(10, -1)  # (C, d)
-        delta = (tgt - x).reshape(-1, 1)
-        coef = torch.linalg.lstsq(j.T, delta).solution  # min ‖Jᵀa − δ‖
-        v = (j.T @ coef).reshape(x.shape)
-        x = x + alpha * v / v.norm()
+        j = torch.autograd.functional.jacobian(net, x.unsqueeze(0)).squeeze(0)
+        with torch.no_grad():
+            j = torch.nn.functional.normalize(j.reshape(j.shape[0], -1).T, dim=0)  # (d, C)
+            v = projection(j, direction_of(x).flatten())
+            v = torch.nn.functional.normalize(v, dim=-1).reshape(x.shape)
+            x = (x + alpha * v).clamp(*clamp)
+            points.append(x)
+            probs.append(torch.exp(net(x.unsqueeze(0))))
     return x
 
 
-def reference_kernel(model, x0, r, steps, alpha=0.1):
-    """Seed-001 §4.2 as in the reference code: one point, Jacobian + full d × d QR."""
+def project_tangent(jac, direction):
+    """Reference: least squares onto the columns of the Jacobian (the row space of J)."""
+    coef = torch.linalg.lstsq(jac, direction.unsqueeze(1)).solution
+    return (jac @ coef)[:, 0]
 
-    def logp(z):
-        return torch.log_softmax(model(z[None]), dim=1)[0]
 
-    x = x0.clone()
-    for _ in range(steps):
-        j = torch.autograd.functional.jacobian(logp, x).reshape(10, -1)
-        q, _ = torch.linalg.qr(j.T, mode="complete")  # d × d
-        rank = int(torch.linalg.matrix_rank(j))
-        k = q[:, rank:]
-        v = (k @ (k.T @ r.reshape(-1))).reshape(x.shape)
-        x = x + alpha * v / v.norm()
-    return x
+def project_kernel(jac, direction):
+    """Reference: a complete d × d QR, then least squares onto its last d − C + 1 columns."""
+    basis = torch.linalg.qr(jac, mode="complete").Q[:, jac.shape[1] - 1 :]
+    coef = torch.linalg.lstsq(basis, direction.unsqueeze(1)).solution
+    return (basis @ coef)[:, 0]
+
+
+def reference_horizontal(model, src, tgt, steps):
+    return _reference_walk(model, src, lambda x: tgt - x, project_tangent, steps)
+
+
+def reference_kernel(model, x0, r, steps):
+    return _reference_walk(model, x0, lambda x: r, project_kernel, steps)
 
 
 def timed(fn) -> float:
@@ -84,11 +93,11 @@ def main(argv=None) -> int:
 
     methods = {
         "ours_horizontal": (lambda: horizontal_path(model, src, tgt, max_steps=s, tol=0.0,
-                                                    record_every=s), args.pairs * s),
+                                                    clamp=(0.0, 1.0)), args.pairs * s),
         "ref_horizontal": (lambda: [reference_horizontal(model, src[i], tgt[i], s)
                                     for i in range(k)], k * s),
         "ours_kernel": (lambda: leaf_crossing_path(model, src, direction=r, steps=s,
-                                                   record_every=s), args.pairs * s),
+                                                   clamp=(0.0, 1.0)), args.pairs * s),
         "ref_kernel": (lambda: [reference_kernel(model, src[i], r[i], s) for i in range(k)],
                        k * s),
     }
