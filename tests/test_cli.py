@@ -35,6 +35,8 @@ def test_train_writes_run_directory(trained):
     for name in ("trace_of_g.png", "training.png", "model.json", "model.safetensors",
                  "metrics.jsonl", "checkpoints/step-00000040.json"):
         assert (trained / name).exists(), name
+    ckpt = json.loads((trained / "checkpoints/step-00000040.json").read_text())
+    assert ckpt["metadata"]["data"] == "digits" and len(ckpt["metadata"]["classes"]) == 10
 
 
 def test_resume_a_finished_run_extends_it(trained, tmp_path):
@@ -106,8 +108,8 @@ def test_console_script_help():
 ])
 def test_leaf_experiments(trained, tmp_path, experiment, extra):
     out = tmp_path / experiment
-    rc = main(["leaf", experiment, str(trained / "model.json"), *extra, "--out", str(out),
-               "--no-progress"])
+    ckpt = trained / "checkpoints/step-00000040.json"  # records its dataset
+    rc = main(["leaf", experiment, str(ckpt), *extra, "--out", str(out), "--no-progress"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert _doc(out)["status"] == "ok" and _doc(out)["command"] == f"leaf-{experiment}"

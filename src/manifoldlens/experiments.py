@@ -70,7 +70,8 @@ def run_train(
     cb = TraceOfG(test.images[:probe_size], every=trace_every)
     result = train_classifier(
         model, train, test_data=test, callbacks=[cb], run=run, resume=resume,
-        progress=progress, **train_options,
+        progress=progress, metadata={"data": train.name, "classes": train.classes},
+        **train_options,
     )
     if result.history:
         run.save_figure("training", viz.plot_training(result.history))

@@ -239,6 +239,7 @@ def train_classifier(
     resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a classifier by minimising cross-entropy; seed-001 defaults (SGD, 60, 0.01).
 
@@ -251,6 +252,7 @@ def train_classifier(
     training with ``FloatingPointError`` and the last good checkpoint is kept.
 
     Training length: ``steps`` or ``epochs`` (one of them; ``epochs`` may be fractional).
+    ``metadata`` (e.g. the dataset's name and classes) is stored in every checkpoint.
     """
     _check_choice(model_output, MODEL_OUTPUTS, "model_output")
     x, y = _tensors(train_data, "train_data")
@@ -304,6 +306,7 @@ def train_classifier(
     def save(step: int) -> Path:
         nonlocal last_ckpt
         meta = {
+            **(metadata or {}),
             "step": step,
             "epoch": step / per_epoch,
             "metrics": state.metrics,
