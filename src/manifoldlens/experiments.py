@@ -211,6 +211,7 @@ def _demo_leaf(run: Run, model: nn.Module, test: ImageDataset, progress: bool) -
     model.float()
     r = inv.residual[torch.isfinite(inv.residual)]
     return {
+        "horizontal_status": hp.status,
         "horizontal_reached": int(hp.reached.sum()),
         "horizontal_final_distance_median": float(hp.distances[-1].median()),
         "horizontal_start_distance_median": float(hp.distances[0].median()),
@@ -249,6 +250,7 @@ def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str,
     run.metrics.update({"train": {k: v for k, v in train_metrics.items()
                                   if k not in ("spectrum", "gram")}})
     leaf = _demo_leaf(run, model, test, progress)
+    run.metrics["leaf"] = leaf
     run.checkpoint_state()
     c = spec["num_classes"]
     write_report(
@@ -286,7 +288,10 @@ def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str,
                 "Along and across the leaves",
                 "Horizontal paths (seed 001 Algorithm 1) move a test digit towards another "
                 "while staying on its leaf (every step in D_x); beside each, the straight "
-                "line between the same endpoints. Leaf crossings move along a fixed random "
+                "line between the same endpoints. A path that cannot reach its target stops "
+                "('stalled') where target − x has no component left in D_x: the point of its "
+                f"leaf nearest the target ({leaf['horizontal_reached']} of 3 reached "
+                "tol = 0.5 here). Leaf crossings move along a fixed random "
                 "direction projected on ker G: the prediction stays put while noise grows. "
                 f"Involutivity residual of this ReLU network (Theorem 3.1): median "
                 f"{leaf['involutivity_median']:.1e}, max {leaf['involutivity_max']:.1e} "
