@@ -111,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tol", type=float, default=1.0)
         if name == "noisy":
             p.add_argument("--noise-steps", type=int, default=250)
-        if name in ("across", "horizontal", "mirror"):
-            p.add_argument("--clamp", type=float, nargs=2, metavar=("LO", "HI"))
+        if name != "involutivity":
+            p.add_argument("--clamp", type=float, nargs=2, metavar=("LO", "HI"),
+                           default=(0.0, 1.0),
+                           help="keep points in the data domain (default 0 1, as the "
+                                "seed-001 code does)")
+            p.add_argument("--no-clamp", action="store_true", help="do not clamp")
 
     p = sub.add_parser("demo", help="the whole story on the embedded digits, with a report")
     _add_common(p)
@@ -194,7 +198,7 @@ def _leaf(args, run, progress: bool, experiments) -> None:
         return
     common.update(steps=args.steps, step_size=args.step_size, record_every=args.record_every,
                   progress=progress)
-    clamp = tuple(args.clamp) if getattr(args, "clamp", None) else None
+    clamp = None if args.no_clamp else tuple(args.clamp)
     if args.experiment == "across":
         experiments.run_leaf_across(run, model, ds, n=args.n, clamp=clamp, **common)
     elif args.experiment in ("horizontal", "mirror"):
@@ -202,7 +206,7 @@ def _leaf(args, run, progress: bool, experiments) -> None:
                                         mirror=args.experiment == "mirror",
                                         name=args.experiment, **common)
     else:
-        experiments.run_leaf_noisy(run, model, ds, n=args.n, tol=args.tol,
+        experiments.run_leaf_noisy(run, model, ds, n=args.n, tol=args.tol, clamp=clamp,
                                    noise_steps=args.noise_steps, **common)
 
 

@@ -466,7 +466,7 @@ def run_leaf_horizontal(
 def run_leaf_noisy(
     run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 8, noise_steps: int = 250,
     steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
-    record_every: int = 50, model_output: str = "logits", progress: bool = True,
+    record_every: int = 50, clamp=None, model_output: str = "logits", progress: bool = True,
 ) -> dict[str, Any]:
     """Seed 001 Figure 6: move a valid image ``noise_steps`` across the leaves, then try to
     reach another valid image by a horizontal path; the noise persists."""
@@ -475,10 +475,10 @@ def run_leaf_noisy(
     si, ti = _pairs(dataset, n, seed)
     x0, tgt = dataset.images[si], dataset.images[ti]
     noisy = leaf_crossing_path(model, x0, steps=noise_steps, step_size=step_size, seed=seed,
-                               record_every=noise_steps, model_output=model_output,
+                               record_every=noise_steps, model_output=model_output, clamp=clamp,
                                checkpoint_dir=run.path / "state_noise", progress=progress).final
     res = horizontal_path(model, noisy, tgt, step_size=step_size, max_steps=steps, tol=tol,
-                          record_every=record_every, model_output=model_output,
+                          record_every=record_every, model_output=model_output, clamp=clamp,
                           checkpoint_dir=run.path / "state", progress=progress)
     noise = (noisy - x0).reshape(n, -1)
     residual = (res.final - tgt).reshape(n, -1)
