@@ -239,3 +239,14 @@ def test_clamp_that_cancels_the_step_stalls():
     res = horizontal_path(model, src, torch.full((1, 2), 5.0, dtype=F64), clamp=(0.0, 1.0),
                           max_steps=50, tol=1e-3)
     assert res.status == ["stalled"] and res.steps[0] == 0 and res.length[0] == 0
+
+
+def test_strip_and_gif(tmp_path):
+    model = make(TinyCNN())
+    x = torch.rand(2, 1, 6, 6, dtype=F64)
+    res = leaf_crossing_path(model, x, steps=6, step_size=0.05, record_every=2)
+    fig = res.strip(1, frames=4, classes=list("abcde"), title="t")
+    assert len(fig.axes) == 4
+    assert "step 6" in fig.axes[-1].get_title()
+    gif = res.save_gif(tmp_path / "p.gif", i=0, frames=4, fps=4)
+    assert gif.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
