@@ -28,7 +28,8 @@ def test_linear_model_converges_to_projection_on_source_leaf():
     w = model[1].weight.detach()
     q, _ = torch.linalg.qr((w[1:] - w[0]).T)
     expected = src + (tgt - src) @ q @ q.T
-    res = horizontal_path(model, src, tgt, step_size=0.05, max_steps=2000, tol=1e-9)
+    res = horizontal_path(model, src, tgt, step_size=0.05, max_steps=2000, tol=1e-9,
+                          capped=True)
     torch.testing.assert_close(res.final, expected, atol=1e-9, rtol=0)
     assert res.status == ["stalled"] * 3 and not res.reached.any()
     # the path stays on the leaf: every point differs from the source by a vector in D
@@ -38,12 +39,28 @@ def test_linear_model_converges_to_projection_on_source_leaf():
     assert (res.distances.diff(dim=0) <= 1e-12).all()
 
 
+def test_published_fixed_step_oscillates_within_alpha_of_the_projection():
+    """Algorithm 1 as published (always a step of α): on a flat leaf the path ends within α
+    of the target's projection, moving on, never stalling."""
+    model = _linear()
+    src = torch.randn(2, 12, dtype=F64)
+    tgt = torch.randn(2, 12, dtype=F64) * 2
+    w = model[1].weight.detach()
+    q, _ = torch.linalg.qr((w[1:] - w[0]).T)
+    expected = src + (tgt - src) @ q @ q.T
+    res = horizontal_path(model, src, tgt, step_size=0.05, max_steps=600, tol=1e-9)
+    assert res.status == ["max_steps"] * 2 and (res.steps == 600).all()
+    assert ((res.final - expected).norm(dim=1) <= 0.05 + 1e-9).all()
+    torch.testing.assert_close(res.length, torch.full((2,), 600 * 0.05, dtype=F64))
+
+
 def test_target_on_the_leaf_is_reached():
     model = _linear()
     src = torch.randn(2, 12, dtype=F64)
     w = model[1].weight.detach()
     tgt = src + 3.0 * (w[2] - w[0]) - 1.5 * (w[3] - w[1])
-    res = horizontal_path(model, src, tgt, step_size=0.1, max_steps=5000, tol=1e-6)
+    res = horizontal_path(model, src, tgt, step_size=0.1, max_steps=5000, tol=1e-6,
+                          capped=True)
     assert res.reached.all() and res.status == ["reached", "reached"]
     assert (res.distances[-1] < 1e-6).all()
     torch.testing.assert_close(res.length, (tgt - src).norm(dim=1), atol=1e-6, rtol=0)

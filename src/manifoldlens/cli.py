@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue the run in --out")
         if name in ("horizontal", "mirror", "noisy"):
             p.add_argument("--tol", type=float, default=1.0)
+            p.add_argument("--capped", action="store_true",
+                           help="steps of min(α, ‖v‖): stop at the leaf's point nearest the "
+                                "target instead of stepping α as Algorithm 1 does")
         if name == "noisy":
             p.add_argument("--noise-steps", type=int, default=250)
         if name != "involutivity":
@@ -203,11 +206,11 @@ def _leaf(args, run, progress: bool, experiments) -> None:
         experiments.run_leaf_across(run, model, ds, n=args.n, clamp=clamp, **common)
     elif args.experiment in ("horizontal", "mirror"):
         experiments.run_leaf_horizontal(run, model, ds, pairs=args.n, tol=args.tol, clamp=clamp,
-                                        mirror=args.experiment == "mirror",
+                                        mirror=args.experiment == "mirror", capped=args.capped,
                                         name=args.experiment, **common)
     else:
         experiments.run_leaf_noisy(run, model, ds, n=args.n, tol=args.tol, clamp=clamp,
-                                   noise_steps=args.noise_steps, **common)
+                                   noise_steps=args.noise_steps, capped=args.capped, **common)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -288,10 +288,10 @@ def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str,
                 "Along and across the leaves",
                 "Horizontal paths (seed 001 Algorithm 1) move a test digit towards another "
                 "while staying on its leaf (every step in D_x); beside each, the straight "
-                "line between the same endpoints. A path that cannot reach its target stops "
-                "('stalled') where target − x has no component left in D_x: the point of its "
-                f"leaf nearest the target ({leaf['horizontal_reached']} of 3 reached "
-                "tol = 0.5 here). Leaf crossings move along a fixed random "
+                "line between the same endpoints. A path that cannot reach its target ends "
+                "hovering, within one step, around the point of its leaf nearest the target "
+                f"({leaf['horizontal_reached']} of 3 reached tol = 0.5 here). Leaf crossings "
+                "move along a fixed random "
                 "direction projected on ker G: the prediction stays put while noise grows. "
                 f"Involutivity residual of this ReLU network (Theorem 3.1): median "
                 f"{leaf['involutivity_median']:.1e}, max {leaf['involutivity_max']:.1e} "
@@ -413,7 +413,7 @@ def run_leaf_horizontal(
     run: Run, model: nn.Module, dataset: ImageDataset, *, pairs: int = 20,
     steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
     record_every: int = 50, clamp=None, mirror: bool = False, model_output: str = "logits",
-    progress: bool = True, name: str = "horizontal",
+    progress: bool = True, name: str = "horizontal", capped: bool = False,
 ) -> dict[str, Any]:
     """Seed 001 Figure 4 (and Figure 5 with ``mirror=True``: targets flipped left–right):
     horizontal paths between test images beside the straight line between them."""
@@ -425,7 +425,7 @@ def run_leaf_horizontal(
         tgt = tgt.flip(-1)
     res = horizontal_path(model, src, tgt, step_size=step_size, max_steps=steps, tol=tol,
                           record_every=record_every, clamp=clamp, model_output=model_output,
-                          checkpoint_dir=run.path / "state", progress=progress)
+                          checkpoint_dir=run.path / "state", progress=progress, capped=capped)
     lin = _interpolation(model, src, tgt, 33, model_output)
     straight = (tgt - src).reshape(pairs, -1).norm(dim=1)
     reached = res.reached
@@ -445,7 +445,7 @@ def run_leaf_horizontal(
     steps_reached = res.steps[reached].double()
     out = {
         "pairs": pairs, "max_steps": steps, "step_size": step_size, "tol": tol,
-        "mirror": mirror,
+        "mirror": mirror, "capped": capped, "clamp": clamp,
         "reached_share": float(reached.double().mean()),
         "steps_to_reach_median": float(steps_reached.median()) if reached.any() else None,
         "steps_to_reach_max": int(steps_reached.max()) if reached.any() else None,
@@ -467,6 +467,7 @@ def run_leaf_noisy(
     run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 8, noise_steps: int = 250,
     steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
     record_every: int = 50, clamp=None, model_output: str = "logits", progress: bool = True,
+    capped: bool = False,
 ) -> dict[str, Any]:
     """Seed 001 Figure 6: move a valid image ``noise_steps`` across the leaves, then try to
     reach another valid image by a horizontal path; the noise persists."""
@@ -479,7 +480,7 @@ def run_leaf_noisy(
                                checkpoint_dir=run.path / "state_noise", progress=progress).final
     res = horizontal_path(model, noisy, tgt, step_size=step_size, max_steps=steps, tol=tol,
                           record_every=record_every, model_output=model_output, clamp=clamp,
-                          checkpoint_dir=run.path / "state", progress=progress)
+                          checkpoint_dir=run.path / "state", progress=progress, capped=capped)
     noise = (noisy - x0).reshape(n, -1)
     residual = (res.final - tgt).reshape(n, -1)
     cos = torch.nn.functional.cosine_similarity(noise, residual, dim=1)
@@ -491,7 +492,8 @@ def run_leaf_noisy(
     run.save_figure("noisy_distance", viz.plot_curves(
         res.record_steps, {"distance to target": res.distances}, logy=("distance to target",)))
     out = {
-        "n": n, "noise_steps": noise_steps, "steps": steps, "tol": tol,
+        "n": n, "noise_steps": noise_steps, "steps": steps, "tol": tol, "capped": capped,
+        "clamp": clamp,
         "noise_norm_median": float(noise.norm(dim=1).median()),
         "final_distance_median": float(residual.norm(dim=1).median()),
         "reached_share": float(res.reached.double().mean()),

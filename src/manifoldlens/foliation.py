@@ -189,14 +189,16 @@ def _walk(
     reference,
     off,
     cap: bool,
+    stall_rtol: float | None,
 ) -> PathResult:
     """The shared stepping loop of both path kinds.
 
     One pass of C vector–Jacobian products per step gives G at the current points and their
     probabilities (used for the records). A point where the model's output or Jacobian is
     not finite is replaced by the path's previous point and that path stops ("nonfinite").
-    A path stalls when its direction ``v`` is below ``max(1e-6, 100·eps)`` of ``reference``
-    (the length of the vector that was projected) or when ``clamp`` cancels its step.
+    A path stalls when its direction ``v`` is at most ``stall_rtol`` times ``reference`` (the
+    length of the vector that was projected; 0: only a vanishing v) or when ``clamp`` cancels
+    its step.
     ``off(G, Δ)`` is the part of a step Δ outside the distribution followed; its relative
     size is recorded as the residual. Bookkeeping (indices, status, lengths) lives on the
     CPU; points and probabilities stay on the model's device.
@@ -210,7 +212,8 @@ def _walk(
     if clamp is not None and not clamp[0] < clamp[1]:
         raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {clamp}")
     n = x0.shape[0]
-    stall_rtol = max(1e-6, 100 * torch.finfo(x0.dtype).eps)
+    if stall_rtol is None:
+        stall_rtol = max(1e-6, 100 * torch.finfo(x0.dtype).eps) if cap else 0.0
     rec = _Recorder(record_every)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
@@ -292,7 +295,8 @@ def _walk(
             v = direction_fn(G, xa, idx)
             norm = _flat_norm(v)
             finite = torch.isfinite(v.reshape(len(idx), -1)).all(1) & torch.isfinite(norm)
-            stalled = finite & (norm <= stall_rtol * reference(xa, idx))
+            stalled = finite & ((norm <= stall_rtol * reference(xa, idx))
+                                | (norm <= torch.finfo(v.dtype).tiny))
             move = finite & ~stalled
             alpha = torch.minimum(norm, torch.full_like(norm, step_size)) if cap else step_size
             scale = torch.where(move, alpha / norm.clamp_min(torch.finfo(v.dtype).tiny), 0)
@@ -379,13 +383,17 @@ def horizontal_path(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     progress: bool = False,
+    capped: bool = False,
+    stall_rtol: float | None = None,
 ) -> PathResult:
     """Algorithm 1 of seed 001, batched: move each source along its leaf towards its target.
 
-    ``x_t = x_{t−1} + min(α, ‖v‖) v/‖v‖`` with ``v = P_{D_{x_{t−1}}}(target − x_{t−1})``, the
-    projection through an orthonormal basis of ``D_x = (ker G)^⊥`` (never a d × d matrix).
-    Capping the step at ‖v‖ (Algorithm 1 always steps α) keeps a path from overshooting the
-    closest point of its leaf, where it would otherwise oscillate with amplitude α. A path stops
+    ``x_t = x_{t−1} + α v/‖v‖`` with ``v = P_{D_{x_{t−1}}}(target − x_{t−1})``, the projection
+    through an orthonormal basis of ``D_x = (ker G)^⊥`` (never a d × d matrix), as published.
+    ``capped=True`` steps ``min(α, ‖v‖)`` instead: the path then converges to the point of its
+    leaf nearest the target and stops there ("stalled" once ``‖v‖ ≤ stall_rtol·‖target − x‖``,
+    default ``max(1e-6, 100·eps)``), where the published fixed step keeps moving by α along
+    the normalised residual direction. Uncapped paths stall only when v vanishes. A path stops
     when ``‖target − x‖ < tol``, after ``max_steps``, when NaN/Inf appears (that path only),
     or when ``target − x`` has no component in D_x left. ``clamp=(lo, hi)`` keeps points in
     the data domain. With ``checkpoint_dir``, the state is saved every ``checkpoint_every``
@@ -399,7 +407,8 @@ def horizontal_path(
     >>> import torch
     >>> model = torch.nn.Linear(4, 3).double()
     >>> src, tgt = torch.zeros(2, 4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)
-    >>> res = horizontal_path(model, src, tgt, step_size=0.05, max_steps=200, tol=1e-3)
+    >>> res = horizontal_path(model, src, tgt, step_size=0.05, max_steps=200, tol=1e-3,
+    ...                       capped=True)
     >>> res.points.shape[1:], res.status  # a linear model's leaf is a plane: target unreachable
     (torch.Size([2, 4]), ['stalled', 'stalled'])
     """
@@ -426,7 +435,8 @@ def horizontal_path(
                  model_output=model_output, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every, progress=progress, config=config,
                  reference=lambda xa, idx: _flat_norm(target[idx] - xa),
-                 off=lambda G, d: G.project_kernel(d, rtol), cap=True)
+                 off=lambda G, d: G.project_kernel(d, rtol), cap=capped,
+                 stall_rtol=stall_rtol)
 
 
 def leaf_crossing_path(
@@ -476,7 +486,7 @@ def leaf_crossing_path(
                  model_output=model_output, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every, progress=progress, config=config,
                  reference=lambda xa, idx: _flat_norm(r[idx]),
-                 off=lambda G, d: G.project(d, rtol), cap=False)
+                 off=lambda G, d: G.project(d, rtol), cap=False, stall_rtol=0.0)
 
 
 @dataclass
