@@ -306,10 +306,10 @@ def _walk(
             delta = new - xa
             disp = _flat_norm(delta)
             if clamp is not None:  # the clamp cancelled the step: the path cannot go on
-                blocked = move & (disp <= 1e-3 * step_size)
+                blocked = move & (disp <= 1e-3 * alpha)
                 stalled, move = stalled | blocked, move & ~blocked
             good = (torch.isfinite(new.reshape(len(idx), -1)).all(1) & move).cpu()
-            finite, stalled = finite.cpu(), stalled.cpu()
+            finite, stalled, move = finite.cpu(), stalled.cpu(), move.cpu()
             moved = idx[good]
             resid = (_flat_norm(off(G, delta)) / disp.clamp_min(1e-300)).double().cpu()
             x_prev[moved] = xa[good]
