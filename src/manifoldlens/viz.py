@@ -105,7 +105,8 @@ def plot_spectra(eigenvalues, *, normalize: bool = True) -> Figure:
     ev = _np(eigenvalues)
     c = ev.shape[1]
     vals = ev / np.maximum(ev[:, :1], np.finfo(float).tiny) if normalize else ev
-    vals = np.maximum(vals, 1e-30)
+    floor = 1e-12 * (1.0 if normalize else max(float(ev.max()), np.finfo(float).tiny))
+    vals = np.maximum(vals, floor)  # numerically zero eigenvalues drawn at the floor
     k = np.arange(1, c + 1)
     fig = Figure(figsize=(6.5, 3.8), layout="constrained")
     ax = fig.subplots()
@@ -116,6 +117,7 @@ def plot_spectra(eigenvalues, *, normalize: bool = True) -> Figure:
     ax.set_xticks(k)
     ax.set_xlabel("eigenvalue index k")
     ax.set_ylabel("λ_k / λ_1" if normalize else "λ_k")
+    ax.axhline(floor, color=GREY, ls=":", lw=0.8, label="floor: numerically 0")
     ax.set_title(f"Spectrum of G(x) over {ev.shape[0]} points (C = {c})", fontsize=11)
     ax.legend(frameon=False, fontsize=8)
     _style(ax)
