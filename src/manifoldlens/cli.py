@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from . import experiments
+    from .models import load_checkpoint
     from .runs import Run, default_run_dir
 
     torch.manual_seed(args.seed)
@@ -160,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     keep_checkpoints=tuple(args.keep_checkpoint), device=args.device,
                 )
             elif args.command in ("spectrum", "gram"):
-                model, meta = experiments.load_model(args.checkpoint, args.device)
-                ds = experiments._dataset_for(meta, args.data, args.split, args.root,
+                model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
+                ds = experiments.dataset_for(meta, args.data, args.split, args.root,
                                               args.limit, args.seed).to(args.device)
                 if args.command == "spectrum":
                     experiments.run_spectrum(run, model, ds, model_output=args.model_output,
@@ -185,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _leaf(args, run, progress: bool, experiments) -> None:
+    from .models import load_checkpoint
+
     if args.experiment == "train":
         experiments.run_train(
             run, data=args.data, root=args.root, arch="seed001_cnn", trace_every=args.trace_every,
@@ -193,8 +196,8 @@ def _leaf(args, run, progress: bool, experiments) -> None:
             checkpoint_every=1000, keep_checkpoints=(10000,), device=args.device,
         )
         return
-    model, meta = experiments.load_model(args.checkpoint, args.device)
-    ds = experiments._dataset_for(meta, args.data, args.split, args.root, None).to(args.device)
+    model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
+    ds = experiments.dataset_for(meta, args.data, args.split, args.root, None).to(args.device)
     common = {"model_output": args.model_output, "seed": args.seed}
     if args.experiment == "involutivity":
         experiments.run_leaf_involutivity(run, model, ds, n=args.n, **common)

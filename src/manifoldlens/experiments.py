@@ -27,6 +27,7 @@ from .runs import Run
 from .training import TraceOfG, train_classifier
 
 __all__ = [
+    "dataset_for",
     "run_demo",
     "run_gram",
     "run_leaf_across",
@@ -88,8 +89,10 @@ def run_train(
     return run.metrics
 
 
-def _dataset_for(meta: dict[str, Any], data: str | None, split: str, root: str | None,
-                 limit: int | None, seed: int = 0) -> ImageDataset:
+def dataset_for(meta: dict[str, Any], data: str | None, split: str, root: str | None,
+                limit: int | None, seed: int = 0) -> ImageDataset:
+    """The split of the dataset a checkpoint was trained on (or ``data``), optionally a
+    stratified subset of ``limit`` points."""
     name = data or meta.get("data")
     if name is None:
         raise ValueError("the checkpoint does not record its dataset: pass --data")
@@ -229,11 +232,6 @@ def _cosine(m: torch.Tensor) -> torch.Tensor:
     return m * inv[:, None] * inv[None, :]
 
 
-def load_model(checkpoint: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    model, meta = load_checkpoint(checkpoint, map_location=device)
-    return model.eval(), meta
-
-
 def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str, Any]:
     """The whole story on the embedded digits: train (seed-001 optimiser settings) while
     following Tr G, then G's spectra over the test split, then the Jacobian correlation
@@ -243,7 +241,7 @@ def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str,
         optimizer="sgd", momentum=0.9, trace_every=25, eval_every=100,
         checkpoint_every=500, progress=progress,
     )
-    model, meta = load_model(str(run.path / "model.json"))
+    model, meta = load_checkpoint(run.path / "model.json")
     test = load_dataset("digits", "test")
     spec = run_spectrum(run, model, test, progress=progress)
     gram = run_gram(run, model, test, progress=progress)
