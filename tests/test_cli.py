@@ -118,3 +118,15 @@ def test_leaf_experiments(trained, tmp_path, experiment, extra):
         assert res["max"] < 1e-8  # ReLU MLP: Theorem 3.1
     if experiment in ("horizontal", "mirror"):
         assert 0 <= res["reached_share"] <= 1
+
+
+def test_leaf_train_preset(tmp_path):
+    out = tmp_path / "lt"
+    assert main(["leaf", "train", "--data", "digits", "--steps", "12", "--trace-every", "6",
+                 "--out", str(out), "--no-progress"]) == 0
+    doc = _doc(out)
+    assert doc["command"] == "leaf-train" and doc["metrics"]["steps"] == 12
+    ckpt = json.loads((out / "checkpoints" / "step-00000012.json").read_text())
+    assert ckpt["spec"]["arch"] == "seed001_cnn"
+    assert ckpt["metadata"]["train_config"]["lr"] == 0.01
+    assert ckpt["metadata"]["train_config"]["batch_size"] == 60
