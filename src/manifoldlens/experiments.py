@@ -16,6 +16,7 @@ from .data import ImageDataset, load_dataset
 from .information import data_matrix_statistics, local_data_matrix
 from .jacobian import (
     class_correlation,
+    cosine_gram,
     gram_spectrum,
     jacobian_gram,
     jacobian_neighbors,
@@ -161,7 +162,7 @@ def run_gram(
     ev = gram_spectrum(m)
     cc = class_correlation(m, y)
     nb = jacobian_neighbors(m, k=min(neighbors, len(x) - 1), labels=y, normalized=normalize)
-    cos = m if normalize else _cosine(m)
+    cos = m if normalize else cosine_gram(m)
     cc_cos = class_correlation(cos, y)
     run.save_arrays("gram_analysis", eigenvalues=ev, labels=y, block_means=cc.block_means,
                     neighbors=nb.indices)
@@ -224,12 +225,6 @@ def _demo_leaf(run: Run, model: nn.Module, test: ImageDataset, progress: bool) -
         "involutivity_median": float(r.median()),
         "involutivity_max": float(r.max()),
     }
-
-
-def _cosine(m: torch.Tensor) -> torch.Tensor:
-    d = m.diagonal().clamp_min(0)
-    inv = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
-    return m * inv[:, None] * inv[None, :]
 
 
 def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str, Any]:
@@ -351,17 +346,12 @@ def _interpolation(model, src, tgt, steps: int, model_output: str):
     """Straight segments between the endpoints, as a path-like record."""
     from types import SimpleNamespace
 
+    from .foliation import _probs
+
     t = torch.linspace(0, 1, steps).to(src)
     pts = src[None] + t.view(-1, *[1] * src.ndim) * (tgt - src)[None]
-    with torch.no_grad():
-        probs = torch.stack([torch.softmax(_scores(model, p, model_output), 1) for p in pts])
+    probs = torch.stack([_probs(model, p, model_output) for p in pts])
     return SimpleNamespace(points=pts, probs=probs, record_steps=torch.arange(steps))
-
-
-def _scores(model, x, model_output):
-    from .jacobian import _to_scores
-
-    return _to_scores(model(x), model_output)
 
 
 def _class_changes(probs: torch.Tensor) -> torch.Tensor:

@@ -253,6 +253,14 @@ def _walk(
             last_len[i] = 0
             status[i] = NONFINITE
 
+    def refresh(rows: torch.Tensor) -> None:
+        """Probabilities at the current points of ``rows`` by a forward pass alone."""
+        with torch.no_grad():
+            sc = _to_scores(model(x[rows]), model_output)
+        bad = (~torch.isfinite(sc).all(1)).cpu()
+        stop_nonfinite(rows[bad])
+        last_probs[rows[~bad]] = torch.softmax(sc[~bad], 1)
+
     def save() -> None:
         _save_state(ckpt, {"x": x, "x_prev": x_prev, "steps": steps, "length": length,
                            "last_len": last_len, "last_probs": last_probs,
@@ -269,11 +277,7 @@ def _walk(
             idx = torch.tensor([i for i, st in enumerate(status) if st == RUNNING],
                                dtype=torch.long)
             if len(idx) and step >= max_steps and pending:  # the last record: forward only
-                with torch.no_grad():
-                    sc = _to_scores(model(x[idx]), model_output)
-                bad = (~torch.isfinite(sc).all(1)).cpu()
-                stop_nonfinite(idx[bad])
-                last_probs[idx[~bad]] = torch.softmax(sc[~bad], 1)
+                refresh(idx)
                 idx = idx[:0]
             if len(idx):
                 xa = x[idx]
@@ -328,14 +332,9 @@ def _walk(
                 dist = distance_fn(x).cpu()
                 done = [i for i in moved.tolist() if status[i] == RUNNING and dist[i] < tol]
                 if done:  # evaluate the model where these paths stop (for the records)
-                    rows = torch.tensor(done)
                     for i in done:
                         status[i] = REACHED
-                    with torch.no_grad():
-                        sc = _to_scores(model(x[rows]), model_output)
-                    bad = (~torch.isfinite(sc).all(1)).cpu()
-                    stop_nonfinite(rows[bad])
-                    last_probs[rows[~bad]] = torch.softmax(sc[~bad], 1)
+                    refresh(torch.tensor(done))
             pending = step % rec.every == 0 or step == max_steps
             if ckpt is not None and checkpoint_every and step % checkpoint_every == 0:
                 save()

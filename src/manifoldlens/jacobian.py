@@ -39,6 +39,7 @@ __all__ = [
     "jacobian_gram",
     "gram_spectrum",
     "class_correlation",
+    "cosine_gram",
     "kernel_target_alignment",
     "jacobian_neighbors",
     "ClassCorrelation",
@@ -414,13 +415,23 @@ def jacobian_gram(
             tmp.cleanup()
 
     if normalize:
-        diag = gram.diagonal().clone()
-        inv = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
-        for sl in slices:
-            gram[sl] *= inv[sl, None] * inv[None, :]
+        cosine_gram(gram, inplace=True, batch_size=batch_size)
     if out is not None:
         m_np.flush()
     return gram
+
+
+def cosine_gram(
+    gram: torch.Tensor, *, inplace: bool = False, batch_size: int = 4096
+) -> torch.Tensor:
+    """``M_ij / √(M_ii M_jj)``, 0 for rows whose diagonal is not positive. Scales ``batch_size``
+    rows at a time, so ``inplace=True`` works on memory-mapped matrices without a copy."""
+    out = gram if inplace else gram.clone()
+    diag = gram.diagonal().clone()
+    inv = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
+    for sl in _chunks(out.shape[0], batch_size):
+        out[sl] *= inv[sl, None] * inv[None, :]
+    return out
 
 
 class ClassCorrelation(NamedTuple):

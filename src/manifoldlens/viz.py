@@ -280,23 +280,8 @@ def plot_path_strip(result, i: int = 0, *, frames: int = 8, classes=None,
                     title: str | None = None) -> Figure:
     """Images along path ``i`` of a :class:`~manifoldlens.foliation.PathResult`, with the
     predicted class and its probability under each and the step above (seed 001 Fig. 3–6)."""
-    pts = _np(result.points[:, i])
-    probs = _np(result.probs[:, i])
-    steps = _np(result.record_steps).astype(int)
-    idx = _frame_indices(len(steps), frames)
-    fig = Figure(figsize=(1.45 * len(idx), 1.9), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(idx)))
-    for ax, k in zip(axes, idx, strict=True):
-        ax.imshow(_as_image(pts[k]), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-        c = int(probs[k].argmax())
-        name = classes[c] if classes is not None else str(c)
-        ax.set_xlabel(f"{name}: {probs[k, c]:.2f}", fontsize=7)
-        ax.set_title(f"step {steps[k]}", fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return fig
+    return plot_path_grid([(result, i, None)], frames=frames, classes=classes, title=title,
+                          step_prefix="step ")
 
 
 def save_path_gif(result, path, i: int = 0, *, frames: int = 40, classes=None,
@@ -329,17 +314,20 @@ def save_path_gif(result, path, i: int = 0, *, frames: int = 40, classes=None,
     return path
 
 
-def plot_path_grid(rows, *, frames: int = 8, classes=None, title: str | None = None) -> Figure:
+def plot_path_grid(rows, *, frames: int = 8, classes=None, title: str | None = None,
+                   step_prefix: str = "") -> Figure:
     """Several paths as rows of image strips. ``rows``: ``(result, index, label)`` tuples,
-    where ``result`` has ``points`` (T, n, ...), ``probs`` (T, n, C), ``record_steps`` (T,)."""
-    k = frames
+    where ``result`` has ``points`` (T, n, ...), ``probs`` (T, n, C), ``record_steps`` (T,).
+    Each row shows up to ``frames`` evenly spaced records, with the predicted class and its
+    probability under each image and the step above."""
+    picks = [_frame_indices(len(res.record_steps), frames) for res, _, _ in rows]
+    k = max(len(p) for p in picks)
     fig = Figure(figsize=(1.25 * k + 1.2, 1.55 * len(rows)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(rows), k))
-    for r, (res, i, label) in enumerate(rows):
+    axes = np.asarray(fig.subplots(len(rows), k, squeeze=False))
+    for r, ((res, i, label), idx) in enumerate(zip(rows, picks, strict=True)):
         pts = _np(res.points[:, i])
         probs = _np(res.probs[:, i])
         steps = _np(res.record_steps).astype(int)
-        idx = _frame_indices(len(steps), k)
         for j in range(k):
             ax = axes[r, j]
             ax.set_xticks([])
@@ -352,8 +340,9 @@ def plot_path_grid(rows, *, frames: int = 8, classes=None, title: str | None = N
             c = int(probs[t].argmax())
             name = classes[c] if classes is not None else str(c)
             ax.set_xlabel(f"{name}: {probs[t, c]:.2f}", fontsize=6)
-            ax.set_title(f"{steps[t]}", fontsize=6)
-        axes[r, 0].set_ylabel(label, fontsize=7)
+            ax.set_title(f"{step_prefix}{steps[t]}", fontsize=6)
+        if label:
+            axes[r, 0].set_ylabel(label, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
