@@ -16,7 +16,9 @@ from manifoldlens.jacobian import (
     jacobian_gram,
     jacobian_neighbors,
     kernel_target_alignment,
+    score_jacobian,
     select_strategy,
+    transform_jacobian,
 )
 
 from helpers import TinyCNN, TinyMLP, make
@@ -55,6 +57,24 @@ def test_matches_autograd(name, strategy, output):
     ref = brute_force(model, x, output)
     assert got.shape == (5, ref.shape[1], *shape)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_output", ["logits", "log_probs"])
+def test_relative_score_jacobian(relu_mlp, model_output):
+    """C − 1 VJPs give rows ∇(s_c − s_r), r the top class: the same J_logp as C VJPs."""
+    model = relu_mlp if model_output == "logits" else nn.Sequential(relu_mlp, nn.LogSoftmax(1))
+    x = torch.randn(7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    full, s = score_jacobian(model, x, model_output=model_output, strategy="vjp")
+    rel, s_rel = score_jacobian(model, x, model_output=model_output, strategy="vjp",
+                                relative=True)
+    top = s.argmax(1)
+    rows = torch.arange(7)
+    torch.testing.assert_close(rel, full - full[rows, top].unsqueeze(1), rtol=1e-12, atol=1e-13)
+    assert (rel[rows, top] == 0).all()
+    torch.testing.assert_close(s_rel, s)
+    ref = brute_force(model, x, "log_softmax")
+    torch.testing.assert_close(transform_jacobian(rel, s, "log_softmax"), ref, rtol=1e-10,
+                               atol=1e-12)
 
 
 def test_linear_softmax_closed_form(linear):

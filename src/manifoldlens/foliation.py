@@ -193,7 +193,7 @@ def _walk(
 ) -> PathResult:
     """The shared stepping loop of both path kinds.
 
-    One pass of C vector–Jacobian products per step gives G at the current points and their
+    One pass of C − 1 vector–Jacobian products per step gives G at the current points and their
     probabilities (used for the records). A point where the model's output or Jacobian is
     not finite is replaced by the path's previous point and that path stops ("nonfinite").
     A path stalls when its direction ``v`` is at most ``stall_rtol`` times ``reference`` (the
@@ -282,7 +282,7 @@ def _walk(
             if len(idx):
                 xa = x[idx]
                 jac_s, scores = score_jacobian(model, xa, model_output=model_output,
-                                               check_output=False)
+                                               check_output=False, relative=True)
                 ok = (torch.isfinite(scores).all(1)
                       & torch.isfinite(jac_s.reshape(len(idx), -1)).all(1)).cpu()
                 if not ok.all():  # the last step led where the model breaks: undo, stop

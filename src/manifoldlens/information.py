@@ -267,11 +267,12 @@ def local_data_matrix(
 ) -> LocalDataMatrix:
     """The local data matrix ``G(x) = Σ_c p_c ∇log p_c ∇log p_cᵀ`` (seed 001 eq. 6), batched.
 
-    One set of C vector–Jacobian products per batch (see :func:`manifoldlens.jacobian`); the
+    One set of C − 1 vector–Jacobian products per batch (see :func:`manifoldlens.jacobian`); the
     result is factored (:class:`LocalDataMatrix`).
     """
     jac_s, scores = score_jacobian(
-        model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size
+        model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size,
+        relative=True,
     )
     jac_logp = transform_jacobian(jac_s, scores, "log_softmax")
     return LocalDataMatrix(jac_logp, torch.softmax(scores, dim=1))

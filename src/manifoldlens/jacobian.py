@@ -128,11 +128,17 @@ def check_model_output(out: torch.Tensor, model_output: str, n: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _jac_vjp(model: nn.Module, x: torch.Tensor, model_output: str, check: bool = True):
+def _jac_vjp(
+    model: nn.Module, x: torch.Tensor, model_output: str, check: bool = True,
+    relative: bool = False,
+):
     """C summed vector–Jacobian products over the batch.
 
     Samples are independent, so ∂(Σ_i s_c(x_i))/∂x_i = ∂s_c(x_i)/∂x_i: one backward pass per
-    class yields the class-c row of every sample's Jacobian.
+    class yields the class-c row of every sample's Jacobian. ``relative=True`` returns the
+    rows ∇(s_c − s_r) instead, r the top class of each sample (row r is zero), from C − 1
+    passes: enough for ``J_logp`` and everything built on it, which do not change when one
+    vector is added to every row of ``J_s``.
     """
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
@@ -141,10 +147,22 @@ def _jac_vjp(model: nn.Module, x: torch.Tensor, model_output: str, check: bool =
             check_model_output(out, model_output, x.shape[0])
         s = _to_scores(out, model_output)
         n, c = s.shape
-        jac = x.new_empty((n, c, *x.shape[1:]))
-        for k in range(c):
-            (g,) = torch.autograd.grad(s[:, k].sum(), xr, retain_graph=k < c - 1)
-            jac[:, k] = g
+        if not relative:
+            jac = x.new_empty((n, c, *x.shape[1:]))
+            for k in range(c):
+                (g,) = torch.autograd.grad(s[:, k].sum(), xr, retain_graph=k < c - 1)
+                jac[:, k] = g
+            return jac, s.detach()
+        jac = x.new_zeros((n, c, *x.shape[1:]))
+        ref = s.detach().argmax(1)
+        rows = torch.arange(n, device=x.device)
+        for k in range(c - 1):
+            cls = k + (k >= ref).long()  # the k-th class other than r
+            grad = torch.zeros_like(s)
+            grad[rows, cls] = 1
+            grad[rows, ref] = -1
+            (g,) = torch.autograd.grad(s, xr, grad, retain_graph=k < c - 2)
+            jac[rows, cls] = g
     return jac, s.detach()
 
 
@@ -169,8 +187,8 @@ def _jac_func(
 
 _STRATEGY_FNS = {
     "vjp": _jac_vjp,
-    "vmap": lambda m, x, mo, check=True: _jac_func(m, x, mo, "vmap", check),
-    "forward": lambda m, x, mo, check=True: _jac_func(m, x, mo, "forward", check),
+    "vmap": lambda m, x, mo, check=True, relative=False: _jac_func(m, x, mo, "vmap", check),
+    "forward": lambda m, x, mo, check=True, relative=False: _jac_func(m, x, mo, "forward", check),
 }
 
 _NUM_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -210,6 +228,7 @@ def score_jacobian(
     strategy: Strategy = "auto",
     chunk_size: int | None = None,
     check_output: bool = True,
+    relative: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jacobian of the scores and the scores themselves: ``(J_s (n, C, *x.shape[1:]), s (n, C))``.
 
@@ -218,6 +237,9 @@ def score_jacobian(
     Jacobians, the local data matrix and the Gram matrix are built on.
     ``check_output=False`` skips the checks of the inputs and the model's outputs (for inner
     loops that validated them once and handle NaN rows themselves).
+    ``relative=True`` allows the ``"vjp"`` strategy to return ``J_s − 1 ∇s_r`` (r the top
+    class) from C − 1 backward passes instead of C: the Jacobians of log p and p, and G, are
+    the same for both (:func:`transform_jacobian` subtracts ``pᵀJ_s`` from every row).
     """
     _check_choice(model_output, MODEL_OUTPUTS, "model_output")
     _check_choice(strategy, STRATEGIES, "strategy")
@@ -229,7 +251,7 @@ def score_jacobian(
     fn = _STRATEGY_FNS[strategy]
     jacs, scores = [], []
     for sl in _chunks(x.shape[0], chunk_size):
-        j, s = fn(model, x[sl], model_output, check=check_output)
+        j, s = fn(model, x[sl], model_output, check=check_output, relative=relative)
         jacs.append(j)
         scores.append(s)
     if len(jacs) == 1:
@@ -304,7 +326,8 @@ def jacobian(
     """
     _check_choice(output, OUTPUTS, "output")
     jac_s, scores = score_jacobian(
-        model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size
+        model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size,
+        relative=output != "logits",
     )
     return transform_jacobian(jac_s, scores, output)
 
