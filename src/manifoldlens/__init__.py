@@ -4,6 +4,7 @@ Input Jacobians, the local data matrix G(x) and the foliation it induces, held a
 data manifold. The functional core is batched on the first axis and device/dtype agnostic.
 """
 
+from . import flows
 from .foliation import (
     InvolutivityResult,
     PathResult,
@@ -29,6 +30,7 @@ from .jacobian import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "flows",
     "InvolutivityResult",
     "PathResult",
     "horizontal_path",
