@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ __all__ = [
     "TrainState",
     "TrainResult",
     "evaluate",
+    "fit",
     "train_classifier",
 ]
 
@@ -256,6 +257,65 @@ def train_classifier(
     """
     _check_choice(model_output, MODEL_OUTPUTS, "model_output")
     x, y = _tensors(train_data, "train_data")
+    train_config = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
+                    "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
+                    "model_output": model_output, "n_train": x.shape[0]}
+    torch.manual_seed(seed)
+    model.to(device)
+    opt = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+
+    def step_loss(xb, yb, step):
+        return _loss(model(xb), yb, model_output)
+
+    def run_eval():
+        m = evaluate(model, test_data, model_output=model_output, device=device)
+        return {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
+
+    return fit(model, x, y, step_loss, opt, batch_size=batch_size, epochs=epochs, steps=steps,
+               seed=seed, callbacks=callbacks, evaluate_fn=run_eval if test_data is not None
+               else None, eval_every=eval_every, checkpoint_every=checkpoint_every,
+               keep_checkpoints=keep_checkpoints, run=run, resume=resume, device=device,
+               progress=progress, metadata=metadata, train_config=train_config,
+               model_output=model_output)
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    step_loss: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_size: int,
+    epochs: float | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    evaluate_fn: Callable[[], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: Sequence[int] = (),
+    run: Run | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+    train_config: dict[str, Any] | None = None,
+    warmup_steps: int = 0,
+    clip_grad_norm: float | None = None,
+    desc: str = "train",
+    model_output: str = "logits",
+) -> TrainResult:
+    """The training loop shared by classifiers, flows and autoencoders.
+
+    ``step_loss(x_batch, y_batch, step)`` returns the loss of one minibatch (``y`` may be
+    None). Batches follow ``randperm(n, generator=seed + epoch)``; checkpoints hold the model,
+    the optimizer, the callbacks and the RNG state, so a resumed run equals an uninterrupted
+    one. ``warmup_steps`` ramps every learning rate linearly from 0 (stateless, so resuming
+    needs nothing more); ``clip_grad_norm`` clips the gradient's global norm. A NaN/Inf
+    loss or gradient stops with ``FloatingPointError`` naming the last good checkpoint.
+    ``evaluate_fn()`` returns test metrics, logged every ``eval_every`` steps and at the end.
+    """
     check_batch(x, "train_data")
     n = x.shape[0]
     if batch_size < 1:
@@ -268,14 +328,10 @@ def train_classifier(
         raise ValueError(f"the number of steps must be >= 0, got {total}")
     if (checkpoint_every or resume) and run is None:
         raise ValueError("checkpoints and resume need a run directory (run=Run(...))")
-
-    train_config = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
-                    "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
-                    "model_output": model_output, "n_train": n}
+    train_config = dict(train_config or {})
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model.to(device)
-    opt = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    opt = optimizer
+    base_lrs = [g["lr"] for g in opt.param_groups]
     state = TrainState(model, opt, run=run, model_output=model_output)
     history: list[dict[str, float]] = []
     ckpt_dir = run.path / "checkpoints" if run is not None else None
@@ -329,14 +385,21 @@ def train_classifier(
         return path
 
     def run_eval() -> None:
-        if test_data is None:
+        if evaluate_fn is None:
             return
-        m = evaluate(model, test_data, model_output=model_output, device=device)
-        state.metrics = {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
+        state.metrics = dict(evaluate_fn())
         rec = {"step": state.step, "epoch": state.step / per_epoch, **state.metrics}
         history.append(rec)
         if run is not None:
             run.log(eval=rec)
+
+    def stop(what: str, value: float) -> None:
+        where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""
+        lrs = ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups)
+        raise FloatingPointError(
+            f"{what} became {value} at step {state.step + 1} (lr={lrs}); lower the learning "
+            f"rate{' or clip gradients' if clip_grad_norm is None else ''}{where}"
+        )
 
     model.train()
     for cb in callbacks:
@@ -346,7 +409,7 @@ def train_classifier(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=total, initial=state.step, desc=desc, unit="step", dynamic_ncols=True,
                    mininterval=0.5)
     try:
         while state.step < total:
@@ -357,20 +420,25 @@ def train_classifier(
                 if state.step >= total:
                     break
                 idx = perm[b * batch_size : (b + 1) * batch_size]
-                xb, yb = x[idx].to(device), y[idx].to(device)
+                xb = x[idx].to(device)
+                yb = y[idx].to(device) if y is not None else None
+                if warmup_steps:
+                    ramp = min(1.0, (state.step + 1) / warmup_steps)
+                    for g, base in zip(opt.param_groups, base_lrs, strict=True):
+                        g["lr"] = base * ramp
                 opt.zero_grad(set_to_none=True)
-                loss = _loss(model(xb), yb, model_output)
+                loss = step_loss(xb, yb, state.step)
                 if not torch.isfinite(loss):
-                    where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""
-                    raise FloatingPointError(
-                        f"loss became {float(loss.detach())} at step {state.step + 1} "
-                        f"(lr={lr}); lower the learning rate{where}"
-                    )
+                    stop("loss", float(loss.detach()))
                 loss.backward()
+                if clip_grad_norm is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                    if not torch.isfinite(norm):
+                        stop("the gradient norm", float(norm))
                 opt.step()
                 state.step += 1
                 state.loss = float(loss.detach())
-                if run is not None and state.step % max(1, per_epoch // 10) == 0:
+                if run is not None and state.step % max(1, min(per_epoch // 10, 100)) == 0:
                     run.log(step=state.step, loss=state.loss)
                 for cb in callbacks:
                     cb.on_step(state)
