@@ -121,6 +121,58 @@ def build_parser() -> argparse.ArgumentParser:
                                 "seed-001 code does)")
             p.add_argument("--no-clamp", action="store_true", help="do not clamp")
 
+    flow = sub.add_parser("flow", help="normalizing flows (NICE, RealNVP, Glow)")
+    fsub = flow.add_subparsers(dest="experiment", required=True)
+    p = fsub.add_parser("train", help="maximum-likelihood training on a 2-D toy or images")
+    _add_common(p)
+    p.add_argument("--data", default="two-moons",
+                   help="two-moons, 8gaussians, checkerboard, rings, digits, fashion-mnist, "
+                        "mnist, kmnist or an IDX directory")
+    p.add_argument("--root", help="directory holding the dataset's IDX files")
+    p.add_argument("--model", default=None, choices=["nice", "realnvp", "glow"],
+                   help="default: realnvp for 2-D toys, glow for images")
+    for flag, typ, helptext in (
+            ("--levels", int, "Glow levels L"), ("--depth", int, "Glow steps per level K; "
+                                                 "NICE/RealNVP MLP hidden layers"),
+            ("--hidden-channels", int, "Glow/RealNVP conv channels"),
+            ("--hidden", int, "NICE/RealNVP MLP width"), ("--couplings", int, "vector couplings"),
+            ("--scales", int, "RealNVP scales"), ("--blocks", int, "RealNVP residual blocks")):
+        p.add_argument(flag, type=typ, help=helptext)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float)
+    length.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--clip", type=float, default=100.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--n-bins", type=int, help="quantisation levels (default 17 for digits, "
+                   "256 for IDX images)")
+    p.add_argument("--limit", type=int, help="train on a subset of this size")
+    p.add_argument("--test-limit", type=int, help="evaluate on a subset of this size")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    for name, helptext in (("eval", "bits/dim (NLL for toys) of a trained flow"),
+                           ("sample", "samples at several temperatures"),
+                           ("interpolate", "latent interpolation between test images")):
+        p = fsub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="flow checkpoint (.json), e.g. <run>/model.json")
+        _add_common(p)
+        if name != "sample":
+            _add_data(p, default=None)
+        if name == "eval":
+            p.add_argument("--split", default="test", choices=["train", "test"])
+            p.add_argument("--limit", type=int)
+            p.add_argument("--n-bins", type=int)
+        elif name == "sample":
+            p.add_argument("--n", type=int, default=64)
+            p.add_argument("--temperatures", default="0.5,0.7,0.85,1.0",
+                           type=lambda t: tuple(float(v) for v in t.split(",") if v))
+        else:
+            p.add_argument("--pairs", type=int, default=6)
+            p.add_argument("--steps", type=int, default=9)
+            p.add_argument("--method", default="linear", choices=["linear", "slerp"])
+
     p = sub.add_parser("demo", help="the whole story on the embedded digits, with a report")
     _add_common(p)
     p.add_argument("--steps", type=int, default=1500)
@@ -136,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runs import Run, default_run_dir
 
     torch.manual_seed(args.seed)
-    name = args.command + (f"-{args.experiment}" if args.command == "leaf" else "")
+    name = args.command + (f"-{args.experiment}" if args.command in ("leaf", "flow") else "")
     out = args.out or default_run_dir(name)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     progress = not args.no_progress
@@ -175,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
             elif args.command == "leaf":
                 _leaf(args, run, progress, experiments)
+            elif args.command == "flow":
+                _flow(args, run, progress)
             elif args.command == "demo":
                 experiments.run_demo(run, steps=args.steps, progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, TypeError) as e:
@@ -214,6 +268,36 @@ def _leaf(args, run, progress: bool, experiments) -> None:
     else:
         experiments.run_leaf_noisy(run, model, ds, n=args.n, tol=args.tol, clamp=clamp,
                                    noise_steps=args.noise_steps, capped=args.capped, **common)
+
+
+def _flow(args, run, progress: bool) -> None:
+    from .flows import experiments as fx
+
+    common = {"device": args.device, "seed": args.seed}
+    if args.experiment == "train":
+        kind = args.model or ("realnvp" if args.data in fx.TOYS else "glow")
+        options = {k: getattr(args, k) for k in ("levels", "depth", "hidden_channels", "hidden",
+                                                  "couplings", "scales", "blocks")}
+        steps, epochs = args.steps, args.epochs
+        if steps is None and epochs is None:
+            steps = 2000
+        fx.run_flow_train(
+            run, data=args.data, root=args.root, kind=kind, model_options=options,
+            limit=args.limit, test_limit=args.test_limit, n_bins=args.n_bins,
+            resume=args.resume, progress=progress, lr=args.lr, batch_size=args.batch_size,
+            steps=steps, epochs=epochs, warmup_steps=args.warmup,
+            clip_grad_norm=args.clip or None, eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every, **common,
+        )
+    elif args.experiment == "eval":
+        fx.run_flow_eval(run, args.checkpoint, data=args.data, root=args.root,
+                         split=args.split, limit=args.limit, n_bins=args.n_bins, **common)
+    elif args.experiment == "sample":
+        fx.run_flow_sample(run, args.checkpoint, n=args.n, temperatures=args.temperatures,
+                           **common)
+    else:
+        fx.run_flow_interpolate(run, args.checkpoint, data=args.data, root=args.root,
+                                pairs=args.pairs, steps=args.steps, method=args.method, **common)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,910 @@
+"""Training throughput and peak memory of our normalizing flows against ``normflows``.
+
+Usage::
+
+    .venv/bin/python bench/flows.py [--quick] [--threads N] [--repeats R] [--steps S]
+                                    [--budget-s S] [--test-n N]
+
+Needs the ``bench`` extra (``pip install -c constraints.txt -e '.[bench]'``, i.e.
+``normflows==1.7.3``). Prints ONE JSON object on stdout; progress goes to stderr. Data:
+Fashion-MNIST train images (1×28×28, float32, CPU), dequantized ``(k + u) / 256`` with a
+fixed generator; every model is trained on the same batches with the same loss (bits/dim,
+``(−log p(y) + D ln 256) / (D ln 2)``, through :func:`manifoldlens.flows.bits_per_dim` for
+both libraries), Adam (lr 1e-3), batch 64. Models: ours Glow / RealNVP (image, multi-scale)
+/ NICE (for context only), and ``normflows`` Glow and RealNVP assembled from its own pieces
+at the same size (``nf.MultiscaleFlow`` of ``GlowBlock`` / ``AffineCouplingBlock``,
+``Squeeze``, ``Merge``, ``GlowBase`` priors); the JSON holds every parameter count and a
+structure check (at initialisation, with the 1×1 convolutions copied across, the two Glows
+give the same log-density).
+
+1. ``memory``: peak RSS of training steps, one fresh child process per model (run first,
+   while this process is small): VmHWM reset to the current RSS after the model, its
+   optimiser and its ActNorm initialisation exist, then ``--memory-steps`` training steps.
+2. ``throughput``: ``--steps`` full training steps (forward, backward, Adam step) per timing,
+   images/s; models timed round-robin (one timing of each per round, order rotated every
+   round, one warm-up round) so that a noisy, shared machine slows them alike; median and min
+   per model and ratios ours / normflows of throughput (ratio of medians, of the fastest
+   rounds, and the median of the per-round ratios, which pairs timings taken close together).
+3. ``budget`` (``--budget-s S`` > 0): each model, freshly built, trains for S seconds of wall
+   clock (in ``--repeats`` slices, round-robin like the timings) on shuffled batches, then the
+   mean test bits/dim on the first ``--test-n`` test images (dequantized with a fixed
+   generator) is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from manifoldlens import flows
+from manifoldlens.data import load_dataset
+
+try:
+    import normflows as nf
+except ImportError:  # pragma: no cover - reported by main()
+    nf = None
+
+SEED = 0
+SHAPE = (1, 28, 28)
+DIM = math.prod(SHAPE)
+N_BINS = 256
+LR = 1e-3
+DATASET = "fashion-mnist"
+MODELS = ("ours_glow", "normflows_glow", "ours_realnvp", "normflows_realnvp", "ours_nice")
+PAIRS = {"glow": ("ours_glow", "normflows_glow"), "realnvp": ("ours_realnvp", "normflows_realnvp")}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers (as in bench/jacobian.py)
+# --------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def current_rss_mb() -> float | None:
+    """Resident set size now, from /proc/self/statm (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def ru_maxrss_mb() -> float:
+    """Peak RSS of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def vm_hwm_mb() -> float | None:
+    """Peak RSS of this address space (VmHWM in /proc/self/status, Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS: VmHWM where available (resettable, not inherited), else ``ru_maxrss``."""
+    hwm = vm_hwm_mb()
+    return hwm if hwm is not None else ru_maxrss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (``echo 5 > /proc/self/clear_refs``, Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return vm_hwm_mb() is not None
+    except OSError:
+        return False
+
+
+def stats(values: list[float], digits: int = 4) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
+
+
+def round_robin(
+    methods: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    label: str = "",
+) -> dict[str, list[float]]:
+    """Time every method once per round, ``warmup + repeats`` rounds, order rotated per round.
+
+    The value recorded is ms per call. Warm-up rounds are not recorded.
+    """
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        order = names[k:] + names[:k]
+        for name in order:
+            t0 = time.perf_counter()
+            methods[name]()
+            ms = (time.perf_counter() - t0) * 1e3
+            if r >= warmup:
+                times[name].append(ms)
+        tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{repeats}"
+        log(
+            f"{label} {tag}: "
+            + ", ".join(f"{n}={times[n][-1]:.0f}ms" if r >= warmup else n for n in names)
+        )
+    return times
+
+
+def ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    """Ratios ``num / den``: of medians, of mins, median of the per-round ratios."""
+    return {
+        "of_medians": round(statistics.median(num) / statistics.median(den), 3),
+        "of_mins": round(min(num) / min(den), 3),
+        "median_of_paired_rounds": round(
+            statistics.median(a / b for a, b in zip(num, den, strict=True)), 3
+        ),
+    }
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+
+class NormflowsDensity(nn.Module):
+    """``log_prob(x)`` (n,) of an unconditional ``nf.MultiscaleFlow``, so that
+    :func:`manifoldlens.flows.bits_per_dim` scores both libraries with the same code."""
+
+    def __init__(self, flow: nn.Module):
+        super().__init__()
+        self.flow = flow
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flow.log_prob(x, None)
+
+
+def normflows_glow(levels: int, depth: int, hidden: int) -> nn.Module:
+    """Glow of ``levels`` levels × ``depth`` GlowBlocks, as normflows' own Glow example builds it
+    (``examples/glow.ipynb``), for one-channel 28×28 images and unconditional priors.
+
+    ``MultiscaleFlow`` lists levels from the coarsest (index 0, the deepest latent) to the
+    finest (index L−1, the data side), each level's flows in the generative direction
+    (latent → data); ``log_prob`` runs them backwards. So, in the data direction, level L−1
+    is: ``Squeeze.inverse`` (C, H, W) → (4C, H/2, W/2), then ``depth`` × GlowBlock.inverse
+    (ActNorm → LU 1×1 conv → affine coupling, sigmoid scale, 3×3 → 1×1 → zero 3×3 conv
+    net on the first half of the channels), then ``Merge.inverse`` splits off the second half
+    of the channels, scored by ``q0[L−1]``; and so on down to level 0, whose output is scored
+    by ``q0[0]``. Priors: ``GlowBase`` (a learned mean and log-scale per channel).
+    """
+    c, h, w = SHAPE
+    q0, level_flows, merges = [], [], []
+    for i in range(levels):  # i = 0: coarsest level
+        # channels entering level i (data direction), before its squeeze
+        c_in = c * 2 ** (levels - 1 - i)
+        c_sq = 4 * c_in
+        side_h, side_w = h // 2 ** (levels - i), w // 2 ** (levels - i)
+        blocks = [
+            nf.flows.GlowBlock(c_sq, hidden, scale=True, scale_map="sigmoid",
+                               split_mode="channel", leaky=0.0, init_zeros=True, use_lu=True)
+            for _ in range(depth)
+        ]
+        level_flows.append([*blocks, nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            latent = (c_sq // 2, side_h, side_w)  # the half split off at this level
+        else:
+            latent = (c_sq, side_h, side_w)
+        q0.append(nf.distributions.GlowBase(latent))
+    return nf.MultiscaleFlow(q0, level_flows, merges, class_cond=False)
+
+
+def _nf_resnet(in_ch: int, out_ch: int, hidden: int, blocks: int) -> nn.Module:
+    net = nf.nets.ConvResidualNet(in_ch, out_ch, hidden, num_blocks=blocks)
+    # zero-initialised last layer, as ours (and RealNVP practice): couplings start at the
+    # identity; normflows leaves its final 1×1 conv at PyTorch's default init
+    nn.init.zeros_(net.final_layer.weight)
+    nn.init.zeros_(net.final_layer.bias)
+    return net
+
+
+def normflows_realnvp(hidden: int, blocks: int, alpha: float) -> nn.Module:
+    """RealNVP with two scales from normflows' pieces, mirroring ``flows.RealNVP`` on 1×28×28:
+    ``nf.transforms.Logit(alpha)``; scale 1: 3 checkerboard couplings (alternating), squeeze,
+    3 channel couplings (alternating), split of half the channels; scale 2: 4 checkerboard
+    couplings. Each coupling is ``nf.flows.AffineCouplingBlock(net, scale=True,
+    scale_map="exp")`` with ``net = nf.nets.ConvResidualNet(·, ·, hidden, num_blocks=blocks)``
+    producing shift and log-scale. Priors: ``GlowBase`` for the split-off half and the top.
+    """
+    c, h, w = SHAPE
+
+    def checker(ch: int, k: int) -> nn.Module:
+        mode = "checkerboard" if k % 2 == 0 else "checkerboard_inv"
+        return nf.flows.AffineCouplingBlock(_nf_resnet(ch, 2 * ch, hidden, blocks),
+                                            scale=True, scale_map="exp", split_mode=mode)
+
+    def channel(ch: int, k: int) -> nn.Module:
+        mode = "channel" if k % 2 == 0 else "channel_inv"
+        return nf.flows.AffineCouplingBlock(
+            _nf_resnet(ch // 2, 2 * (ch - ch // 2), hidden, blocks),
+            scale=True, scale_map="exp", split_mode=mode)
+
+    # data direction, scale 1 (finest): 3 checkerboard, squeeze, 3 channel, then the split
+    fine = [checker(c, k) for k in range(3)] + [nf.flows.Squeeze()]
+    fine += [channel(4 * c, k) for k in range(3)]
+    kept = 2 * c
+    coarse = [checker(kept, k) for k in range(4)]
+    q0 = [nf.distributions.GlowBase((kept, h // 2, w // 2)),
+          nf.distributions.GlowBase((4 * c - kept, h // 2, w // 2))]
+    # MultiscaleFlow wants the generative order: coarsest level first, each list reversed
+    return nf.MultiscaleFlow(q0, [coarse[::-1], fine[::-1]], [nf.flows.Merge()],
+                             transform=nf.transforms.Logit(alpha), class_cond=False)
+
+
+def build_model(name: str, cfg: dict) -> nn.Module:
+    """A fresh model with ``log_prob(x)`` (n,), seeded (normflows draws its 1×1 convolutions
+    from the global generator)."""
+    torch.manual_seed(SEED)
+    if name == "ours_glow":
+        return flows.Glow(SHAPE, levels=cfg["levels"], depth=cfg["depth"],
+                          hidden_channels=cfg["hidden"], seed=SEED)
+    if name == "ours_realnvp":
+        return flows.RealNVP(SHAPE, scales=2, hidden_channels=cfg["realnvp_hidden"],
+                             blocks=cfg["realnvp_blocks"], alpha=cfg["alpha"])
+    if name == "ours_nice":
+        return flows.NICE(SHAPE, couplings=4, hidden=cfg["nice_hidden"],
+                          depth=cfg["nice_depth"])
+    if nf is None:
+        raise SystemExit("normflows is not installed: pip install -c constraints.txt "
+                         "-e '.[bench]' (normflows==1.7.3)")
+    with warnings.catch_warnings():  # Invertible1x1Conv calls the deprecated Tensor.lu
+        warnings.filterwarnings("ignore", message=r".*torch\.lu is deprecated")
+        if name == "normflows_glow":
+            return NormflowsDensity(normflows_glow(cfg["levels"], cfg["depth"], cfg["hidden"]))
+        if name == "normflows_realnvp":
+            return NormflowsDensity(normflows_realnvp(cfg["realnvp_hidden"],
+                                                      cfg["realnvp_blocks"], cfg["alpha"]))
+    raise ValueError(f"unknown model {name!r}; known: {MODELS}")
+
+
+@torch.no_grad()
+def init_model(model: nn.Module, x: torch.Tensor) -> None:
+    """ActNorm data-dependent initialisation on the batch x (ours: flows.initialize; normflows
+    initialises every ActNorm on the first log_prob call)."""
+    if isinstance(model, NormflowsDensity):
+        model.log_prob(x)
+    else:
+        flows.initialize(model, x)
+
+
+def bpd_loss(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return flows.bits_per_dim(model, y, N_BINS, dequantize_input=False).mean()
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, y: torch.Tensor) -> float:
+    loss = bpd_loss(model, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def test_bpd(model: nn.Module, y: torch.Tensor, chunk: int = 500) -> float:
+    was = model.training
+    model.eval()
+    out = torch.cat([flows.bits_per_dim(model, y[i:i + chunk], N_BINS, dequantize_input=False)
+                     for i in range(0, y.shape[0], chunk)])
+    model.train(was)
+    return float(out.mean())
+
+
+def describe(name: str, cfg: dict) -> str:
+    lv, k, hc = cfg["levels"], cfg["depth"], cfg["hidden"]
+    rh, rb, a = cfg["realnvp_hidden"], cfg["realnvp_blocks"], cfg["alpha"]
+    return {
+        "ours_glow": f"flows.Glow((1, 28, 28), levels={lv}, depth={k}, hidden_channels={hc})",
+        "normflows_glow": f"nf.MultiscaleFlow: {lv} levels x {k} nf.flows.GlowBlock(C, {hc}, "
+        "scale=True, scale_map='sigmoid', split_mode='channel', use_lu=True) + nf.flows."
+        "Squeeze(), nf.flows.Merge() between levels, nf.distributions.GlowBase priors",
+        "ours_realnvp": f"flows.RealNVP((1, 28, 28), scales=2, hidden_channels={rh}, "
+        f"blocks={rb}, alpha={a})",
+        "normflows_realnvp": f"nf.MultiscaleFlow(transform=nf.transforms.Logit({a})): "
+        "[3 checkerboard, Squeeze, 3 channel] + Merge + [4 checkerboard] nf.flows."
+        f"AffineCouplingBlock(nf.nets.ConvResidualNet(., ., {rh}, num_blocks={rb}), "
+        "scale_map='exp'), nf.distributions.GlowBase priors",
+        "ours_nice": f"flows.NICE((1, 28, 28), couplings=4, hidden={cfg['nice_hidden']}, "
+        f"depth={cfg['nice_depth']})",
+    }[name]
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def train_images(n: int | None = None) -> torch.Tensor:
+    images = load_dataset(DATASET, split="train").images
+    return images if n is None else images[:n].clone()
+
+
+def dequantized_batches(images: torch.Tensor, batch: int, count: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [flows.dequantize(images[i * batch:(i + 1) * batch], N_BINS, generator=g)
+            for i in range(count)]
+
+
+class BatchStream:
+    """Shuffled, dequantized training batches; the same seed gives the same sequence."""
+
+    def __init__(self, images: torch.Tensor, batch: int, seed: int):
+        self.images, self.batch = images, batch
+        self.g = torch.Generator().manual_seed(seed)
+        self.order, self.pos = torch.randperm(len(images), generator=self.g), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch > len(self.order):
+            self.order, self.pos = torch.randperm(len(self.images), generator=self.g), 0
+        idx = self.order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return flows.dequantize(self.images[idx], N_BINS, generator=self.g)
+
+
+# --------------------------------------------------------------------------------------
+# Structure check: at init, with the 1×1 convs copied, the two Glows are the same map
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def glow_structure_check(cfg: dict, y: torch.Tensor) -> dict:
+    ours = build_model("ours_glow", cfg)
+    theirs = build_model("normflows_glow", cfg)
+    ours_steps = [m for m in ours.modules()
+                  if isinstance(m, (flows.ActNorm, flows.InvertibleConv1x1))]
+    nf_steps = []  # normflows' in data-direction order: its generative order undone
+    for level in reversed(theirs.flow.flows):
+        for block in reversed(level):
+            if isinstance(block, nf.flows.GlowBlock):
+                nf_steps += [m for m in reversed(block.flows)
+                             if isinstance(m, (nf.flows.ActNorm, nf.flows.Invertible1x1Conv))]
+    assert len(ours_steps) == len(nf_steps)
+    pairs = list(zip(ours_steps, nf_steps, strict=True))
+    for a, b in pairs:  # 1x1 convs first, so that both ActNorm inits see the same data
+        if isinstance(a, flows.InvertibleConv1x1):
+            assert isinstance(b, nf.flows.Invertible1x1Conv)
+            b.P.copy_(a.perm)
+            b.L.copy_(a.lower)
+            b.U.copy_(a.upper)
+            b.log_S.copy_(a.log_s)
+            b.sign_S.copy_(a.sign_s)
+    init_model(ours, y)
+    init_model(theirs, y)
+    actnorm_diff, first = 0.0, True
+    for a, b in pairs:
+        if isinstance(a, flows.ActNorm):
+            assert isinstance(b, nf.flows.ActNorm)
+            # ours (x + bias) * exp(log_scale); normflows' inverse (x - t) * exp(-s); ours
+            # sees x - 0.5 in its first ActNorm (flows.Shift), normflows x itself
+            t = -a.bias + (0.5 if first else 0.0)
+            first = False
+            actnorm_diff = max(actnorm_diff,
+                               float((b.t.flatten() - t).abs().max()),
+                               float((b.s.flatten() + a.log_scale).abs().max()))
+            b.t.copy_(t.view_as(b.t))
+            b.s.copy_(-a.log_scale.view_as(b.s))
+    lp_ours, lp_nf = ours.log_prob(y), theirs.log_prob(y)
+    diff = (lp_ours - lp_nf).abs().max()
+    return {
+        "what": "fresh ours_glow and normflows_glow; the LU factors of every 1x1 conv copied "
+        "from ours into normflows (data-direction order), ActNorms initialised on the same "
+        "batch, then their parameters copied from ours too; at init both couplings are "
+        "x_b * sigmoid(2) (zero last conv) and every prior is N(0, I), so log p(y) must "
+        "agree to float32 rounding if levels, squeezes, splits, block order and channel "
+        "halves are wired alike",
+        "actnorm_init_max_abs_diff": float(f"{actnorm_diff:.3g}"),
+        "actnorm_init_note": "before the copy: normflows' data-dependent init uses the "
+        "unbiased std (N-1), ours the biased one (N), a relative 1/(2N) difference in scale",
+        "batch": int(y.shape[0]),
+        "max_abs_diff_log_p": float(f"{float(diff):.3g}"),
+        "max_abs_log_p": float(f"{float(lp_ours.abs().max()):.4g}"),
+        "max_abs_diff_bpd": float(f"{float(diff) / (DIM * math.log(2)):.3g}"),
+        "agree": bool(diff <= 1e-4 * max(1.0, float(lp_ours.abs().max()))),
+    }
+
+
+@torch.no_grad()
+def realnvp_init_check(cfg: dict, y: torch.Tensor) -> dict:
+    ours = build_model("ours_realnvp", cfg)
+    theirs = build_model("normflows_realnvp", cfg)
+    lp_ours, lp_nf = ours.log_prob(y), theirs.log_prob(y)
+    diff = (lp_ours - lp_nf).abs().max()
+    return {
+        "what": "fresh ours_realnvp and normflows_realnvp: every coupling starts at the identity "
+        "(zero-init output layers) and every prior at N(0, I), so both are Logit(alpha) + "
+        "N(0, I) and log p(y) must agree; a weak check (it tests the Logit formula and that "
+        "all D dimensions are scored once), not of the coupling wiring",
+        "max_abs_diff_log_p": float(f"{float(diff):.3g}"),
+        "max_abs_log_p": float(f"{float(lp_ours.abs().max()):.4g}"),
+        "agree": bool(diff <= 1e-4 * max(1.0, float(lp_ours.abs().max()))),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# 1. Memory (child process per model)
+# --------------------------------------------------------------------------------------
+
+
+def memory_child(name: str, cfg: dict) -> dict:
+    """Runs in a fresh interpreter: peak RSS of ``memory_steps`` training steps of one model."""
+    batch, steps = cfg["batch"], cfg["memory_steps"]
+    images = train_images(batch * (steps + 1))
+    gc.collect()
+    batches = dequantized_batches(images, batch, steps + 1, SEED + 1)
+    del images
+    rss_before_model = current_rss_mb()
+    model = build_model(name, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    init_model(model, batches[0])
+    gc.collect()
+    rss_model = current_rss_mb()
+    was_reset = reset_peak_rss()
+    maxrss_model = ru_maxrss_mb()
+    rss_after: list[float] = []
+    losses = []
+    for i in range(steps - 1):
+        losses.append(train_step(model, opt, batches[1 + i]))
+        rss_after.append(current_rss_mb() or float("nan"))
+    peak_first = peak_rss_mb()
+    # one more step, its peak against the RSS just before it (Adam state and allocator
+    # caches already there): the transient of a steady-state step
+    rss_before_last = current_rss_mb()
+    last_reset = reset_peak_rss()
+    losses.append(train_step(model, opt, batches[steps]))
+    peak_last = peak_rss_mb()
+    rss_after.append(current_rss_mb() or float("nan"))
+    peak_all = max(peak_first, peak_last)
+    params = count_params(model)
+    return {
+        "params": params,
+        "params_MiB": round(params * 4 / 2**20, 2),
+        "steps": steps,
+        "losses_bpd": [round(v, 4) for v in losses],
+        "peak_source": "VmHWM (/proc/self/status)" if was_reset else "ru_maxrss",
+        "rss_MiB": {
+            "before_model": None if rss_before_model is None else round(rss_before_model, 1),
+            "after_model_optimizer_init": None if rss_model is None else round(rss_model, 1),
+            "after_each_step": [round(v, 1) for v in rss_after],
+            "peak_during_steps": round(peak_all, 1),
+            "ru_maxrss_after_init": round(maxrss_model, 1),
+            "ru_maxrss_end": round(ru_maxrss_mb(), 1),
+        },
+        "peak_rss_increase_MiB": {
+            "training_over_model": None if rss_model is None or not was_reset
+            else round(peak_all - rss_model, 1),
+            "last_step_transient": None if rss_before_last is None or not last_reset
+            else round(peak_last - rss_before_last, 1),
+        },
+    }
+
+
+def bench_memory(names: list[str], cfg: dict, threads: int) -> dict:
+    out: dict[str, object] = {}
+    for name in names:
+        log(f"memory: {name} (child process)")
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child-memory", name,
+               "--threads", str(threads), "--_config", json.dumps(cfg)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode != 0:
+            out[name] = {"error": f"child process exited with {proc.returncode}"}
+            continue
+        out[name] = json.loads(proc.stdout)
+        inc = out[name]["peak_rss_increase_MiB"]
+        log(f"memory: {name}: +{inc['training_over_model']} MiB over the built model "
+            f"({out[name]['params']} params)")
+    return {
+        "method": "one fresh child process per model (same threads): load the first "
+        f"{cfg['memory_steps'] + 1} batches, build the model and Adam, ActNorm init on batch 0; "
+        "then reset the peak RSS (echo 5 > /proc/self/clear_refs, VmHWM in "
+        f"/proc/self/status) and run {cfg['memory_steps']} training steps. "
+        "training_over_model = peak RSS during the steps - RSS after model + optimizer + init "
+        "(gradients, Adam state, activations, autograd graph and allocator caches); "
+        "last_step_transient = peak of the last step alone - RSS just before it (Adam state "
+        "already allocated). CPU RSS through glibc malloc: freed blocks may stay resident, so "
+        "these are upper bounds on what the tensors need, equally so for every model",
+        "by_model": out,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# 2. Throughput
+# --------------------------------------------------------------------------------------
+
+
+def bench_throughput(names: list[str], cfg: dict, images: torch.Tensor, repeats: int,
+                     warmup: int) -> dict:
+    batch, steps = cfg["batch"], cfg["steps"]
+    batches = dequantized_batches(images, batch, steps + 1, SEED + 1)
+    init_batch, step_batches = batches[0], batches[1:]
+    models, opts, last_loss = {}, {}, {}
+    for name in names:
+        models[name] = build_model(name, cfg)
+        init_model(models[name], init_batch)
+        opts[name] = torch.optim.Adam(models[name].parameters(), lr=LR)
+
+    def runner(name: str) -> Callable[[], None]:
+        def run() -> None:
+            for y in step_batches:
+                last_loss[name] = train_step(models[name], opts[name], y)
+        return run
+
+    times = round_robin({n: runner(n) for n in names}, repeats, warmup, label="throughput")
+    ips = {n: [batch * steps / (t / 1e3) for t in ts] for n, ts in times.items()}
+    results = {}
+    for name in names:
+        results[name] = {
+            "construction": describe(name, cfg),
+            "params": count_params(models[name]),
+            "images_per_s": stats(ips[name], 2),
+            "ms_per_step": stats([t / steps for t in times[name]], 2),
+            "raw_ms_per_timing": [round(t, 1) for t in times[name]],
+            "last_train_bpd": round(last_loss[name], 4),
+            "loss_finite": math.isfinite(last_loss[name]),
+        }
+    ratios = {}
+    for arch, (ours, theirs) in PAIRS.items():
+        if ours in times and theirs in times:
+            # throughput ratio ours / normflows = time ratio normflows / ours
+            ratios[f"{arch}_ours_over_normflows"] = ratio(times[theirs], times[ours])
+    return {
+        "config": {"batch": batch, "steps_per_timing": steps, "repeats": repeats,
+                   "warmup_rounds": warmup, "optimizer": f"Adam(lr={LR})",
+                   "loss": "flows.bits_per_dim(model, y, 256, dequantize_input=False).mean()",
+                   "data": f"{steps} fixed dequantized batches of Fashion-MNIST train images "
+                   "(the same for every model), reused every round; ActNorm init on another"},
+        "results": results,
+        "ratios": ratios,
+        "notes": [
+            "a timing = `steps` full training steps (forward, backward, Adam step, "
+            "zero_grad(set_to_none=True)); images/s = batch * steps / seconds",
+            "ratios are of throughput, ours / normflows (> 1: ours faster), computed from the "
+            "times as normflows / ours: of_medians = median(ours)/median(normflows) images/s, "
+            "of_mins = fastest round of ours / fastest round of normflows, "
+            "median_of_paired_rounds = median over rounds of the two timings in a round",
+            "models keep training across rounds (their parameters change; the work per step "
+            "does not)",
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# 3. Fixed wall-clock budget, then test bits/dim
+# --------------------------------------------------------------------------------------
+
+
+def bench_budget(names: list[str], cfg: dict, images: torch.Tensor, budget_s: float,
+                 slices: int, test_n: int) -> dict:
+    batch = cfg["batch"]
+    test = load_dataset(DATASET, split="test").images[:test_n]
+    y_test = flows.dequantize(test, N_BINS, generator=torch.Generator().manual_seed(SEED + 3))
+    init_batch = flows.dequantize(images[:batch], N_BINS,
+                                  generator=torch.Generator().manual_seed(SEED + 4))
+    state = {}
+    for name in names:
+        model = build_model(name, cfg)
+        init_model(model, init_batch)
+        state[name] = {
+            "model": model, "opt": torch.optim.Adam(model.parameters(), lr=LR),
+            "stream": BatchStream(images, batch, SEED + 5), "steps": 0, "train_s": 0.0,
+            "losses": [], "diverged_at": None,
+            "bpd_at_init": test_bpd(model, y_test),
+        }
+    slice_s = budget_s / slices
+    for r in range(slices):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            st = state[name]
+            if st["diverged_at"] is not None:
+                continue
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < slice_s:
+                loss = train_step(st["model"], st["opt"], st["stream"].next())
+                st["steps"] += 1
+                st["losses"].append(loss)
+                if not math.isfinite(loss):
+                    st["diverged_at"] = st["steps"]
+                    break
+            st["train_s"] += time.perf_counter() - t0
+        log(f"budget slice {r + 1}/{slices}: "
+            + ", ".join(f"{n}={state[n]['steps']} steps" for n in names))
+    results = {}
+    for name in names:
+        st = state[name]
+        tail = st["losses"][-10:]
+        results[name] = {
+            "params": count_params(st["model"]),
+            "steps": st["steps"],
+            "images_seen": st["steps"] * batch,
+            "train_s": round(st["train_s"], 2),
+            "train_bpd_last10_mean": round(statistics.fmean(tail), 4) if tail else None,
+            "test_bpd_at_init": round(st["bpd_at_init"], 4),
+            "test_bpd": round(test_bpd(st["model"], y_test), 4),
+            "diverged_at_step": st["diverged_at"],
+        }
+        log(f"budget: {name}: {st['steps']} steps, test bpd {results[name]['test_bpd']}")
+    return {
+        "config": {"budget_s_per_model": budget_s, "slices": slices, "batch": batch,
+                   "optimizer": f"Adam(lr={LR})", "test_n": int(y_test.shape[0]),
+                   "test_data": "first test_n Fashion-MNIST test images, dequantized once with "
+                   f"torch.Generator().manual_seed({SEED + 3}), the same for every model",
+                   "train_data": "shuffled train batches, dequantized on the fly; the same "
+                   "seed, so the same sequence of batches, for every model"},
+        "results": results,
+        "notes": [
+            "each model trains budget_s seconds of wall clock in `slices` slices, models "
+            "round-robin with the order rotated per slice (a load burst hits all); the last "
+            "step of a slice may overrun it (train_s is the measured time)",
+            "test_bpd: mean over the test images of (-log p(y) + D ln 256) / (D ln 2), eval "
+            "mode, no grad; a model that diverges (non-finite loss) stops training there",
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="small models and few steps for a smoke test (K=2, H=16, RealNVP "
+                   "hidden 16 with 1 block, NICE hidden 64 depth 2, steps 2, repeats 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds (default 3, --quick 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per timing (default 5, --quick 2)")
+    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--levels", type=int, default=2, help="Glow levels L (default 2)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="Glow steps per level K (default 8, --quick 2)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="Glow coupling hidden channels (default 128, --quick 16)")
+    p.add_argument("--realnvp-hidden", type=int, default=None,
+                   help="RealNVP ResNet hidden channels (default 64, --quick 16)")
+    p.add_argument("--realnvp-blocks", type=int, default=None,
+                   help="RealNVP residual blocks per coupling net (default 4, --quick 1)")
+    p.add_argument("--nice-hidden", type=int, default=None,
+                   help="NICE hidden units (default 1000, --quick 64)")
+    p.add_argument("--nice-depth", type=int, default=None,
+                   help="NICE hidden layers per coupling (default 5, --quick 2)")
+    p.add_argument("--memory-steps", type=int, default=3,
+                   help="training steps per memory child (default 3)")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="seconds of training per model before test bits/dim (default 0: skip)")
+    p.add_argument("--test-n", type=int, default=None,
+                   help="test images for bits/dim (default 2000, --quick 256)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--skip-memory", action="store_true", help="skip the memory children")
+    p.add_argument("--_child-memory", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_config", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    q = args.quick
+
+    def pick(value, full, quick):
+        return value if value is not None else (quick if q else full)
+
+    cfg = {
+        "batch": args.batch,
+        "steps": pick(args.steps, 5, 2),
+        "repeats": pick(args.repeats, 3, 1),
+        "levels": args.levels,
+        "depth": pick(args.depth, 8, 2),
+        "hidden": pick(args.hidden, 128, 16),
+        "realnvp_hidden": pick(args.realnvp_hidden, 64, 16),
+        "realnvp_blocks": pick(args.realnvp_blocks, 4, 1),
+        "nice_hidden": pick(args.nice_hidden, 1000, 64),
+        "nice_depth": pick(args.nice_depth, 5, 2),
+        "alpha": 0.05,
+        "memory_steps": args.memory_steps,
+        "budget_s": args.budget_s,
+        "test_n": pick(args.test_n, 2000, 256),
+    }
+    for key in ("batch", "steps", "repeats", "levels", "depth", "hidden", "realnvp_hidden",
+                "realnvp_blocks", "nice_hidden", "nice_depth", "test_n"):
+        if cfg[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1")
+    if cfg["memory_steps"] < 2:
+        raise SystemExit("--memory-steps must be >= 2")
+    if cfg["levels"] > 2:
+        raise SystemExit("--levels must be <= 2: 28x28 halves to 7x7 only twice")
+    return cfg
+
+
+NOTES = [
+    "same size: parameter counts per model are in throughput.results[*].params and "
+    "param_counts; differences come from the pieces below, not from widths or depths",
+    "Glow, structure: same L, K, hidden channels, data-direction order ActNorm -> LU 1x1 "
+    "conv -> affine coupling (conv 3x3 -> ReLU -> conv 1x1 -> ReLU -> zero-init conv 3x3 on "
+    "the first half of the channels), squeeze first in every level, half the channels split "
+    "off after every level but the last (verified by glow_structure_check)",
+    "Glow, differences: ours' last coupling conv has a learned per-channel output log-scale "
+    "(ZeroConv2d, Glow's reference), normflows' is a plain zero-init conv; ours computes "
+    "x_b * sigmoid(h+2) + t, normflows (x_b - t) * sigmoid(h+2); ours' split prior is "
+    "conditional (mean and log-scale from a zero-init 3x3 conv of the kept half, as in "
+    "Glow) and the top prior is N(0, I), normflows' MultiscaleFlow can only give every level "
+    "an unconditional GlowBase (learned mean and log-scale per channel); ours subtracts 0.5 "
+    "first (flows.Shift), normflows has none here because nf.transforms.Shift works in place "
+    "on the input batch (it would shift the reused batches again every step); the first "
+    "ActNorm's data-dependent init absorbs a constant shift exactly",
+    "RealNVP, structure: same Logit(alpha) preprocessing (nf.transforms.Logit has the same "
+    "formula and log-det), 2 scales: 3 checkerboard couplings, squeeze, 3 channel couplings, "
+    "split of half the channels, 4 checkerboard couplings; ResNet coupling nets of the same "
+    "width and number of residual blocks (2 conv 3x3 each), zero-init output layer",
+    "RealNVP, differences: normflows' checkerboard coupling (AffineCouplingBlock with "
+    "split_mode='checkerboard') gathers the conditioning pixels into a (C, H, W/2) tensor "
+    "and runs its net there, predicting only the other half: about half the conv work of "
+    "ours, which runs its net on the full-resolution masked image plus a mask channel (as "
+    "the RealNVP reference) and keeps the masked half of its output; normflows' checkerboard "
+    "also flips parity across channels (3-D), ours is the same 2-D board for every channel; "
+    "nf.nets.ConvResidualNet has 1x1 input/output convs (ours 3x3, with a ReLU before the "
+    "output and a learned output log-scale) and its final layer is zero-initialised here "
+    "(normflows leaves it at the default init); scale: ours s = c * tanh(h) with a learned "
+    "c per channel, normflows exp(h) unbounded (scale_map='exp'); priors as for Glow "
+    "(ours: conditional split prior and N(0, I) top; normflows: GlowBase on both)",
+    "NICE: ours only, for context (normflows has no NICE image model)",
+    "bits/dim for every model: flows.bits_per_dim(model, y, 256, dequantize_input=False) = "
+    "(-log p(y) + D ln 256) / (D ln 2) on the same y in [0, 1]; normflows' log_prob (via "
+    "MultiscaleFlow.log_prob(y, None), its transform included) is the density of that y",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+
+    if args._child_memory:
+        print(json.dumps(memory_child(args._child_memory, json.loads(args._config))))
+        return 0
+
+    if nf is None:
+        raise SystemExit("normflows is not installed: pip install -c constraints.txt "
+                         "-e '.[bench]' (normflows==1.7.3)")
+    cfg = resolve(args)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown or not names:
+        raise SystemExit(f"unknown --models {unknown}; known: {','.join(MODELS)}")
+    repeats = cfg["repeats"]
+
+    t_start = time.perf_counter()
+    meta = {
+        "benchmark": "bench/flows.py",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "normflows": getattr(nf, "__version__", "unknown"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "dtype": "float32",
+        "dataset": f"{DATASET} (1x28x28)",
+        "quick": args.quick,
+        "repeats": repeats,
+        "seed": SEED,
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
+    }
+    log(f"torch {torch.__version__}, normflows {meta['normflows']}, {meta['threads']} threads, "
+        f"{meta['cpu_model']}")
+    out: dict[str, object] = {"meta": meta, "config": cfg}
+    sections: dict[str, dict[str, object]] = {}
+    meta["sections"] = sections
+
+    def run(name: str, fn: Callable[[], dict]) -> dict:
+        t0 = time.perf_counter()
+        result = fn()
+        sections[name] = {
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
+        }
+        return result
+
+    # memory first, in children spawned while this process is small
+    memory = None
+    if not args.skip_memory:
+        memory = run("memory", lambda: bench_memory(names, cfg, args.threads))
+
+    images = train_images()
+    out["models"] = {n: describe(n, cfg) for n in names}
+    out["param_counts"] = {n: count_params(build_model(n, cfg)) for n in names}
+    out["realnvp_variant"] = "image multi-scale RealNVP (1x28x28) for both libraries"
+    if "ours_glow" in names and "normflows_glow" in names:
+        log("structure check: ours Glow vs normflows Glow at init")
+        y = dequantized_batches(images, cfg["batch"], 1, SEED + 2)[0]
+        out["glow_structure_check"] = run("glow_structure_check",
+                                          lambda: glow_structure_check(cfg, y))
+    if "ours_realnvp" in names and "normflows_realnvp" in names:
+        y = dequantized_batches(images, cfg["batch"], 1, SEED + 2)[0]
+        out["realnvp_init_check"] = realnvp_init_check(cfg, y)
+    log(f"throughput: {', '.join(names)}")
+    out["throughput"] = run("throughput",
+                            lambda: bench_throughput(names, cfg, images, repeats, 1))
+    if memory is not None:
+        out["memory"] = memory
+    if cfg["budget_s"] > 0:
+        log(f"budget: {cfg['budget_s']} s per model")
+        out["budget"] = run("budget", lambda: bench_budget(
+            names, cfg, images, cfg["budget_s"], repeats, cfg["test_n"]))
+    out["notes"] = NOTES
+
+    tp = out["throughput"]
+    summary: dict[str, object] = {
+        "images_per_s_median": {n: r["images_per_s"]["median"]
+                                for n, r in tp["results"].items()},
+        "throughput_ours_over_normflows_of_medians": {
+            k: v["of_medians"] for k, v in tp["ratios"].items()},
+        "params": out["param_counts"],
+    }
+    if memory is not None:
+        summary["peak_rss_increase_MiB"] = {
+            n: r.get("peak_rss_increase_MiB", {}).get("training_over_model")
+            for n, r in memory["by_model"].items()}
+    if "budget" in out:
+        summary["test_bpd"] = {n: r["test_bpd"] for n, r in out["budget"]["results"].items()}
+    if "glow_structure_check" in out:
+        summary["glow_structure_check_agree"] = out["glow_structure_check"]["agree"]
+    out["summary"] = summary
+    meta["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
