@@ -476,51 +476,47 @@ def memory_child(name: str, cfg: dict) -> dict:
     """Runs in a fresh interpreter: peak RSS of ``memory_steps`` training steps of one model."""
     batch, steps = cfg["batch"], cfg["memory_steps"]
     images = train_images(batch * (steps + 1))
-    gc.collect()
     batches = dequantized_batches(images, batch, steps + 1, SEED + 1)
     del images
+    gc.collect()
     rss_before_model = current_rss_mb()
+    was_reset = reset_peak_rss()
     model = build_model(name, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     init_model(model, batches[0])
+    with torch.no_grad():  # one no-grad forward for every model (ActNorm init or not)
+        model.log_prob(batches[0])
     gc.collect()
     rss_model = current_rss_mb()
-    was_reset = reset_peak_rss()
+    peak_model = peak_rss_mb()
     maxrss_model = ru_maxrss_mb()
-    rss_after: list[float] = []
-    losses = []
-    for i in range(steps - 1):
+    rss_after, losses = [], []
+    for i in range(steps):
         losses.append(train_step(model, opt, batches[1 + i]))
         rss_after.append(current_rss_mb() or float("nan"))
-    peak_first = peak_rss_mb()
-    # one more step, its peak against the RSS just before it (Adam state and allocator
-    # caches already there): the transient of a steady-state step
-    rss_before_last = current_rss_mb()
-    last_reset = reset_peak_rss()
-    losses.append(train_step(model, opt, batches[steps]))
-    peak_last = peak_rss_mb()
-    rss_after.append(current_rss_mb() or float("nan"))
-    peak_all = max(peak_first, peak_last)
+    peak = peak_rss_mb()
     params = count_params(model)
     return {
         "params": params,
         "params_MiB": round(params * 4 / 2**20, 2),
         "steps": steps,
         "losses_bpd": [round(v, 4) for v in losses],
-        "peak_source": "VmHWM (/proc/self/status)" if was_reset else "ru_maxrss",
+        "peak_source": "VmHWM (/proc/self/status), reset before the model is built"
+        if was_reset else "ru_maxrss (VmHWM reset unavailable: includes the data loading)",
         "rss_MiB": {
             "before_model": None if rss_before_model is None else round(rss_before_model, 1),
             "after_model_optimizer_init": None if rss_model is None else round(rss_model, 1),
+            "peak_until_init": round(peak_model, 1),
             "after_each_step": [round(v, 1) for v in rss_after],
-            "peak_during_steps": round(peak_all, 1),
+            "peak": round(peak, 1),
             "ru_maxrss_after_init": round(maxrss_model, 1),
             "ru_maxrss_end": round(ru_maxrss_mb(), 1),
         },
         "peak_rss_increase_MiB": {
-            "training_over_model": None if rss_model is None or not was_reset
-            else round(peak_all - rss_model, 1),
-            "last_step_transient": None if rss_before_last is None or not last_reset
-            else round(peak_last - rss_before_last, 1),
+            "total_over_before_model": None if rss_before_model is None
+            else round(peak - rss_before_model, 1),
+            "training_over_model": None if rss_model is None else round(peak - rss_model, 1),
+            "last_step_growth": round(rss_after[-1] - rss_after[-2], 1) if steps > 1 else None,
         },
     }
 
@@ -537,18 +533,20 @@ def bench_memory(names: list[str], cfg: dict, threads: int) -> dict:
             continue
         out[name] = json.loads(proc.stdout)
         inc = out[name]["peak_rss_increase_MiB"]
-        log(f"memory: {name}: +{inc['training_over_model']} MiB over the built model "
-            f"({out[name]['params']} params)")
+        log(f"memory: {name}: peak +{inc['training_over_model']} MiB over the built model, "
+            f"+{inc['total_over_before_model']} MiB in all ({out[name]['params']} params)")
     return {
-        "method": "one fresh child process per model (same threads): load the first "
-        f"{cfg['memory_steps'] + 1} batches, build the model and Adam, ActNorm init on batch 0; "
-        "then reset the peak RSS (echo 5 > /proc/self/clear_refs, VmHWM in "
-        f"/proc/self/status) and run {cfg['memory_steps']} training steps. "
-        "training_over_model = peak RSS during the steps - RSS after model + optimizer + init "
-        "(gradients, Adam state, activations, autograd graph and allocator caches); "
-        "last_step_transient = peak of the last step alone - RSS just before it (Adam state "
-        "already allocated). CPU RSS through glibc malloc: freed blocks may stay resident, so "
-        "these are upper bounds on what the tensors need, equally so for every model",
+        "method": "one fresh child process per model (same threads): load and dequantize the "
+        f"first {cfg['memory_steps'] + 1} batches, then reset the peak RSS (echo 5 > "
+        "/proc/self/clear_refs; VmHWM in /proc/self/status), build the model and Adam, "
+        "ActNorm init (normflows: its first log_prob) and one no-grad forward on batch 0 "
+        f"(every model), then {cfg['memory_steps']} training steps. "
+        "total_over_before_model = peak RSS - RSS before the model (parameters, init, "
+        "gradients, Adam state, activations and autograd graph, allocator caches); "
+        "training_over_model = peak RSS - RSS after model + optimizer + init + forward (what "
+        "training adds); last_step_growth = RSS after the last step - after the one before "
+        "(~0: steady state). CPU RSS through glibc malloc: freed blocks may stay resident, so "
+        "these are upper bounds on what the tensors need, alike for every model",
         "by_model": out,
     }
 
@@ -842,6 +840,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"torch {torch.__version__}, normflows {meta['normflows']}, {meta['threads']} threads, "
         f"{meta['cpu_model']}")
+    free = (os.cpu_count() or 1) - meta["loadavg_at_start"][0]
+    if free < meta["threads"] - 0.5:
+        meta["busy_warning"] = (
+            f"load average {meta['loadavg_at_start'][0]} on {os.cpu_count()} CPUs leaves fewer "
+            f"than {meta['threads']} free: OpenMP threads that share a core with another "
+            "process wait on each other at every op, and timings can be off by orders of "
+            "magnitude; rerun on an idle machine or with fewer --threads")
+        log(f"warning: {meta['busy_warning']}")
     out: dict[str, object] = {"meta": meta, "config": cfg}
     sections: dict[str, dict[str, object]] = {}
     meta["sections"] = sections
@@ -893,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if memory is not None:
         summary["peak_rss_increase_MiB"] = {
-            n: r.get("peak_rss_increase_MiB", {}).get("training_over_model")
+            n: {k: r.get("peak_rss_increase_MiB", {}).get(k)
+                for k in ("training_over_model", "total_over_before_model")}
             for n, r in memory["by_model"].items()}
     if "budget" in out:
         summary["test_bpd"] = {n: r["test_bpd"] for n, r in out["budget"]["results"].items()}

@@ -245,6 +245,9 @@ def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str,
     leaf = _demo_leaf(run, model, test, progress)
     run.metrics["leaf"] = leaf
     run.checkpoint_state()
+    flow = _demo_flow(run, progress)
+    run.metrics["flow"] = flow
+    run.checkpoint_state()
     c = spec["num_classes"]
     write_report(
         run.path,
@@ -305,9 +308,42 @@ def run_demo(run: Run, *, steps: int = 1500, progress: bool = True) -> dict[str,
                  ("gram_spectrum.png", "Spectrum of M.")],
                 gram,
             ),
+            Section(
+                "The data's own density: a normalizing flow",
+                "A RealNVP flow (affine couplings, seeds 002–003) trained by maximum likelihood "
+                f"on two moons ({flow['steps']} steps). Its density is exact: "
+                "log p(x) = log p_Z(f(x)) + log|det ∂f/∂x|, and integrates to "
+                f"{flow['density_integral']:.3f} over the plotted box. The volume-change map "
+                "shows where the flow contracts space (density piles up on the moons) and "
+                "where it expands it.",
+                [("flow_density.png", "Training data, the learned density and samples."),
+                 ("flow_volume_change.png", "A latent grid mapped to data space, and "
+                  "log|det ∂z/∂x|.")],
+                flow,
+            ),
         ],
     )
     return run.metrics
+
+
+def _demo_flow(run: Run, progress: bool, steps: int = 1000) -> dict[str, Any]:
+    """A RealNVP on two moons: the density, its integral, the volume change and samples."""
+    from .data import make_toy_2d
+    from .flows import RealNVP
+    from .flows.training import train_flow
+
+    torch.manual_seed(0)
+    x = make_toy_2d("two-moons", 8000, seed=0)
+    test = make_toy_2d("two-moons", 4000, seed=1)
+    model = RealNVP((2,), couplings=6, hidden=64)
+    res = train_flow(model, x, test_data=test, n_bins=None, steps=steps, batch_size=256,
+                     lr=2e-3, warmup_steps=50, progress=progress)
+    samples = model.sample(4000, generator=torch.Generator().manual_seed(0))
+    fig = viz.flow_density_2d(model, test, samples=samples)
+    run.save_figure("flow_density", fig)
+    run.save_figure("flow_volume_change", viz.flow_volume_change(model, test))
+    return {"steps": res.step, "test_nll": res.metrics["test_nll"],
+            "density_integral": float(fig.density_integral)}
 
 
 # ---------------------------------------------------------------------------------------------
