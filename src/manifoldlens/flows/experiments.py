@@ -50,7 +50,7 @@ def default_flow(kind: str, shape: tuple[int, ...], **options: Any) -> Flow:
                 {"couplings": 4, "hidden": 256, "depth": 3})
     elif kind == "realnvp":
         base = ({"couplings": 8, "hidden": 64, "depth": 2} if vector else
-                {"scales": 2, "hidden_channels": 64, "blocks": 4} if side >= 28 else
+                {"scales": 2, "hidden_channels": 32, "blocks": 2} if side >= 28 else
                 {"scales": 2, "hidden_channels": 32, "blocks": 2})
     else:
         base = ({"levels": 2, "depth": 8, "hidden_channels": 128} if side >= 28 else
