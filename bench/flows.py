@@ -14,12 +14,14 @@ both libraries), Adam (lr 1e-3), batch 64. Models: ours Glow / RealNVP (image, m
 / NICE (for context only), and ``normflows`` Glow and RealNVP assembled from its own pieces
 at the same size (``nf.MultiscaleFlow`` of ``GlowBlock`` / ``AffineCouplingBlock``,
 ``Squeeze``, ``Merge``, ``GlowBase`` priors); the JSON holds every parameter count and a
-structure check (at initialisation, with the 1×1 convolutions copied across, the two Glows
-give the same log-density).
+structure check (at initialisation, with the 1×1 convolutions and ActNorms copied across,
+the two Glows give the same log-density).
 
-1. ``memory``: peak RSS of training steps, one fresh child process per model (run first,
-   while this process is small): VmHWM reset to the current RSS after the model, its
-   optimiser and its ActNorm initialisation exist, then ``--memory-steps`` training steps.
+1. ``memory``: peak RSS of training, one fresh child process per model (run first, while
+   this process is small): after a toy training step (torch's one-time costs), VmHWM is reset
+   to the current RSS; then the model, Adam, ActNorm init and ``--memory-steps`` training
+   steps; the JSON has the peak over the RSS before the model and over the RSS once the
+   model is built and initialised.
 2. ``throughput``: ``--steps`` full training steps (forward, backward, Adam step) per timing,
    images/s; models timed round-robin (one timing of each per round, order rotated every
    round, one warm-up round) so that a noisy, shared machine slows them alike; median and min
@@ -29,6 +31,10 @@ give the same log-density).
    clock (in ``--repeats`` slices, round-robin like the timings) on shuffled batches, then the
    mean test bits/dim on the first ``--test-n`` test images (dequantized with a fixed
    generator) is reported.
+
+On a machine shared with other work, use fewer ``--threads`` than idle cores: OpenMP threads
+that share a core with another process slow every op by orders of magnitude (``meta`` then
+carries a ``busy_warning``).
 """
 
 from __future__ import annotations
@@ -203,8 +209,9 @@ class NormflowsDensity(nn.Module):
 
 
 def normflows_glow(levels: int, depth: int, hidden: int) -> nn.Module:
-    """Glow of ``levels`` levels × ``depth`` GlowBlocks, as normflows' own Glow example builds it
-    (``examples/glow.ipynb``), for one-channel 28×28 images and unconditional priors.
+    """Glow of ``levels`` levels × ``depth`` GlowBlocks, as normflows' own Glow example builds
+    it (``examples/glow_colab.ipynb``: ``GlowBlock(c * 2 ** (L + 1 - i))``, a Squeeze per
+    level, Merge between levels), for one-channel 28×28 images and unconditional priors.
 
     ``MultiscaleFlow`` lists levels from the coarsest (index 0, the deepest latent) to the
     finest (index L−1, the data side), each level's flows in the generative direction
@@ -472,12 +479,29 @@ def realnvp_init_check(cfg: dict, y: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def _warm_up_torch() -> None:
+    """Pay torch's one-time costs (kernel libraries, thread pools, allocator arenas) on a toy
+    net before the measurement, so that they are not charged to the first model measured."""
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                        nn.Flatten(), nn.Linear(4 * 7 * 7, 8))
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    x = torch.rand(4, 2, 7, 7)
+    for _ in range(2):
+        loss = torch.nn.functional.logsigmoid(net(x)).sum() + torch.linalg.slogdet(
+            torch.eye(4) + 0.1 * net[2].weight.view(4, 4))[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    del net, opt, x, loss
+
+
 def memory_child(name: str, cfg: dict) -> dict:
     """Runs in a fresh interpreter: peak RSS of ``memory_steps`` training steps of one model."""
     batch, steps = cfg["batch"], cfg["memory_steps"]
     images = train_images(batch * (steps + 1))
     batches = dequantized_batches(images, batch, steps + 1, SEED + 1)
     del images
+    _warm_up_torch()
     gc.collect()
     rss_before_model = current_rss_mb()
     was_reset = reset_peak_rss()
@@ -538,7 +562,9 @@ def bench_memory(names: list[str], cfg: dict, threads: int) -> dict:
     return {
         "method": "one fresh child process per model (same threads): load and dequantize the "
         f"first {cfg['memory_steps'] + 1} batches, then reset the peak RSS (echo 5 > "
-        "/proc/self/clear_refs; VmHWM in /proc/self/status), build the model and Adam, "
+        "/proc/self/clear_refs; VmHWM in /proc/self/status) after a training step of a toy "
+        "net (torch's one-time costs: kernels, thread pools, allocator arenas), build the "
+        "model and Adam, "
         "ActNorm init (normflows: its first log_prob) and one no-grad forward on batch 0 "
         f"(every model), then {cfg['memory_steps']} training steps. "
         "total_over_before_model = peak RSS - RSS before the model (parameters, init, "

@@ -63,6 +63,11 @@ LAYERS = {
     "affine_checkerboard": lambda: (L.AffineCoupling(L.ResNetCoupling(2, 4, 8, 1),
                                                      L.checkerboard_mask(4, 4, 1), features=2,
                                                      pass_mask=True), _img()),
+    "affine_checkerboard_split": lambda: (L.AffineCoupling(L.ResNetCoupling(2, 4, 8, 1, False),
+                                                           split="checkerboard", parity=1,
+                                                           features=2), _img()),
+    "additive_checkerboard_split": lambda: (L.AdditiveCoupling(L.GlowCouplingNet(2, 2, 8),
+                                                               split="checkerboard"), _img()),
     "affine_channel_mask": lambda: (L.AffineCoupling(L.ResNetCoupling(4, 8, 8, 1),
                                                      L.channel_mask(4, 0), features=4,
                                                      pass_mask=True), _img(c=4)),
@@ -104,6 +109,18 @@ def test_split_standardizes_and_inverts():
     for i in range(3):
         jac = torch.autograd.functional.jacobian(_as_flat(full, x[i]), x[i].reshape(-1))
         torch.testing.assert_close(torch.linalg.slogdet(jac)[1], logdet[i])
+
+
+@pytest.mark.parametrize("parity", [0, 1])
+def test_checkerboard_split_is_the_checkerboard_mask(parity):
+    """The half-resolution split conditions on exactly the pixels the mask keeps."""
+    layer = L.AdditiveCoupling(nn.Identity(), split="checkerboard", parity=parity)
+    x = torch.arange(2 * 4 * 6, dtype=DT).reshape(1, 2, 4, 6)
+    a, b = layer._halves(x)
+    m = L.checkerboard_mask(4, 6, parity).bool().expand(1, 2, 4, 6)
+    assert torch.equal(a.sort(-1).values.flatten().sort().values, x[m].sort().values)
+    assert torch.equal(b.flatten().sort().values, x[~m].sort().values)
+    torch.testing.assert_close(layer._join(a, b), x)
 
 
 def test_bases_match_torch_distributions():

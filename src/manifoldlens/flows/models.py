@@ -36,7 +36,6 @@ from .layers import (
     StandardNormal,
     alternating_mask,
     channel_mask,
-    checkerboard_mask,
     mlp,
 )
 
@@ -272,8 +271,10 @@ class RealNVP(Flow):
 
     @staticmethod
     def _checkerboard(c, h, w, count, hidden_channels, blocks) -> list[nn.Module]:
-        return [AffineCoupling(ResNetCoupling(c, 2 * c, hidden_channels, blocks),
-                               checkerboard_mask(h, w, k % 2), features=c, pass_mask=True)
+        if w % 2:
+            raise ValueError(f"RealNVP's checkerboard couplings need an even width, got {w}")
+        return [AffineCoupling(ResNetCoupling(c, 2 * c, hidden_channels, blocks, False),
+                               split="checkerboard", parity=k % 2, features=c)
                 for k in range(count)]
 
 
