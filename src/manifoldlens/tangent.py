@@ -121,7 +121,9 @@ class TangentSpace:
         if math.prod(input_shape) != d:
             raise ValueError(f"input_shape {input_shape} does not hold d = {d} numbers")
         self.mask = mask.to(basis.device)
-        self.basis = torch.where(self.mask.unsqueeze(-1), basis, torch.zeros_like(basis))
+        if not bool(self.mask.all()):  # zero the ignored rows; an expanded basis stays a view
+            basis = torch.where(self.mask.unsqueeze(-1), basis, torch.zeros_like(basis))
+        self.basis = basis
         self.input_shape = input_shape
 
     # ---------------------------------------------------------------------------- views

@@ -1,0 +1,611 @@
+"""Gradient-based attributions and their fraction in the tangent space of the data manifold.
+
+Seed 004 (Bordt et al., "The Manifold Hypothesis for Gradient-Based Explanations", §3.2)
+compares four explanations E ∈ ℝ^d of the class c a classifier predicts, all computed from
+the score s_c *before* the softmax:
+
+* ``"gradient"``: ``E = ∂s_c/∂x``
+* ``"input_x_gradient"``: ``E = x ⊙ ∂s_c/∂x``
+* ``"integrated_gradients"``: ``E = ∫₀¹ ∂s_c/∂x (x' + α(x − x')) dα`` from a baseline x'
+  (0 by default), optionally multiplied by ``x − x'``
+* ``"smoothgrad"``: ``E = E_ε[∂s_c/∂x (x + ε)]``, ε ~ N(0, σ²I)
+
+and measures how well each lies in the tangent space T_x of the data manifold with the
+fraction ``‖P_T E‖ / ‖E‖`` (seed 004, eq. 1; a random vector scores ≈ √(k/d)):
+:class:`TangentFraction`.
+
+Every attribution is signed (no absolute values) and has the shape, dtype and device of x.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._checks import check_batch, check_finite, check_independent_samples
+from .jacobian import MODEL_OUTPUTS, _check_choice, _chunks, _to_scores, check_model_output
+
+__all__ = ["METHODS", "QUADRATURES", "explain", "TangentFraction", "remove_features", "roar",
+           "tangent_importance"]
+
+METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
+QUADRATURES = (
+    "gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+)
+
+# options of each method and their defaults
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gradient": {},
+    "input_x_gradient": {},
+    "integrated_gradients": {
+        "baseline": 0.0,
+        "steps": 50,
+        "multiply_by_inputs": False,
+        "quadrature": "gausslegendre",
+        "internal_batch_size": None,
+    },
+    "smoothgrad": {
+        "noise_level": 0.02,
+        "samples": 50,
+        "samples_batch_size": None,
+        "seed": None,
+    },
+}
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_positive_int(v: Any, name: str, allow_none: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if not _is_int(v) or v < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
+                         f"got {v!r}")
+
+
+def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``options`` for ``method`` and fill in the defaults."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    defaults = _DEFAULTS[method]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        valid = tuple(defaults) or "none"
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: "
+                        f"{valid}")
+    opts = {**defaults, **options}
+    if method == "integrated_gradients":
+        _check_choice(opts["quadrature"], QUADRATURES, "quadrature")
+        _check_positive_int(opts["steps"], "steps")
+        if opts["quadrature"] != "gausslegendre" and opts["steps"] < 2:
+            raise ValueError(f"quadrature {opts['quadrature']!r} needs steps >= 2, "
+                             f"got {opts['steps']}")
+        _check_positive_int(opts["internal_batch_size"], "internal_batch_size", True)
+        if not isinstance(opts["multiply_by_inputs"], bool):
+            raise TypeError("multiply_by_inputs must be a bool, got "
+                            f"{type(opts['multiply_by_inputs']).__name__}")
+        b = opts["baseline"]
+        if isinstance(b, bool) or not isinstance(b, (numbers.Real, torch.Tensor, np.ndarray)):
+            raise TypeError(f"baseline must be a float or a tensor, got {type(b).__name__}")
+        if isinstance(b, numbers.Real) and not math.isfinite(b):
+            raise ValueError(f"baseline must be finite, got {b}")
+    elif method == "smoothgrad":
+        nl = opts["noise_level"]
+        if isinstance(nl, bool) or not isinstance(nl, numbers.Real) or not (
+            math.isfinite(nl) and nl >= 0
+        ):
+            raise ValueError(f"noise_level must be a finite float >= 0, got {nl!r}")
+        _check_positive_int(opts["samples"], "samples")
+        _check_positive_int(opts["samples_batch_size"], "samples_batch_size", True)
+        seed = opts["seed"]
+        if seed is not None and not isinstance(seed, torch.Generator) and not (
+            _is_int(seed) and seed >= 0
+        ):
+            raise TypeError(f"seed must be a non-negative int, a torch.Generator or None, "
+                            f"got {seed!r}")
+    return opts
+
+
+def _prepare_target(target: Any, n: int, device: torch.device) -> torch.Tensor | None:
+    """``None`` or a LongTensor (n,) of class indices; the range is checked later."""
+    if target is None:
+        return None
+    if _is_int(target):
+        return torch.full((n,), int(target), dtype=torch.long, device=device)
+    if isinstance(target, (np.ndarray, list, tuple)):
+        target = torch.as_tensor(np.asarray(target))
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be None, an int or an integer tensor shaped (n,), "
+                        f"got {type(target).__name__}")
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target.ndim == 0:
+        target = target.expand(n)
+    if tuple(target.shape) != (n,):
+        raise ValueError(f"target must be an int or shaped (n,) = ({n},), "
+                         f"got shape {tuple(target.shape)}")
+    return target.to(device=device, dtype=torch.long)
+
+
+def _resolve_target(t: torch.Tensor | None, scores: torch.Tensor, offset: int) -> torch.Tensor:
+    """The predicted class when ``t`` is None; otherwise ``t`` checked against C."""
+    c = scores.shape[1]
+    if t is None:
+        return scores.detach().argmax(1)
+    bad = ((t < 0) | (t >= c)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"target must be a class index in [0, {c}), got {int(t[i])} for "
+                         f"sample {offset + i}")
+    return t
+
+
+def _prepare_baseline(b: Any, x: torch.Tensor) -> torch.Tensor:
+    """A baseline broadcast to ``x.shape``: a float, one input (shape[1:]) or one per sample."""
+    if isinstance(b, numbers.Real):
+        return x.new_full((), float(b)).expand_as(x)
+    b = torch.as_tensor(b).to(device=x.device, dtype=x.dtype)
+    if b.shape == x.shape or b.shape == x.shape[1:] or b.ndim == 0:
+        check_finite(b.reshape(1, -1) if b.ndim < x.ndim else b, "baseline")
+        return b.expand_as(x)
+    raise ValueError(f"baseline must be a float, shaped like one input {tuple(x.shape[1:])} or "
+                     f"like x {tuple(x.shape)}; got shape {tuple(b.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# Methods on one chunk of samples
+# --------------------------------------------------------------------------------------
+
+
+def _gradient(
+    model: Callable, x: torch.Tensor, target: torch.Tensor | None, model_output: str,
+    offset: int = 0, check: bool = True,
+) -> torch.Tensor:
+    """∂s_t/∂x for every sample from one forward and one backward pass.
+
+    Samples are independent, so the gradient of Σ_i s_{t_i}(x_i) w.r.t. x_i is ∂s_{t_i}/∂x_i.
+    """
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        out = model(xr)
+        if check:
+            check_model_output(out, model_output, x.shape[0])
+        s = _to_scores(out, model_output)
+        t = _resolve_target(target, s, offset)
+        selected = s.gather(1, t[:, None]).sum()
+        if not selected.requires_grad:  # the scores do not depend on x
+            return torch.zeros_like(x)
+        (g,) = torch.autograd.grad(selected, xr)
+    return g
+
+
+def _predicted(
+    model: Callable, x: torch.Tensor, target: torch.Tensor | None, model_output: str, offset: int
+) -> torch.Tensor:
+    """Check the model's output on x and resolve the target (one forward pass, no graph)."""
+    with torch.no_grad():
+        out = model(x)
+    check_model_output(out, model_output, x.shape[0])
+    return _resolve_target(target, _to_scores(out, model_output), offset)
+
+
+def _integrated_gradients(
+    model: Callable, x: torch.Tensor, target: torch.Tensor | None, model_output: str,
+    offset: int, baseline: torch.Tensor, opts: dict[str, Any],
+) -> torch.Tensor:
+    from captum.attr import IntegratedGradients  # lazy: captum takes ~1 s to import
+
+    t = _predicted(model, x, target, model_output, offset)
+
+    def scores(z: torch.Tensor) -> torch.Tensor:
+        return _to_scores(model(z), model_output)
+
+    ig = IntegratedGradients(scores, multiply_by_inputs=opts["multiply_by_inputs"])
+    with torch.enable_grad():
+        a = ig.attribute(
+            x.detach(), baselines=baseline, target=t, n_steps=opts["steps"],
+            method=opts["quadrature"], internal_batch_size=opts["internal_batch_size"],
+        )
+    return a.detach()
+
+
+_MASK63 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+
+def _sample_seed(base: int, i: int) -> int:
+    """SplitMix64 of (base, i): independent, well-spread seeds for each sample."""
+    z = (base + (i + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & _MASK63
+
+
+def _base_seed(seed: int | torch.Generator | None) -> int:
+    if _is_int(seed):
+        return int(seed)
+    if isinstance(seed, torch.Generator):
+        return int(torch.randint(0, 2**62, (1,), generator=seed, device=seed.device))
+    return int(torch.randint(0, 2**62, (1,)))  # the global RNG: torch.manual_seed applies
+
+
+def _smoothgrad(
+    model: Callable, x: torch.Tensor, target: torch.Tensor | None, model_output: str,
+    offset: int, base_seed: int, opts: dict[str, Any],
+) -> torch.Tensor:
+    """Mean gradient over ``samples`` noisy copies of each input.
+
+    Sample i (global index) draws its noise from its own generator seeded with
+    (base_seed, i), so the result does not depend on ``batch_size`` or
+    ``samples_batch_size``. Noise for a chunk is drawn at once: O(chunk · samples · d) memory.
+    """
+    t = _predicted(model, x, target, model_output, offset)  # the class predicted at x itself
+    n, shape = x.shape[0], x.shape[1:]
+    samples = opts["samples"]
+    flat = x.reshape(n, -1)
+    sigma = opts["noise_level"] * (flat.amax(1) - flat.amin(1))
+    sigma = sigma.reshape(n, 1, *([1] * len(shape)))
+    noise = torch.zeros((n, samples, *shape), dtype=x.dtype, device=x.device)
+    if opts["noise_level"] > 0:
+        gen = torch.Generator(device=x.device)
+        for i in range(n):
+            gen.manual_seed(_sample_seed(base_seed, offset + i))
+            noise[i] = torch.randn((samples, *shape), generator=gen, dtype=x.dtype,
+                                   device=x.device)
+    total = torch.zeros_like(x)
+    for sl in _chunks(samples, opts["samples_batch_size"]):
+        k = sl.stop - sl.start
+        noisy = (x.unsqueeze(1) + sigma * noise[:, sl]).reshape(n * k, *shape)
+        g = _gradient(model, noisy, t.repeat_interleave(k), model_output, check=False)
+        total += g.reshape(n, k, *shape).sum(1)
+    return total / samples
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def explain(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    method: str,
+    target: int | torch.Tensor | None = None,
+    *,
+    model_output: str = "logits",
+    batch_size: int | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Attributions of the target class score, shaped like ``x`` (seed 004, §3.2).
+
+    The score is ``s_c``: the logit of class c, as in seed 004 ("before the softmax"). For
+    models declared ``model_output="log_probs"`` or ``"probs"`` the logits cannot be
+    recovered and the score is ``log p_c`` (its gradient is ``∇s_c − E_p[∇s]``).
+
+    Parameters
+    ----------
+    model : callable
+        Maps ``(n, *shape)`` to ``(n, C)``. Samples must be independent: a model in train
+        mode with BatchNorm raises ``ValueError`` (call ``model.eval()``).
+    x : Tensor ``(n, *shape)``
+        Finite inputs, any floating dtype and device.
+    method : {"gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"}
+        * ``"gradient"``: ``∂s_c/∂x`` (signed).
+        * ``"input_x_gradient"``: ``x ⊙ ∂s_c/∂x``.
+        * ``"integrated_gradients"`` (Captum's ``IntegratedGradients``):
+          ``∫₀¹ ∂s_c/∂x (x' + α(x − x')) dα`` by ``quadrature`` with ``steps`` nodes,
+          times ``(x − x')`` when ``multiply_by_inputs=True`` (then the attributions sum to
+          ``s_c(x) − s_c(x')``, completeness). Options: ``baseline`` x' (float, one input
+          shaped ``x.shape[1:]``, or one per sample; default 0), ``steps=50``,
+          ``multiply_by_inputs=False``, ``quadrature="gausslegendre"`` (or
+          ``"riemann_left|right|middle|trapezoid"``), ``internal_batch_size`` (at most this
+          many interpolated inputs per forward pass, so large ``steps`` never run out of
+          memory). The default ``multiply_by_inputs=False`` is what seed 004's code computed
+          (``IntegratedGradients(model, multiply_by_inputs=False)`` with Captum's defaults:
+          zero baseline, 50 Gauss–Legendre steps; tml-tuebingen/explanations-manifold,
+          ``replicate-paper/mnist/util.py``).
+        * ``"smoothgrad"``: ``(1/N) Σ_j ∂s_c/∂x (x + ε_j)``, ``ε_j ~ N(0, σ²I)``, signed
+          (no absolute values), ``c`` the class predicted at x itself. ``σ = noise_level ·
+          (max x − min x)`` per sample. Options: ``noise_level=0.02``, ``samples=50``,
+          ``samples_batch_size`` (noisy copies of each input per forward pass; the noise
+          of a chunk, ``batch_size · samples · d`` numbers, is drawn at once), ``seed`` (int or
+          ``torch.Generator``; None draws from the global RNG). The default noise level is
+          seed 004's: Captum ``NoiseTunnel(Saliency)`` with ``stdevs=0.02``, ``abs=False``
+          on images in [0, 1] (``smooth_grad(model, img, 0.02, 25)`` in
+          ``replicate-paper/mnist/mnist-32-compute.ipynb``; the paper does not state it).
+          Each sample's noise comes from its own generator seeded by (seed, sample index):
+          results do not depend on ``batch_size`` or ``samples_batch_size``, and the same
+          seed gives the same noise on the same kind of device.
+    target : int or LongTensor ``(n,)``, optional
+        The class to explain; None: the class each sample's model predicts.
+    model_output : {"logits", "log_probs", "probs"}
+        What the model returns; outputs that contradict it raise ``ValueError``.
+    batch_size : int, optional
+        Samples per chunk; bounds peak memory.
+
+    Returns
+    -------
+    Tensor shaped like ``x``, same dtype and device, detached.
+
+    Examples
+    --------
+    For a linear model s = Wx + b every method has a closed form: the gradient is ``W_c``.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> g = explain(model, x, "gradient", target=1)
+    >>> torch.allclose(g, model.weight[1].expand(4, 3))
+    True
+    >>> torch.allclose(explain(model, x, "input_x_gradient", 1), x * model.weight[1])
+    True
+    >>> ig = explain(model, x, "integrated_gradients", 1, multiply_by_inputs=True)
+    >>> torch.allclose(ig, x * model.weight[1])
+    True
+    >>> torch.allclose(explain(model, x, "smoothgrad", 1, samples=8, seed=0), g)
+    True
+    """
+    opts = _check_options(method, options)
+    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_batch(x)
+    _check_positive_int(batch_size, "batch_size", allow_none=True)
+    if isinstance(model, nn.Module):
+        check_independent_samples(model)
+    n = x.shape[0]
+    t_all = _prepare_target(target, n, x.device)
+    x = x.detach()
+
+    step = batch_size or n
+    extra: dict[str, Any] = {}
+    if method == "integrated_gradients":
+        extra["baseline"] = _prepare_baseline(opts["baseline"], x)
+        if opts["internal_batch_size"] is not None:
+            # Captum needs at least one interpolated input per sample in each pass
+            step = min(step, opts["internal_batch_size"])
+    elif method == "smoothgrad":
+        extra["base_seed"] = _base_seed(opts["seed"])
+
+    parts = []
+    for sl in _chunks(n, step):
+        xc = x[sl]
+        tc = None if t_all is None else t_all[sl]
+        if method == "gradient":
+            a = _gradient(model, xc, tc, model_output, sl.start)
+        elif method == "input_x_gradient":
+            a = xc * _gradient(model, xc, tc, model_output, sl.start)
+        elif method == "integrated_gradients":
+            a = _integrated_gradients(model, xc, tc, model_output, sl.start,
+                                      extra["baseline"][sl], opts)
+        else:
+            a = _smoothgrad(model, xc, tc, model_output, sl.start, extra["base_seed"], opts)
+        parts.append(a.detach())
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.to(dtype=x.dtype, device=x.device)
+
+
+# --------------------------------------------------------------------------------------
+# Alignment with the data manifold (seed 004, eq. 1)
+# --------------------------------------------------------------------------------------
+
+
+def _model_dtype_device(model: Any) -> tuple[torch.dtype | None, torch.device | None]:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype, p.device
+    return None, None
+
+
+class TangentFraction:
+    """Fraction of each attribution in the tangent space: ``‖P_T a‖ / ‖a‖`` (seed 004, eq. 1).
+
+    A Quantus-style metric: ``metric(model, x_batch, y_batch, a_batch)`` returns a numpy
+    array ``(n,)`` with values in [0, 1] (1: the attribution lies in T_x; a random vector
+    scores ≈ √(k/d)).
+
+    Parameters
+    ----------
+    tangent_fn : callable, optional
+        ``tangent_fn(model, x, y)`` (x a tensor, y a LongTensor ``(n,)`` or None) → an
+        object with ``.fraction(v)`` returning the ``(n,)``
+        fractions ``‖P_T v‖/‖v‖`` of ``v`` shaped like x (``TangentSpace`` has it). Not
+        needed when every call passes ``tangent=``.
+    method : str
+        The attribution computed by :func:`explain` when ``a_batch`` is None.
+    model_output, batch_size, **options
+        Passed to :func:`explain`.
+
+    Call
+    ----
+    ``metric(model, x_batch, y_batch=None, a_batch=None, *, tangent=None, device=None)``:
+    tensors or numpy arrays (Quantus passes numpy). Numpy inputs become tensors with the
+    dtype and device of the model's parameters (or ``device``). ``y_batch``: the classes
+    explained (None: the predicted ones). ``a_batch`` must hold d = ``x_batch[0].numel()``
+    numbers per sample (attributions in input space, not channel-reduced maps).
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Span:  # tangent space of every sample: span of the first two coordinates
+    ...     def fraction(self, v):
+    ...         v = v.reshape(len(v), -1)
+    ...         return v[:, :2].norm(dim=1) / v.norm(dim=1)
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> a = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 2.0], [3.0, 0.0, 4.0], [0.0, 5.0, 0.0]])
+    >>> TangentFraction()(model, x, None, a.double(), tangent=Span())
+    array([1. , 0. , 0.6, 1. ])
+    """
+
+    def __init__(
+        self,
+        tangent_fn: Callable[[Any, torch.Tensor, torch.Tensor | None], Any] | None = None,
+        *,
+        method: str = "gradient",
+        model_output: str = "logits",
+        batch_size: int | None = None,
+        **options: Any,
+    ) -> None:
+        self.options = _check_options(method, options)
+        _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+        _check_positive_int(batch_size, "batch_size", allow_none=True)
+        if tangent_fn is not None and not callable(tangent_fn):
+            raise TypeError(f"tangent_fn must be callable, got {type(tangent_fn).__name__}")
+        self.tangent_fn = tangent_fn
+        self.method = method
+        self.model_output = model_output
+        self.batch_size = batch_size
+
+    def __repr__(self) -> str:
+        return (f"TangentFraction(method={self.method!r}, model_output={self.model_output!r}, "
+                f"options={self.options})")
+
+    def __call__(
+        self,
+        model: Any,
+        x_batch: torch.Tensor | np.ndarray,
+        y_batch: torch.Tensor | np.ndarray | None = None,
+        a_batch: torch.Tensor | np.ndarray | None = None,
+        *,
+        tangent: Any = None,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray:
+        if tangent is None and self.tangent_fn is None:
+            raise ValueError("no tangent spaces: pass tangent_fn to TangentFraction(...) or "
+                             "tangent= to the call")
+        dtype, mdevice = _model_dtype_device(model)
+        device = torch.device(device) if device is not None else mdevice
+        if isinstance(x_batch, np.ndarray):
+            x_batch = torch.as_tensor(x_batch, dtype=dtype, device=device)
+        elif isinstance(x_batch, torch.Tensor) and device is not None:
+            x_batch = x_batch.to(device)
+        check_batch(x_batch, "x_batch")
+        n = x_batch.shape[0]
+        y = None if y_batch is None else _prepare_target(y_batch, n, x_batch.device)
+        if a_batch is None:
+            a = explain(model, x_batch, self.method, y, model_output=self.model_output,
+                        batch_size=self.batch_size, **self.options)
+        else:
+            a = torch.as_tensor(a_batch).to(device=x_batch.device, dtype=x_batch.dtype)
+            if a.ndim < 1 or a.shape[0] != n or a[0].numel() != x_batch[0].numel():
+                raise ValueError(
+                    f"a_batch must hold one attribution of {x_batch[0].numel()} numbers per "
+                    f"sample of x_batch {tuple(x_batch.shape)}, got shape {tuple(a.shape)}; "
+                    "attributions must live in input space (not channel-reduced)"
+                )
+            a = a.reshape(x_batch.shape)
+            check_finite(a, "a_batch")
+        if tangent is None:
+            tangent = self.tangent_fn(model, x_batch, y)
+        frac = tangent.fraction(a)
+        frac = frac.detach().cpu().numpy() if isinstance(frac, torch.Tensor) else frac
+        frac = np.asarray(frac, dtype=np.float64)
+        if frac.shape != (n,):
+            raise ValueError(f"tangent.fraction returned shape {frac.shape}, expected ({n},)")
+        return frac
+
+
+# ----------------------------------------------------------------------------- ROAR
+
+
+def tangent_importance(tangent) -> torch.Tensor:
+    """The tangent space's own feature importance (seed 004 §4.4): ‖P_T e_i‖ per pixel, the
+    norm of the i-th column of the orthonormal basis, shaped (n, *input_shape)."""
+    b = tangent.basis
+    return b.pow(2).sum(1).sqrt().reshape(b.shape[0], *tangent.input_shape)
+
+
+def remove_features(x: torch.Tensor, scores: torch.Tensor, fraction: float, *,
+                    remove: str = "top", fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Replace the ``fraction`` of each image's features ranked highest (``remove="top"``) or
+    lowest (``"bottom"``) by ``scores`` with ``fill`` (ROAR, Hooker et al. 2019)."""
+    if remove not in ("top", "bottom"):
+        raise ValueError(f"remove must be 'top' or 'bottom', got {remove!r}")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if scores.shape != x.shape:
+        raise ValueError(f"scores must be shaped like x {tuple(x.shape)}, got "
+                         f"{tuple(scores.shape)}")
+    n = x.shape[0]
+    flat = scores.reshape(n, -1)
+    k = int(round(fraction * flat.shape[1]))
+    out = x.clone().reshape(n, -1)
+    if k == 0:
+        return out.reshape(x.shape)
+    idx = flat.topk(k, dim=1, largest=remove == "top").indices
+    fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
+    fill_flat = fill_t.expand(x.shape[1:]).reshape(-1) if fill_t.ndim else fill_t.expand(
+        flat.shape[1])
+    out.scatter_(1, idx, fill_flat[idx] if fill_flat.ndim else fill_flat.expand_as(idx))
+    return out.reshape(x.shape)
+
+
+def roar(
+    make_model: Callable[[], nn.Module],
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    fractions: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    *,
+    remove: str = "top",
+    train_options: dict[str, Any] | None = None,
+    rank_by: str = "abs",
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """RemOve And Retrain (Hooker et al. 2019; seed 004 Figure 5).
+
+    For every ranking in ``scores`` (name → (train scores, test scores), shaped like the
+    images — attributions of each method, the tangent space's :func:`tangent_importance`,
+    random noise as the baseline) and every fraction q: replace the top (or bottom) q of each
+    image's pixels by the training set's per-pixel mean, train a fresh ``make_model()`` on the
+    modified training set and record its accuracy on the modified test set. A better feature
+    ranking makes accuracy fall faster when the top features go. ``rank_by="abs"`` ranks by
+    |score| (signed attributions), ``"signed"`` by the score itself.
+    Returns name → accuracies, one per fraction (plus ``"fractions"``).
+    """
+    from .training import evaluate, train_classifier
+
+    if rank_by not in ("abs", "signed"):
+        raise ValueError(f"rank_by must be 'abs' or 'signed', got {rank_by!r}")
+    (xtr, ytr), (xte, yte) = train, test
+    fill = xtr.mean(0)
+    opts = {"optimizer": "adam", "lr": 1e-3, "epochs": 3, "batch_size": 64, "progress": False,
+            **(train_options or {})}
+    out: dict[str, list[float]] = {"fractions": [float(q) for q in fractions]}
+    todo = [(name, q) for name in scores for q in fractions]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="roar", unit="model")
+    try:
+        for name, (s_tr, s_te) in scores.items():
+            accs = []
+            for q in fractions:
+                key_tr = s_tr.abs() if rank_by == "abs" else s_tr
+                key_te = s_te.abs() if rank_by == "abs" else s_te
+                mtr = remove_features(xtr, key_tr, q, remove=remove, fill=fill)
+                mte = remove_features(xte, key_te, q, remove=remove, fill=fill)
+                model = make_model()
+                train_classifier(model, (mtr, ytr), **opts)
+                accs.append(evaluate(model, (mte, yte))["accuracy"])
+                if bar is not None:
+                    bar.update(1)
+            out[name] = accs
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
