@@ -207,6 +207,7 @@ def test_from_basis_rank_revealing():
     torch.testing.assert_close(T.project(a[:1]), a[:1], rtol=0, atol=1e-12)
     torch.testing.assert_close(T.project(a[1:]), a[1:], rtol=0, atol=1e-12)
     assert T.basis[0, 2:].abs().max() == 0  # masked rows are zero
+    assert TangentSpace(T.basis).dim.tolist() == [2]  # without a mask: the nonzero rows
     rows = TangentSpace.from_basis(cols.mT)
     torch.testing.assert_close(rows.basis, T.basis)  # deterministic: same input, same basis
     loose = TangentSpace.from_basis(cols + 1e-9 * torch.randn(1, 6, 4, generator=g, dtype=F64),

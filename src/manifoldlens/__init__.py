@@ -4,7 +4,8 @@ Input Jacobians, the local data matrix G(x) and the foliation it induces, held a
 data manifold. The functional core is batched on the first axis and device/dtype agnostic.
 """
 
-from . import flows
+from . import flows, generative
+from .attribution import METHODS, TangentFraction, explain
 from .foliation import (
     InvolutivityResult,
     PathResult,
@@ -26,11 +27,19 @@ from .jacobian import (
     jacobian_neighbors,
     kernel_target_alignment,
 )
+from .tangent import TangentSpace, principal_angles, random_fraction_baseline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "flows",
+    "generative",
+    "METHODS",
+    "TangentFraction",
+    "TangentSpace",
+    "explain",
+    "principal_angles",
+    "random_fraction_baseline",
     "InvolutivityResult",
     "PathResult",
     "horizontal_path",

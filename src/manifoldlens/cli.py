@@ -173,6 +173,65 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", type=int, default=9)
             p.add_argument("--method", default="linear", choices=["linear", "slerp"])
 
+    man = sub.add_parser("manifold", help="seed 004: explanations against the data manifold")
+    msub = man.add_subparsers(dest="experiment", required=True)
+    p = msub.add_parser("vae", help="a (β-TC)VAE or autoencoder of the data manifold")
+    _add_common(p)
+    _add_data(p, default="fashion-mnist")
+    p.add_argument("--model", default="betatcvae", choices=["betatcvae", "vae", "autoencoder"])
+    p.add_argument("--size", type=int, default=32, help="images resized to size × size")
+    p.add_argument("--latent", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=6.0)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--limit", type=int)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float)
+    length.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--resume", action="store_true")
+    p = msub.add_parser("dataset", help="a dataset on a known manifold (Algorithm 1)")
+    p.add_argument("checkpoint", help="<run>/model.json of `manifold vae`")
+    _add_common(p)
+    p.add_argument("--root", help="directory of the source dataset's IDX files")
+    p.add_argument("--approach", default="generative", choices=["generative", "reconstructive"])
+    p.add_argument("--n-train", type=int, default=6000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--upsample", type=int, help="bilinear upsampling to this side (MNIST256)")
+    p.add_argument("--labeller-steps", type=int, default=2000)
+    p = msub.add_parser("train", help="a classifier on a manifold dataset (Figure 6)")
+    p.add_argument("dataset", help="run directory of `manifold dataset`")
+    _add_common(p)
+    p.add_argument("--arch", default="seed001_cnn", choices=["seed001_cnn", "small_cnn", "mlp"])
+    p.add_argument("--epochs", type=float, default=5.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--adversarial", action="store_true", help="ℓ2-PGD adversarial training")
+    p.add_argument("--eps", default="1,4,8", help="radii drawn at every step (seed 004: 1,4,8)")
+    p.add_argument("--pgd-steps", type=int, default=100, help="PGD iterations (seed 004: 100)")
+    p.add_argument("--fraction-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true")
+    p = msub.add_parser("fraction", help="attributions in tangent space (Figures 2, 3, 7)")
+    p.add_argument("dataset", help="run directory of `manifold dataset`")
+    p.add_argument("checkpoints", nargs="+", help="classifiers (<run>/model.json)")
+    _add_common(p)
+    p.add_argument("--names", help="comma-separated names of the classifiers")
+    p.add_argument("--methods", default=",".join(("gradient", "input_x_gradient",
+                                                  "integrated_gradients", "smoothgrad")))
+    p.add_argument("--n", type=int, default=500, help="test images")
+    p = msub.add_parser("roar", help="remove and retrain (Figure 5)")
+    p.add_argument("dataset", help="run directory of `manifold dataset`")
+    p.add_argument("checkpoint", help="the classifier whose attributions rank the pixels")
+    _add_common(p)
+    p.add_argument("--methods", default=",".join(("gradient", "input_x_gradient",
+                                                  "integrated_gradients", "smoothgrad")))
+    p.add_argument("--fractions", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--remove", default="top", choices=["top", "bottom"])
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--arch", default="seed001_cnn", choices=["seed001_cnn", "small_cnn", "mlp"])
+
     p = sub.add_parser("demo", help="the whole story on the embedded digits, with a report")
     _add_common(p)
     p.add_argument("--steps", type=int, default=1500)
@@ -188,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runs import Run, default_run_dir
 
     torch.manual_seed(args.seed)
-    name = args.command + (f"-{args.experiment}" if args.command in ("leaf", "flow") else "")
+    name = args.command + (f"-{args.experiment}" if args.command in ("leaf", "flow", "manifold")
+                           else "")
     out = args.out or default_run_dir(name)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     progress = not args.no_progress
@@ -229,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _leaf(args, run, progress, experiments)
             elif args.command == "flow":
                 _flow(args, run, progress)
+            elif args.command == "manifold":
+                _manifold(args, run, progress)
             elif args.command == "demo":
                 experiments.run_demo(run, steps=args.steps, progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, TypeError) as e:
@@ -298,6 +360,47 @@ def _flow(args, run, progress: bool) -> None:
     else:
         fx.run_flow_interpolate(run, args.checkpoint, data=args.data, root=args.root,
                                 pairs=args.pairs, steps=args.steps, method=args.method, **common)
+
+
+def _manifold(args, run, progress: bool) -> None:
+    from . import manifold_experiments as mx
+
+    common = {"device": args.device, "seed": args.seed}
+    e = args.experiment
+    if e == "vae":
+        steps, epochs = args.steps, args.epochs
+        if steps is None and epochs is None:
+            epochs = 10.0
+        mx.run_manifold_vae(run, data=args.data, root=args.root, kind=args.model,
+                            size=args.size, latent_dim=args.latent, alpha=args.alpha,
+                            beta=args.beta, gamma=args.gamma, limit=args.limit, steps=steps,
+                            epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+                            resume=args.resume, progress=progress, **common)
+    elif e == "dataset":
+        mx.run_manifold_dataset(run, args.checkpoint, n_train=args.n_train, n_test=args.n_test,
+                                approach=args.approach, upsample=args.upsample,
+                                labeller_steps=args.labeller_steps, root=args.root,
+                                progress=progress, seed=args.seed)
+    elif e == "train":
+        adv = None
+        if args.adversarial:
+            adv = {"eps": tuple(float(v) for v in args.eps.split(",") if v),
+                   "steps": args.pgd_steps}
+        mx.run_manifold_train(run, args.dataset, arch=args.arch, epochs=args.epochs,
+                              lr=args.lr, batch_size=args.batch_size, adversarial=adv,
+                              fraction_every=args.fraction_every, resume=args.resume,
+                              progress=progress, **common)
+    elif e == "fraction":
+        names = args.names.split(",") if args.names else None
+        mx.run_manifold_fraction(run, args.checkpoints, args.dataset,
+                                 methods=tuple(m for m in args.methods.split(",") if m),
+                                 n=args.n, names=names, **common)
+    else:
+        mx.run_manifold_roar(run, args.checkpoint, args.dataset,
+                             methods=tuple(m for m in args.methods.split(",") if m),
+                             fractions=tuple(float(v) for v in args.fractions.split(",") if v),
+                             n_train=args.n_train, arch=args.arch, epochs=args.epochs,
+                             remove=args.remove, progress=progress, **common)
 
 
 if __name__ == "__main__":  # pragma: no cover

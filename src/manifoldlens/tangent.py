@@ -72,7 +72,8 @@ class TangentSpace:
     basis : Tensor (n, k, d)
         Orthonormal rows; rows whose ``mask`` is false are zero and ignored.
     mask : Tensor (n, k) bool
-        Which rows span ``T_i``; ``dim`` is its row sum. All true when built without one.
+        Which rows span ``T_i``; ``dim`` is its row sum. Built without one, the nonzero rows
+        (a zero row belongs to no orthonormal basis), so a stored ``basis`` alone round-trips.
     input_shape : tuple
         Shape of one point; vectors passed to the methods are shaped ``(n, *input_shape)``
         (or flat, ``(n, d)``) and results come back shaped like them.
@@ -111,7 +112,7 @@ class TangentSpace:
         check_finite(basis, "basis")
         n, k, d = basis.shape
         if mask is None:
-            mask = torch.ones((n, k), dtype=torch.bool, device=basis.device)
+            mask = basis.abs().amax(-1) > 0
         elif mask.shape != (n, k) or mask.dtype != torch.bool:
             raise ValueError(
                 f"mask must be a bool tensor shaped (n, k) = ({n}, {k}), got "
@@ -329,7 +330,7 @@ class TangentSpace:
         *,
         n_neighbors: int | None = None,
         at: torch.Tensor | None = None,
-        chunk_size: int = 1024,
+        chunk_size: int = 256,
         rtol: float | None = None,
     ) -> TangentSpace:
         """Tangent spaces estimated from data by local PCA.

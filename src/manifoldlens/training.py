@@ -27,6 +27,7 @@ from .runs import Run
 __all__ = [
     "SEED001_DEFAULTS",
     "Callback",
+    "TangentFractionDuringTraining",
     "TraceOfG",
     "TrainState",
     "TrainResult",
@@ -153,7 +154,35 @@ class Callback:
         pass
 
 
-class TraceOfG(Callback):
+class _Periodic(Callback):
+    """A measurement taken at step 0 and every ``every`` steps, kept in ``records``."""
+
+    def __init__(self, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        self.records: list[dict[str, float]] = []
+
+    def measure(self, state: TrainState) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_train_start(self, state: TrainState) -> None:
+        done = {r["step"] for r in self.records}
+        if state.step % self.every == 0 and state.step not in done:
+            self.measure(state)
+
+    def on_step(self, state: TrainState) -> None:
+        if state.step % self.every == 0:
+            self.measure(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = list(state.get("records", []))
+
+
+class TraceOfG(_Periodic):
     """Mean trace and numerical rank of G(x, w) on a fixed probe batch during training.
 
     Seed 001 Figure 2: the mean trace (the soft rank, eq. 11) and its exponential moving
@@ -175,15 +204,12 @@ class TraceOfG(Callback):
     def __init__(
         self, probe: torch.Tensor, every: int = 100, beta: float = 0.9, rtol: float | None = None
     ) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        super().__init__(every)
         if not 0 <= beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.probe = probe
-        self.every = every
         self.beta = beta
         self.rtol = rtol
-        self.records: list[dict[str, float]] = []
 
     def measure(self, state: TrainState) -> dict[str, float]:
         model = state.model
@@ -215,15 +241,6 @@ class TraceOfG(Callback):
             state.run.log(trace_of_g=rec)
         return rec
 
-    def on_train_start(self, state: TrainState) -> None:
-        done = {r["step"] for r in self.records}
-        if state.step % self.every == 0 and state.step not in done:
-            self.measure(state)
-
-    def on_step(self, state: TrainState) -> None:
-        if state.step % self.every == 0:
-            self.measure(state)
-
     def on_train_end(self, state: TrainState) -> None:
         if state.run is not None and self.records:
             from .viz import plot_trace_of_g
@@ -231,11 +248,41 @@ class TraceOfG(Callback):
             state.run.save_figure("trace_of_g", plot_trace_of_g(self.records))
             state.run.save_json("trace_of_g", self.records)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"records": self.records}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.records = list(state.get("records", []))
+class TangentFractionDuringTraining(_Periodic):
+    """Seed 004 Figure 6: the fraction of the model's gradient (or another attribution) in
+    the data's tangent space, on a fixed probe batch, over the course of training.
+
+    Records mean, median and the 5 %/95 % quantiles of ``tangent.fraction(explain(...))``
+    under ``"tangent_fraction"`` in ``metrics.jsonl``; ``tangent`` is a
+    :class:`~manifoldlens.tangent.TangentSpace` of the probe points.
+    """
+
+    def __init__(self, probe: torch.Tensor, tangent: Any, every: int = 100,
+                 method: str = "gradient", targets: torch.Tensor | None = None) -> None:
+        super().__init__(every)
+        self.probe, self.tangent, self.method, self.targets = probe, tangent, method, targets
+
+    def measure(self, state: TrainState) -> dict[str, float]:
+        from .attribution import explain
+
+        model = state.model
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            a = explain(model, self.probe.to(device), self.method, self.targets,
+                        model_output=state.model_output)
+        finally:
+            model.train(was_training)
+        f = self.tangent.fraction(a.to(self.tangent.basis)).double().cpu()
+        q = torch.quantile(f, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+        rec = {"step": state.step, "mean": float(f.mean()), "median": float(q[1]),
+               "q05": float(q[0]), "q95": float(q[2])}
+        self.records.append(rec)
+        if state.run is not None:
+            state.run.log(tangent_fraction=rec)
+        return rec
 
 
 @dataclass

@@ -1,0 +1,305 @@
+"""Seed 004's experiments as library functions over a run directory (``manifoldlens manifold``).
+
+1. ``vae``: a (β-TC)VAE or autoencoder of a dataset, images resized to a square power-of-two
+   side (seed 004: MNIST at 32 × 32), with reconstructions and latent traversals;
+2. ``dataset``: a dataset on a known manifold (generative approach, Algorithm 1, or the
+   reconstructive approach), optionally upsampled;
+3. ``train``: a classifier on it, standard or ℓ2-adversarial, following the fraction of its
+   gradient in tangent space (Figure 6);
+4. ``fraction``: attributions split into tangent and orthogonal parts (Figure 2), their
+   fractions in tangent space against the random baseline (Figures 3 and 7), and the
+   classifier's own D_x against the data's tangent space (principal angles);
+5. ``roar``: remove-and-retrain for every method and the tangent space's feature importance
+   (Figure 5).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import viz
+from .attribution import METHODS, explain, roar, tangent_importance
+from .data import load_dataset
+from .generative import (
+    VAE,
+    AutoEncoder,
+    BetaTCVAE,
+    ManifoldDataset,
+    generative_dataset,
+    latent_traversal,
+    reconstructive_dataset,
+    train_generative,
+)
+from .models import count_parameters, create_model, load_checkpoint, save_checkpoint
+from .runs import Run
+from .tangent import TangentSpace, principal_angles, random_fraction_baseline
+from .training import TangentFractionDuringTraining, evaluate, train_classifier
+
+__all__ = [
+    "resize_images",
+    "run_manifold_vae",
+    "run_manifold_dataset",
+    "run_manifold_train",
+    "run_manifold_fraction",
+    "run_manifold_roar",
+    "load_manifold_dataset",
+]
+
+KINDS = {"betatcvae": BetaTCVAE, "vae": VAE, "autoencoder": AutoEncoder}
+
+
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize to size × size, kept in [0, 1] (seed 004 used MNIST at 32 × 32)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None = None,
+                     kind: str = "betatcvae", size: int = 32, latent_dim: int = 10,
+                     alpha: float = 1.0, beta: float = 6.0, gamma: float = 1.0,
+                     limit: int | None = None, steps: int | None = None,
+                     epochs: float | None = None, batch_size: int = 64, lr: float = 1e-3,
+                     checkpoint_every: int | None = 500, resume: bool = False,
+                     progress: bool = True, device: str = "cpu", seed: int = 0
+                     ) -> dict[str, Any]:
+    """Train the generative model of the data manifold (seed 004: β-TCVAE, α = γ = 1, β = 6,
+    k = 10); write ``model.json``, reconstructions and latent traversals."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model {kind!r}; known: {sorted(KINDS)}")
+    train = load_dataset(data, "train", root)
+    test = load_dataset(data, "test", root)
+    if limit:
+        train = train.subset(limit, seed=seed)
+    x = resize_images(train.images, size)
+    xt = resize_images(test.images[:512], size)
+    shape = (x.shape[1], size, size)
+    torch.manual_seed(seed)
+    network = "conv" if size >= 16 else "mlp"
+    if kind == "betatcvae":
+        model = BetaTCVAE(shape, latent_dim, network=network, alpha=alpha, beta=beta,
+                          gamma=gamma)
+    else:
+        model = KINDS[kind](shape, latent_dim, network=network)
+    meta = {"data": train.name, "classes": train.classes, "size": size}
+    res = train_generative(model, x, steps=steps, epochs=epochs if steps is None else None,
+                           batch_size=batch_size, lr=lr, seed=seed, run=run,
+                           checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                           device=device, test_images=xt, metadata=meta)
+    model.eval()
+    save_checkpoint(run.path / "model", model, metadata={**meta, "metrics": res.metrics})
+    with torch.no_grad():
+        pairs = torch.stack([xt[:8], model(xt[:8].to(device)).cpu()], 1)  # (8, 2, C, H, W)
+    run.save_figure("reconstructions", viz.interpolation_strips(
+        pairs, labels=[train.classes[int(c)] for c in test.labels[:8]],
+        title="test images and their reconstructions"))
+    if hasattr(model, "latent_dim"):
+        with torch.no_grad():
+            z0 = model.encode(xt[:1].to(device))
+            z0 = z0[0] if isinstance(z0, tuple) else z0
+        trav = latent_traversal(model, z0, span=2.5, steps=9).cpu()
+        run.save_figure("traversals", viz.interpolation_strips(
+            trav, labels=[f"z{j + 1}" for j in range(model.latent_dim)],
+            title="latent traversals around a test image's code"))
+    run.metrics.update({**res.metrics, "parameters": count_parameters(model),
+                        "shape": list(shape)})
+    return run.metrics
+
+
+def load_manifold_dataset(directory: str | Path, split: str) -> ManifoldDataset:
+    """``<directory>/<split>.json`` written by :func:`run_manifold_dataset`."""
+    return ManifoldDataset.load(Path(directory) / split)
+
+
+def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_test: int = 1000,
+                         approach: str = "generative", upsample: int | None = None,
+                         labeller_steps: int = 2000, root: str | None = None,
+                         progress: bool = True, seed: int = 0) -> dict[str, Any]:
+    """A dataset on a known manifold from a trained (β-TC)VAE or autoencoder (seed 004
+    Algorithm 1, or the reconstructive approach): ``train`` and ``test`` splits with labels,
+    latent codes and tangent bases, a figure of samples, and k/d with the random baseline."""
+    model, meta = load_checkpoint(checkpoint)
+    model.eval()
+    name, size = meta.get("data"), int(meta.get("size", model.shape[-1]))
+    if name is None:
+        raise ValueError(f"{checkpoint} does not record its dataset")
+    classes = meta.get("classes")
+    if approach == "generative":
+        train = load_dataset(name, "train", root)
+        x = resize_images(train.images, size)
+        ds, info = generative_dataset(model, x, train.labels, n_train + n_test, classes=classes,
+                                      upsample=upsample, labeller_steps=labeller_steps,
+                                      seed=seed, progress=progress)
+        tr, te = ds.subset(slice(0, n_train)), ds.subset(slice(n_train, n_train + n_test))
+    elif approach == "reconstructive":
+        parts = []
+        for split, n in (("train", n_train), ("test", n_test)):
+            real = load_dataset(name, split, root).subset(n, seed=seed)
+            parts.append(reconstructive_dataset(model, resize_images(real.images, size),
+                                                real.labels, classes=classes,
+                                                upsample=upsample))
+        tr, te = parts
+        info = dict(tr.info)
+    else:
+        raise ValueError(f"approach must be 'generative' or 'reconstructive', got {approach!r}")
+    tr.save(run.path / "train")
+    te.save(run.path / "test")
+    k, d = model.latent_dim, math.prod(tr.shape)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(te), generator=g)[:32]
+    run.save_figure("samples", viz.sample_grid(te.images[idx], title=f"{approach} dataset "
+                                               f"({tr.shape[-1]}×{tr.shape[-1]}, k = {k})"))
+    counts = torch.bincount(tr.labels, minlength=len(tr.classes)).tolist()
+    run.metrics.update({**info, "n_train": len(tr), "n_test": len(te), "k": k, "d": d,
+                        "sqrt_k_over_d": math.sqrt(k / d),
+                        "random_baseline": random_fraction_baseline(k, d),
+                        "class_counts": counts, "source": name})
+    return run.metrics
+
+
+def _tangent(ds: ManifoldDataset) -> TangentSpace:
+    return ds.tangent_space()
+
+
+def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
+                       epochs: float = 5.0, lr: float = 1e-3, batch_size: int = 64,
+                       adversarial: dict[str, Any] | None = None, probe: int = 200,
+                       fraction_every: int = 100, checkpoint_every: int | None = 500,
+                       resume: bool = False, progress: bool = True, device: str = "cpu",
+                       seed: int = 0) -> dict[str, Any]:
+    """Train a classifier on a manifold dataset (Adam, as seed 004), standard or ℓ2-adversarial,
+    recording the fraction of its gradient in tangent space on ``probe`` test images every
+    ``fraction_every`` steps (Figure 6)."""
+    tr = load_manifold_dataset(dataset_dir, "train")
+    te = load_manifold_dataset(dataset_dir, "test")
+    torch.manual_seed(seed)
+    model = create_model(arch, tr.shape, tr.num_classes)
+    probe_ts = te.subset(slice(0, probe)).tangent_space()
+    cb = TangentFractionDuringTraining(te.images[:probe], probe_ts, every=fraction_every)
+    res = train_classifier(model, (tr.images, tr.labels), test_data=(te.images, te.labels),
+                           optimizer="adam", lr=lr, batch_size=batch_size, epochs=epochs,
+                           seed=seed, callbacks=[cb], run=run, resume=resume,
+                           checkpoint_every=checkpoint_every, progress=progress, device=device,
+                           adversarial=adversarial,
+                           metadata={"dataset": str(dataset_dir), "classes": tr.classes})
+    save_checkpoint(run.path / "model", model, metadata={
+        "dataset": str(dataset_dir), "classes": tr.classes, "metrics": res.metrics,
+        "adversarial": adversarial})
+    k, d = tr.tangent.shape[1], math.prod(tr.shape)
+    base = random_fraction_baseline(k, d)
+    run.save_figure("fraction_over_training", viz.plot_fraction_over_training(
+        cb.records, baseline=base, title="fraction of the gradient in tangent space"))
+    run.save_json("fraction_over_training", cb.records)
+    run.metrics.update({**res.metrics, "fraction_start": cb.records[0]["mean"],
+                        "fraction_end": cb.records[-1]["mean"], "random_baseline": base,
+                        "adversarial": adversarial})
+    return run.metrics
+
+
+def _summary(f: torch.Tensor) -> dict[str, float]:
+    f = f.double()
+    return {"mean": float(f.mean()), "median": float(f.median()), "std": float(f.std()),
+            "q05": float(torch.quantile(f, 0.05)), "q95": float(torch.quantile(f, 0.95))}
+
+
+def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
+                          methods: tuple[str, ...] = METHODS, n: int = 500,
+                          names: list[str] | None = None, options: dict[str, dict] | None = None,
+                          figure_images: int = 8, device: str = "cpu",
+                          seed: int = 0) -> dict[str, Any]:
+    """Fractions of each attribution in the data's tangent space (Figures 2, 3, 7) and in the
+    classifier's own D_x, and the principal angles between D_x and the tangent space.
+
+    ``checkpoints``: one or more classifiers (e.g. standard and ℓ2-robust) evaluated on the
+    first ``n`` test images of the manifold dataset, attributions towards the predicted class.
+    """
+    te = load_manifold_dataset(dataset_dir, "test").subset(slice(0, n))
+    ts = te.tangent_space()
+    k, d = te.tangent.shape[1], math.prod(te.shape)
+    base = random_fraction_baseline(k, d)
+    g = torch.Generator().manual_seed(seed)
+    rnd = torch.randn(te.images.shape, generator=g)
+    results: dict[str, Any] = {"k": k, "d": d, "random_baseline": base,
+                               "random_vectors": _summary(ts.fraction(rnd)), "models": {}}
+    names = names or [Path(c).parent.name or Path(c).stem for c in checkpoints]
+    if len(names) != len(checkpoints):
+        raise ValueError("give one name per checkpoint")
+    by_method: dict[str, torch.Tensor] = {}
+    for name, ckpt in zip(names, checkpoints, strict=True):
+        model, _ = load_checkpoint(ckpt, map_location=device)
+        x = te.images.to(device)
+        acc = evaluate(model, (x, te.labels.to(device)))["accuracy"]
+        dx = TangentSpace.from_model(model, x).to(torch.float32)
+        angles = principal_angles(dx.to("cpu"), ts)
+        entry: dict[str, Any] = {"test_accuracy": acc, "methods": {},
+                                 "dx_dim_mean": float(dx.dim.double().mean()),
+                                 "smallest_angle_deg": _summary(angles[:, 0].rad2deg()),
+                                 "mean_angle_deg": _summary(angles.mean(1).rad2deg()),
+                                 "random_in_dx": _summary(dx.to("cpu").fraction(rnd))}
+        parts = {}
+        for method in methods:
+            a = explain(model, x, method, **(options or {}).get(method, {})).cpu()
+            f_t = ts.fraction(a)
+            entry["methods"][method] = {"tangent": _summary(f_t),
+                                        "dx": _summary(dx.to("cpu").fraction(a))}
+            by_method[f"{method} ({name})" if len(checkpoints) > 1 else method] = f_t
+            m = figure_images
+            parts[method] = {"attribution": a[:m], "tangent": ts.project(a)[:m],
+                             "orthogonal": ts.orthogonal(a)[:m]}
+        run.save_figure(f"decomposition_{name}", viz.plot_attribution_decomposition(
+            te.images[:figure_images], parts,
+            labels=[te.classes[int(c)] for c in te.labels[:figure_images]],
+            title=f"attributions of {name}: in the tangent space and orthogonal to it"))
+        run.save_figure(f"principal_angles_{name}", viz.plot_principal_angles(
+            angles, title=f"D_x of {name} against the data's tangent space"))
+        results["models"][name] = entry
+    run.save_figure("fraction_by_method", viz.plot_fraction_by_method(
+        {k_: v.numpy() for k_, v in by_method.items()}, baseline=base,
+        title="fraction of each attribution in the tangent space"))
+    run.save_json("results", results)
+    run.metrics.update({"random_baseline": base, "k": k, "d": d,
+                        "mean_fraction": {m: float(v.mean()) for m, v in by_method.items()}})
+    return run.metrics
+
+
+def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
+                      methods: tuple[str, ...] = METHODS,
+                      fractions: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
+                      n_train: int | None = None, arch: str = "seed001_cnn",
+                      epochs: float = 2.0, remove: str = "top", progress: bool = True,
+                      device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """ROAR (Figure 5): rank pixels by each method's attribution for the trained classifier
+    ``checkpoint``, by the tangent space's own importance ‖P_T e_i‖, and at random; remove
+    a fraction, retrain a fresh ``arch`` and test."""
+    tr = load_manifold_dataset(dataset_dir, "train")
+    te = load_manifold_dataset(dataset_dir, "test")
+    if n_train:
+        tr = tr.subset(slice(0, n_train))
+    model, _ = load_checkpoint(checkpoint, map_location=device)
+    scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for method in methods:
+        scores[method] = (explain(model, tr.images.to(device), method, batch_size=256).cpu(),
+                          explain(model, te.images.to(device), method, batch_size=256).cpu())
+    scores["tangent space"] = (tangent_importance(tr.tangent_space()),
+                               tangent_importance(te.tangent_space()))
+    g = torch.Generator().manual_seed(seed)
+    scores["random"] = (torch.rand(tr.images.shape, generator=g),
+                        torch.rand(te.images.shape, generator=g))
+
+    def make():
+        torch.manual_seed(seed)
+        return create_model(arch, tr.shape, tr.num_classes)
+
+    res = roar(make, (tr.images, tr.labels), (te.images, te.labels), scores, fractions,
+               remove=remove, train_options={"epochs": epochs, "seed": seed, "device": device},
+               progress=progress)
+    run.save_figure("roar", viz.plot_roar(res, remove=remove,
+                                          title=f"ROAR: remove the {remove} pixels, retrain"))
+    run.save_json("results", res)
+    run.metrics.update({"roar": res, "n_train": len(tr), "epochs": epochs})
+    return run.metrics

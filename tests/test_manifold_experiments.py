@@ -1,0 +1,80 @@
+"""Seed 004's pipeline end to end on the embedded digits, at toy size: VAE → dataset on a
+known manifold → standard and adversarial classifiers → fractions in tangent space → ROAR."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from manifoldlens.cli import main
+from manifoldlens.generative import ManifoldDataset
+from manifoldlens.tangent import random_fraction_baseline
+
+
+def _doc(out):
+    return json.loads((out / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("manifold")
+    common = ["--no-progress"]
+    assert main(["manifold", "vae", "--data", "digits", "--size", "16", "--latent", "4",
+                 "--steps", "40", "--limit", "300", "--out", str(root / "vae"), *common]) == 0
+    assert main(["manifold", "dataset", str(root / "vae" / "model.json"), "--n-train", "120",
+                 "--n-test", "40", "--labeller-steps", "30", "--out", str(root / "ds"),
+                 *common]) == 0
+    assert main(["manifold", "train", str(root / "ds"), "--arch", "mlp", "--epochs", "2",
+                 "--fraction-every", "2", "--out", str(root / "std"), *common]) == 0
+    assert main(["manifold", "train", str(root / "ds"), "--arch", "mlp", "--epochs", "1",
+                 "--adversarial", "--eps", "0.5,1", "--pgd-steps", "2", "--fraction-every",
+                 "2", "--out", str(root / "adv"), *common]) == 0
+    return root
+
+
+def test_vae_and_dataset(pipeline):
+    vae = _doc(pipeline / "vae")
+    assert vae["command"] == "manifold-vae" and vae["metrics"]["shape"] == [1, 16, 16]
+    assert {"reconstructions.png", "traversals.png"} <= {p.name for p in
+                                                         (pipeline / "vae").glob("*.png")}
+    ds = _doc(pipeline / "ds")["metrics"]
+    assert ds["n_train"] == 120 and ds["k"] == 4 and ds["d"] == 256
+    assert 0 < ds["acceptance_rate"] <= 1
+    assert math.isclose(ds["random_baseline"], random_fraction_baseline(4, 256))
+    test = ManifoldDataset.load(pipeline / "ds" / "test")
+    assert test.images.shape == (40, 1, 16, 16) and test.tangent.shape == (40, 4, 256)
+    gram = test.tangent @ test.tangent.mT  # orthonormal tangent bases
+    torch.testing.assert_close(gram, torch.eye(4).expand(40, 4, 4), atol=1e-5, rtol=0)
+
+
+def test_training_records_the_fraction(pipeline):
+    for run in ("std", "adv"):
+        doc = _doc(pipeline / run)
+        assert 0 <= doc["metrics"]["fraction_end"] <= 1
+        assert (pipeline / run / "fraction_over_training.png").is_file()
+    assert _doc(pipeline / "adv")["metrics"]["adversarial"]["eps"] == [0.5, 1.0]
+
+
+def test_fraction_and_roar(pipeline, tmp_path):
+    out = tmp_path / "frac"
+    assert main(["manifold", "fraction", str(pipeline / "ds"), str(pipeline / "std/model.json"),
+                 str(pipeline / "adv/model.json"), "--names", "standard,robust", "--methods",
+                 "gradient,input_x_gradient,smoothgrad", "--n", "20", "--out", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == {"standard", "robust"}
+    for entry in res["models"].values():
+        for m in ("gradient", "input_x_gradient", "smoothgrad"):
+            assert 0 <= entry["methods"][m]["tangent"]["mean"] <= 1
+        assert 0 <= entry["smallest_angle_deg"]["mean"] <= 90
+    assert abs(res["random_vectors"]["mean"] - res["random_baseline"]) < 0.1
+    assert (out / "fraction_by_method.png").is_file()
+    out = tmp_path / "roar"
+    assert main(["manifold", "roar", str(pipeline / "ds"), str(pipeline / "std/model.json"),
+                 "--methods", "gradient", "--fractions", "0.5", "--epochs", "1", "--arch", "mlp",
+                 "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"fractions", "gradient", "tangent space", "random"}
