@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 from ._checks import check_batch, check_finite, check_independent_samples
-from .jacobian import MODEL_OUTPUTS, _check_choice, _chunks, _to_scores, check_model_output
+from .jacobian import (
+    MODEL_OUTPUTS,
+    _check_choice,
+    _chunks,
+    _scores_with_graph,
+    _to_scores,
+    check_model_output,
+)
 
 __all__ = ["METHODS", "QUADRATURES", "explain", "TangentFraction", "remove_features", "roar",
            "tangent_importance"]
@@ -179,11 +186,7 @@ def _gradient(
     Samples are independent, so the gradient of Σ_i s_{t_i}(x_i) w.r.t. x_i is ∂s_{t_i}/∂x_i.
     """
     with torch.enable_grad():
-        xr = x.detach().requires_grad_(True)
-        out = model(xr)
-        if check:
-            check_model_output(out, model_output, x.shape[0])
-        s = _to_scores(out, model_output)
+        xr, s = _scores_with_graph(model, x, model_output, check)
         t = _resolve_target(target, s, offset)
         selected = s.gather(1, t[:, None]).sum()
         if not selected.requires_grad:  # the scores do not depend on x

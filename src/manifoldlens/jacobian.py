@@ -128,6 +128,17 @@ def check_model_output(out: torch.Tensor, model_output: str, n: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _scores_with_graph(model: nn.Module, x: torch.Tensor, model_output: str,
+                      check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_r, s)``: a leaf copy of x that requires grad and the scores computed from it (call
+    under ``torch.enable_grad()``); the model's raw output is checked when ``check``."""
+    xr = x.detach().requires_grad_(True)
+    out = model(xr)
+    if check:
+        check_model_output(out, model_output, x.shape[0])
+    return xr, _to_scores(out, model_output)
+
+
 def _jac_vjp(
     model: nn.Module, x: torch.Tensor, model_output: str, check: bool = True,
     relative: bool = False,
@@ -141,11 +152,7 @@ def _jac_vjp(
     vector is added to every row of ``J_s``.
     """
     with torch.enable_grad():
-        xr = x.detach().requires_grad_(True)
-        out = model(xr)
-        if check:
-            check_model_output(out, model_output, x.shape[0])
-        s = _to_scores(out, model_output)
+        xr, s = _scores_with_graph(model, x, model_output, check)
         n, c = s.shape
         if not relative:
             jac = x.new_empty((n, c, *x.shape[1:]))
