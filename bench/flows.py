@@ -40,15 +40,12 @@ carries a ``busy_warning``).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import functools
 import gc
 import json
 import math
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -57,6 +54,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+import _common as common
+from _common import log, ratio, round_robin, stats
 from manifoldlens import flows
 from manifoldlens.data import load_dataset
 
@@ -75,116 +74,9 @@ MODELS = ("ours_glow", "normflows_glow", "ours_realnvp", "normflows_realnvp", "o
 PAIRS = {"glow": ("ours_glow", "normflows_glow"), "realnvp": ("ours_realnvp", "normflows_realnvp")}
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------------------
-# Helpers (as in bench/jacobian.py)
+# Helpers (shared ones in bench/_common.py)
 # --------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def current_rss_mb() -> float | None:
-    """Resident set size now, from /proc/self/statm (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def ru_maxrss_mb() -> float:
-    """Peak RSS of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def vm_hwm_mb() -> float | None:
-    """Peak RSS of this address space (VmHWM in /proc/self/status, Linux); None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS: VmHWM where available (resettable, not inherited), else ``ru_maxrss``."""
-    hwm = vm_hwm_mb()
-    return hwm if hwm is not None else ru_maxrss_mb()
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (``echo 5 > /proc/self/clear_refs``, Linux ≥ 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return vm_hwm_mb() is not None
-    except OSError:
-        return False
-
-
-def stats(values: list[float], digits: int = 4) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), digits),
-        "min": round(min(values), digits),
-        "max": round(max(values), digits),
-    }
-
-
-def round_robin(
-    methods: dict[str, Callable[[], object]],
-    repeats: int,
-    warmup: int,
-    label: str = "",
-) -> dict[str, list[float]]:
-    """Time every method once per round, ``warmup + repeats`` rounds, order rotated per round.
-
-    The value recorded is ms per call. Warm-up rounds are not recorded.
-    """
-    names = list(methods)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + repeats):
-        k = r % len(names)
-        order = names[k:] + names[:k]
-        for name in order:
-            t0 = time.perf_counter()
-            methods[name]()
-            ms = (time.perf_counter() - t0) * 1e3
-            if r >= warmup:
-                times[name].append(ms)
-        tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{repeats}"
-        log(
-            f"{label} {tag}: "
-            + ", ".join(f"{n}={times[n][-1]:.0f}ms" if r >= warmup else n for n in names)
-        )
-    return times
-
-
-def ratio(num: list[float], den: list[float]) -> dict[str, float]:
-    """Ratios ``num / den``: of medians, of mins, median of the per-round ratios."""
-    return {
-        "of_medians": round(statistics.median(num) / statistics.median(den), 3),
-        "of_mins": round(min(num) / min(den), 3),
-        "median_of_paired_rounds": round(
-            statistics.median(a / b for a, b in zip(num, den, strict=True)), 3
-        ),
-    }
 
 
 def count_params(model: nn.Module) -> int:
@@ -401,6 +293,23 @@ class BatchStream:
 
 
 @torch.no_grad()
+def log_p_agreement(ours: nn.Module, theirs: nn.Module, y: torch.Tensor,
+                    with_bpd: bool = False) -> dict[str, object]:
+    """How far apart the two models' log p(y) are; they ``agree`` within 1e-4 relative."""
+    lp_ours, lp_nf = ours.log_prob(y), theirs.log_prob(y)
+    diff = float((lp_ours - lp_nf).abs().max())
+    scale = float(lp_ours.abs().max())
+    out: dict[str, object] = {
+        "max_abs_diff_log_p": float(f"{diff:.3g}"),
+        "max_abs_log_p": float(f"{scale:.4g}"),
+    }
+    if with_bpd:
+        out["max_abs_diff_bpd"] = float(f"{diff / (DIM * math.log(2)):.3g}")
+    out["agree"] = diff <= 1e-4 * max(1.0, scale)
+    return out
+
+
+@torch.no_grad()
 def glow_structure_check(cfg: dict, y: torch.Tensor) -> dict:
     ours = build_model("ours_glow", cfg)
     theirs = build_model("normflows_glow", cfg)
@@ -437,8 +346,6 @@ def glow_structure_check(cfg: dict, y: torch.Tensor) -> dict:
                                float((b.s.flatten() + a.log_scale).abs().max()))
             b.t.copy_(t.view_as(b.t))
             b.s.copy_(-a.log_scale.view_as(b.s))
-    lp_ours, lp_nf = ours.log_prob(y), theirs.log_prob(y)
-    diff = (lp_ours - lp_nf).abs().max()
     return {
         "what": "fresh ours_glow and normflows_glow; the LU factors of every 1x1 conv copied "
         "from ours into normflows (data-direction order), ActNorms initialised on the same "
@@ -450,10 +357,7 @@ def glow_structure_check(cfg: dict, y: torch.Tensor) -> dict:
         "actnorm_init_note": "before the copy: normflows' data-dependent init uses the "
         "unbiased std (N-1), ours the biased one (N), a relative 1/(2N) difference in scale",
         "batch": int(y.shape[0]),
-        "max_abs_diff_log_p": float(f"{float(diff):.3g}"),
-        "max_abs_log_p": float(f"{float(lp_ours.abs().max()):.4g}"),
-        "max_abs_diff_bpd": float(f"{float(diff) / (DIM * math.log(2)):.3g}"),
-        "agree": bool(diff <= 1e-4 * max(1.0, float(lp_ours.abs().max()))),
+        **log_p_agreement(ours, theirs, y, with_bpd=True),
     }
 
 
@@ -461,16 +365,12 @@ def glow_structure_check(cfg: dict, y: torch.Tensor) -> dict:
 def realnvp_init_check(cfg: dict, y: torch.Tensor) -> dict:
     ours = build_model("ours_realnvp", cfg)
     theirs = build_model("normflows_realnvp", cfg)
-    lp_ours, lp_nf = ours.log_prob(y), theirs.log_prob(y)
-    diff = (lp_ours - lp_nf).abs().max()
     return {
         "what": "fresh ours_realnvp and normflows_realnvp: every coupling starts at the identity "
         "(zero-init output layers) and every prior at N(0, I), so both are Logit(alpha) + "
         "N(0, I) and log p(y) must agree; a weak check (it tests the Logit formula and that "
         "all D dimensions are scored once), not of the coupling wiring",
-        "max_abs_diff_log_p": float(f"{float(diff):.3g}"),
-        "max_abs_log_p": float(f"{float(lp_ours.abs().max()):.4g}"),
-        "agree": bool(diff <= 1e-4 * max(1.0, float(lp_ours.abs().max()))),
+        **log_p_agreement(ours, theirs, y),
     }
 
 
@@ -503,22 +403,20 @@ def memory_child(name: str, cfg: dict) -> dict:
     del images
     _warm_up_torch()
     gc.collect()
-    rss_before_model = current_rss_mb()
-    was_reset = reset_peak_rss()
+    rss_before_model = common.current_rss_mb()
+    was_reset = common.reset_peak_rss()
     model = build_model(name, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     init_model(model, batches[0])
     with torch.no_grad():  # one no-grad forward for every model (ActNorm init or not)
         model.log_prob(batches[0])
     gc.collect()
-    rss_model = current_rss_mb()
-    peak_model = peak_rss_mb()
-    maxrss_model = ru_maxrss_mb()
+    rss_model, peak_model, maxrss_model = common.rss_snapshot()
     rss_after, losses = [], []
     for i in range(steps):
         losses.append(train_step(model, opt, batches[1 + i]))
-        rss_after.append(current_rss_mb() or float("nan"))
-    peak = peak_rss_mb()
+        rss_after.append(common.current_rss_mb() or float("nan"))
+    peak = common.peak_rss_mb()
     params = count_params(model)
     return {
         "params": params,
@@ -534,7 +432,7 @@ def memory_child(name: str, cfg: dict) -> dict:
             "after_each_step": [round(v, 1) for v in rss_after],
             "peak": round(peak, 1),
             "ru_maxrss_after_init": round(maxrss_model, 1),
-            "ru_maxrss_end": round(ru_maxrss_mb(), 1),
+            "ru_maxrss_end": round(common.ru_maxrss_mb(), 1),
         },
         "peak_rss_increase_MiB": {
             "total_over_before_model": None if rss_before_model is None
@@ -549,13 +447,11 @@ def bench_memory(names: list[str], cfg: dict, threads: int) -> dict:
     out: dict[str, object] = {}
     for name in names:
         log(f"memory: {name} (child process)")
-        cmd = [sys.executable, os.path.abspath(__file__), "--_child-memory", name,
-               "--threads", str(threads), "--_config", json.dumps(cfg)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-        if proc.returncode != 0:
-            out[name] = {"error": f"child process exited with {proc.returncode}"}
+        out[name] = common.run_json_child(
+            __file__, ["--_child-memory", name, "--threads", str(threads), "--_config",
+                       json.dumps(cfg)])
+        if "error" in out[name]:
             continue
-        out[name] = json.loads(proc.stdout)
         inc = out[name]["peak_rss_increase_MiB"]
         log(f"memory: {name}: peak +{inc['training_over_model']} MiB over the built model, "
             f"+{inc['total_over_before_model']} MiB in all ({out[name]['params']} params)")
@@ -716,36 +612,35 @@ def bench_budget(names: list[str], cfg: dict, images: torch.Tensor, budget_s: fl
 # --------------------------------------------------------------------------------------
 
 
+# flags whose default depends on --quick: cfg key -> (default, --quick default, what it sets)
+SIZES = {
+    "repeats": (3, 1, "timed rounds"),
+    "steps": (5, 2, "training steps per timing"),
+    "depth": (8, 2, "Glow steps per level K"),
+    "hidden": (128, 16, "Glow coupling hidden channels"),
+    "realnvp_hidden": (64, 16, "RealNVP ResNet hidden channels"),
+    "realnvp_blocks": (4, 1, "RealNVP residual blocks per coupling net"),
+    "nice_hidden": (1000, 64, "NICE hidden units"),
+    "nice_depth": (5, 2, "NICE hidden layers per coupling"),
+    "test_n": (2000, 256, "test images for bits/dim"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="small models and few steps for a smoke test (K=2, H=16, RealNVP "
                    "hidden 16 with 1 block, NICE hidden 64 depth 2, steps 2, repeats 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds (default 3, --quick 1)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps per timing (default 5, --quick 2)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--levels", type=int, default=2, help="Glow levels L (default 2)")
-    p.add_argument("--depth", type=int, default=None,
-                   help="Glow steps per level K (default 8, --quick 2)")
-    p.add_argument("--hidden", type=int, default=None,
-                   help="Glow coupling hidden channels (default 128, --quick 16)")
-    p.add_argument("--realnvp-hidden", type=int, default=None,
-                   help="RealNVP ResNet hidden channels (default 64, --quick 16)")
-    p.add_argument("--realnvp-blocks", type=int, default=None,
-                   help="RealNVP residual blocks per coupling net (default 4, --quick 1)")
-    p.add_argument("--nice-hidden", type=int, default=None,
-                   help="NICE hidden units (default 1000, --quick 64)")
-    p.add_argument("--nice-depth", type=int, default=None,
-                   help="NICE hidden layers per coupling (default 5, --quick 2)")
+    for key, (full, quick, what) in SIZES.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                       help=f"{what} (default {full}, --quick {quick})")
     p.add_argument("--memory-steps", type=int, default=3,
                    help="training steps per memory child (default 3)")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="seconds of training per model before test bits/dim (default 0: skip)")
-    p.add_argument("--test-n", type=int, default=None,
-                   help="test images for bits/dim (default 2000, --quick 256)")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--skip-memory", action="store_true", help="skip the memory children")
@@ -755,29 +650,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace) -> dict:
-    q = args.quick
-
-    def pick(value, full, quick):
-        return value if value is not None else (quick if q else full)
+    def pick(key: str) -> int:
+        full, quick, _ = SIZES[key]
+        value = getattr(args, key)
+        return value if value is not None else (quick if args.quick else full)
 
     cfg = {
         "batch": args.batch,
-        "steps": pick(args.steps, 5, 2),
-        "repeats": pick(args.repeats, 3, 1),
+        "steps": pick("steps"),
+        "repeats": pick("repeats"),
         "levels": args.levels,
-        "depth": pick(args.depth, 8, 2),
-        "hidden": pick(args.hidden, 128, 16),
-        "realnvp_hidden": pick(args.realnvp_hidden, 64, 16),
-        "realnvp_blocks": pick(args.realnvp_blocks, 4, 1),
-        "nice_hidden": pick(args.nice_hidden, 1000, 64),
-        "nice_depth": pick(args.nice_depth, 5, 2),
+        "depth": pick("depth"),
+        "hidden": pick("hidden"),
+        "realnvp_hidden": pick("realnvp_hidden"),
+        "realnvp_blocks": pick("realnvp_blocks"),
+        "nice_hidden": pick("nice_hidden"),
+        "nice_depth": pick("nice_depth"),
         "alpha": 0.05,
         "memory_steps": args.memory_steps,
         "budget_s": args.budget_s,
-        "test_n": pick(args.test_n, 2000, 256),
+        "test_n": pick("test_n"),
     }
-    for key in ("batch", "steps", "repeats", "levels", "depth", "hidden", "realnvp_hidden",
-                "realnvp_blocks", "nice_hidden", "nice_depth", "test_n"):
+    for key in ("batch", "levels", *SIZES):
         if cfg[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1")
     if cfg["memory_steps"] < 2:
@@ -846,23 +740,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     meta = {
-        "benchmark": "bench/flows.py",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "normflows": getattr(nf, "__version__", "unknown"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **common.run_metadata(
+            "bench/flows.py", versions={"normflows": getattr(nf, "__version__", "unknown")}),
         "device": "cpu",
         "dtype": "float32",
         "dataset": f"{DATASET} (1x28x28)",
         "quick": args.quick,
         "repeats": repeats,
         "seed": SEED,
-        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
+        "loadavg_at_start": common.loadavg(),
     }
     log(f"torch {torch.__version__}, normflows {meta['normflows']}, {meta['threads']} threads, "
         f"{meta['cpu_model']}")
@@ -878,14 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, dict[str, object]] = {}
     meta["sections"] = sections
 
-    def run(name: str, fn: Callable[[], dict]) -> dict:
-        t0 = time.perf_counter()
-        result = fn()
-        sections[name] = {
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
-        }
-        return result
+    run = functools.partial(common.run_section, sections)
 
     # memory first, in children spawned while this process is small
     memory = None
@@ -933,9 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     if "glow_structure_check" in out:
         summary["glow_structure_check_agree"] = out["glow_structure_check"]["agree"]
     out["summary"] = summary
-    meta["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
-    print(json.dumps(out, indent=2))
+    common.print_json(out, t_start)
     return 0
 
 

@@ -28,14 +28,11 @@ ratios, which pairs measurements taken close together in time).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import functools
 import json
 import math
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +40,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+import _common as common
+from _common import log, ratio, round_robin, stats
 from manifoldlens import jacobian
 from manifoldlens.information import LocalDataMatrix
 from manifoldlens.jacobian import select_strategy
@@ -51,135 +50,9 @@ from manifoldlens.models import Seed001CNN
 SEED = 0
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------------------
-# Helpers
+# Helpers (shared ones in bench/_common.py)
 # --------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def current_rss_mb() -> float | None:
-    """Resident set size now, from /proc/self/statm (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def ru_maxrss_mb() -> float:
-    """Peak RSS of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS).
-
-    On Linux it carries over the parent's high-water mark across fork + exec, so a child's
-    value is only meaningful above the parent's RSS at spawn time.
-    """
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def vm_hwm_mb() -> float | None:
-    """Peak RSS of this address space (VmHWM in /proc/self/status, Linux); None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS: VmHWM where available (resettable, not inherited), else ``ru_maxrss``."""
-    hwm = vm_hwm_mb()
-    return hwm if hwm is not None else ru_maxrss_mb()
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (``echo 5 > /proc/self/clear_refs``, Linux ≥ 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return vm_hwm_mb() is not None
-    except OSError:
-        return False
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 4),
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
-    }
-
-
-def round_robin(
-    methods: dict[str, Callable[[], object]],
-    repeats: int,
-    warmup: int,
-    inner: dict[str, int] | None = None,
-    label: str = "",
-) -> dict[str, list[float]]:
-    """Time every method once per round, ``warmup + repeats`` rounds, order rotated per round.
-
-    ``inner[name]`` calls are made back to back per timing (for sub-millisecond methods); the
-    value recorded is ms per call. Warm-up rounds are not recorded.
-    """
-    names = list(methods)
-    inner = inner or {}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + repeats):
-        k = r % len(names)
-        order = names[k:] + names[:k]
-        for name in order:
-            fn, m = methods[name], inner.get(name, 1)
-            t0 = time.perf_counter()
-            for _ in range(m):
-                fn()
-            ms = (time.perf_counter() - t0) * 1e3 / m
-            if r >= warmup:
-                times[name].append(ms)
-        tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{repeats}"
-        log(
-            f"{label} {tag}: "
-            + ", ".join(f"{n}={times[n][-1]:.1f}ms" if r >= warmup else n for n in names)
-        )
-    return times
-
-
-def ratio(
-    num: list[float], den: list[float], target: str | None = None, scale: float = 1.0
-) -> dict[str, object]:
-    """Ratios ``num / den`` (num scaled by ``scale``): of medians, of mins, median paired."""
-    num = [v * scale for v in num]
-    out: dict[str, object] = {
-        "of_medians": round(statistics.median(num) / statistics.median(den), 3),
-        "of_mins": round(min(num) / min(den), 3),
-        "median_of_paired_rounds": round(
-            statistics.median(a / b for a, b in zip(num, den, strict=True)), 3
-        ),
-    }
-    if target is not None:
-        op, value = target.split()
-        value_f = float(value)
-        med = out["of_medians"]
-        out["target"] = target
-        out["met"] = bool(med >= value_f) if op == ">=" else bool(med <= value_f)
-    return out
 
 
 def projected_jacobian(n: int, c: int, d: int, dtype: torch.dtype, gen: torch.Generator):
@@ -349,7 +222,7 @@ def bench_spectrum_small(repeats: int, warmup: int, n: int, c: int, d: int) -> d
             ccroute()
         single = (time.perf_counter() - t0) / 5
         inner = {"ccroute": max(1, math.ceil(0.02 / max(single, 1e-7)))}
-        times = round_robin(methods, repeats, warmup, inner, label=f"section 2 {name}")
+        times = round_robin(methods, repeats, warmup, inner=inner, label=f"section 2 {name}")
 
         # agreement of the two spectra
         ev_cc = ccroute()  # (n, C) descending
@@ -413,20 +286,20 @@ def bench_spectrum_small(repeats: int, warmup: int, n: int, c: int, d: int) -> d
 def spectrum_large_child(repeats: int, c: int, d: int) -> dict:
     """Runs in a fresh interpreter: times ``.eigenvalues`` and measures its peak RSS."""
     gen = torch.Generator().manual_seed(SEED + 2)
-    rss0, peak0, maxrss0 = current_rss_mb(), peak_rss_mb(), ru_maxrss_mb()
+    rss0, peak0, maxrss0 = common.rss_snapshot()
     t0 = time.perf_counter()
     jac, probs = projected_jacobian(1, c, d, torch.float32, gen)
     make_s = time.perf_counter() - t0
-    rss_j, peak_j, maxrss_j = current_rss_mb(), peak_rss_mb(), ru_maxrss_mb()
+    rss_j, peak_j, maxrss_j = common.rss_snapshot()
     log(f"section 3: J (1, {c}, {d}) float32 made in {make_s:.1f}s")
 
     # the first call is timed too, but is also where the peak RSS of the route is measured
-    was_reset = reset_peak_rss()
+    was_reset = common.reset_peak_rss()
     t0 = time.perf_counter()
     g = LocalDataMatrix.from_jacobian(jac, probs)
     ev = g.eigenvalues
     first_ms = (time.perf_counter() - t0) * 1e3
-    peak_1, maxrss_1 = peak_rss_mb(), ru_maxrss_mb()
+    peak_1, maxrss_1 = common.peak_rss_mb(), common.ru_maxrss_mb()
     rank = int(g.rank()[0])
     del g
     log(f"section 3: first call {first_ms:.0f} ms")
@@ -457,7 +330,9 @@ def spectrum_large_child(repeats: int, c: int, d: int) -> dict:
         "ms_first_call": round(first_ms, 1),
         "J_MiB": round(j_mb, 1),
         "rss_MiB": {
-            "peak_source": "VmHWM (/proc/self/status)" if vm_hwm_mb() is not None else "ru_maxrss",
+            "peak_source": "VmHWM (/proc/self/status)"
+            if common.vm_hwm_mb() is not None
+            else "ru_maxrss",
             "peak_reset_before_call": was_reset,
             "before_J": None if rss0 is None else round(rss0, 1),
             "peak_before_J": round(peak0, 1),
@@ -497,23 +372,11 @@ def spectrum_large_child(repeats: int, c: int, d: int) -> dict:
 
 
 def bench_spectrum_large(threads: int, repeats: int, c: int, d: int) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--_child-large",
-        "--threads",
-        str(threads),
-        "--repeats",
-        str(repeats),
-        "--_large-c",
-        str(c),
-        "--_large-d",
-        str(d),
-    ]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-    if proc.returncode != 0:
-        return {"error": f"child process exited with {proc.returncode}", "command": cmd}
-    result = json.loads(proc.stdout)
+    args = ["--_child-large", "--threads", str(threads), "--repeats", str(repeats),
+            "--_large-c", str(c), "--_large-d", str(d)]
+    result = common.run_json_child(__file__, args)
+    if "error" in result:
+        return {**result, "command": [sys.executable, os.path.abspath(__file__), *args]}
     result["notes"] = [
         "run in a fresh child process (same threads) so that ru_maxrss measures this section only",
         "ms_eigenvalues = LocalDataMatrix.from_jacobian(J, p).eigenvalues built afresh per "
@@ -567,34 +430,18 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     meta = {
-        "benchmark": "bench/jacobian.py",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **common.run_metadata("bench/jacobian.py"),
         "quick": args.quick,
         "repeats": repeats,
         "seed": SEED,
-        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
+        "loadavg_at_start": common.loadavg(),
     }
     log(f"torch {torch.__version__}, {meta['threads']} threads, {meta['cpu_model']}")
 
     out: dict[str, object] = {"meta": meta}
     sections: dict[str, dict[str, object]] = {}
     meta["sections"] = sections
-
-    def run(name: str, fn: Callable[[], dict]) -> dict:
-        t0 = time.perf_counter()
-        result = fn()
-        sections[name] = {
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
-        }
-        return result
+    run = functools.partial(common.run_section, sections)
 
     # section 3 first, in a child spawned while this process is small (clean ru_maxrss)
     large_d = 3 * 64 * 64 if args.quick else 3 * 224 * 224
@@ -637,9 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             "ccroute runs at large d": "ms_eigenvalues" in large,
         },
     }
-    meta["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
-    print(json.dumps(out, indent=2))
+    common.print_json(out, t_start)
     return 0
 
 

@@ -16,15 +16,11 @@ Methods are timed round-robin; the JSON reports ms per pair-step and the ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-import time
-from datetime import datetime, timezone
 
 import torch
 
+from _common import make_logger, print_json, ratio, round_robin, run_metadata, stats
 from manifoldlens import horizontal_path, leaf_crossing_path
 from manifoldlens.models import Seed001CNN
 
@@ -68,12 +64,6 @@ def reference_kernel(model, x0, r, steps):
     return _reference_walk(model, x0, lambda x: r, project_kernel, steps)
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=32)
@@ -101,45 +91,29 @@ def main(argv=None) -> int:
         "ref_kernel": (lambda: [reference_kernel(model, src[i], r[i], s) for i in range(k)],
                        k * s),
     }
-    for name, (fn, _) in methods.items():  # warm-up
-        print(f"[paths] warm-up {name}", file=sys.stderr)
-        fn()
-    times = {name: [] for name in methods}
-    for rep in range(args.repeats):
-        order = list(methods)[rep % 4:] + list(methods)[: rep % 4]
-        for name in order:
-            fn, pair_steps = methods[name]
-            times[name].append(1e3 * timed(fn) / pair_steps)
-        print(f"[paths] round {rep + 1}: " + ", ".join(
-            f"{n}={times[n][-1]:.2f}ms" for n in methods), file=sys.stderr)
+    calls = round_robin({name: fn for name, (fn, _) in methods.items()}, args.repeats,
+                        warmup=1, log=make_logger("paths"))
+    times = {name: [t / methods[name][1] for t in ts] for name, ts in calls.items()}
 
-    def summary(v):
-        return {"median": round(statistics.median(v), 3), "min": round(min(v), 3),
-                "raw": [round(t, 3) for t in v]}
-
-    def ratio(a, b):
-        paired = statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
-        return {"of_medians": round(statistics.median(times[a]) / statistics.median(times[b]), 3),
-                "of_mins": round(min(times[a]) / min(times[b]), 3),
-                "median_of_paired_rounds": round(paired, 3)}
+    def summary(v: list[float]) -> dict[str, object]:
+        st = stats(v, 3)
+        return {"median": st["median"], "min": st["min"], "raw": [round(t, 3) for t in v]}
 
     out = {
         "meta": {
-            "benchmark": "bench/paths.py", "command": " ".join(["python", *sys.argv]),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "device": "cpu",
+            **run_metadata("bench/paths.py", machine=False), "device": "cpu",
             "model": "Seed001CNN (1x28x28, C=10), random init, eval, float32",
             "pairs": args.pairs, "steps_per_round": s, "ref_pairs": k, "repeats": args.repeats,
         },
         "ms_per_pair_step": {n: summary(v) for n, v in times.items()},
         "ratios": {
-            "horizontal_ref_over_ours": {**ratio("ref_horizontal", "ours_horizontal"),
-                                         "target": ">= 2.5"},
-            "kernel_ref_over_ours": {**ratio("ref_kernel", "ours_kernel"), "target": ">= 4"},
+            "horizontal_ref_over_ours": {
+                **ratio(times["ref_horizontal"], times["ours_horizontal"]), "target": ">= 2.5"},
+            "kernel_ref_over_ours": {
+                **ratio(times["ref_kernel"], times["ours_kernel"]), "target": ">= 4"},
         },
     }
-    print(json.dumps(out, indent=2))
+    print_json(out)
     return 0
 
 

@@ -30,27 +30,20 @@ per-round ratios).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from _common import loadavg, make_logger, print_json, ratio, round_robin, run_metadata, stats
 from manifoldlens.tangent import TangentSpace, principal_angles
 
 SEED = 0
 LATENT = 10
 TARGET = ">= 40"
 
-
-def log(msg: str) -> None:
-    print(f"[tangent] {msg}", file=sys.stderr, flush=True)
+log = make_logger("tangent")
 
 
 class BetaTCVAEDecoder(nn.Module):
@@ -84,60 +77,6 @@ def reference_tangent_space(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor
     return u[:, :rank].T
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-    }
-
-
-def round_robin(
-    methods: dict[str, Callable[[], object]], repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    """ms per call of every method, one call each per round, order rotated every round."""
-    names = list(methods)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            methods[name]()
-            ms = (time.perf_counter() - t0) * 1e3
-            if r >= warmup:
-                times[name].append(ms)
-        tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{repeats}"
-        log(f"{tag}: " + ", ".join(
-            f"{n}={times[n][-1]:.1f}ms" if r >= warmup else n for n in names
-        ))
-    return times
-
-
-def ratio(num: list[float], den: list[float], target: str) -> dict[str, object]:
-    of_medians = round(statistics.median(num) / statistics.median(den), 2)
-    op, value = target.split()
-    return {
-        "of_medians": of_medians,
-        "of_mins": round(min(num) / min(den), 2),
-        "median_of_paired_rounds": round(
-            statistics.median(a / b for a, b in zip(num, den, strict=True)), 2
-        ),
-        "target": target,
-        "met": of_medians >= float(value) if op == ">=" else of_medians <= float(value),
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -159,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(repeats, batch, ref_images) < 1 or ref_images > batch:
         raise SystemExit("--repeats, --batch, --ref-images must be >= 1, ref-images <= batch")
     t_start = time.perf_counter()
-    load_start = [round(v, 2) for v in os.getloadavg()]
+    load_start = loadavg()
     torch.manual_seed(SEED)
     decoder = BetaTCVAEDecoder().eval()
     z = torch.randn(batch, LATENT, generator=torch.Generator().manual_seed(SEED + 1))
@@ -188,22 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"agreement: {agreement}")
 
-    times = round_robin({"ours": ours, "reference": reference}, repeats, warmup=0)
+    times = round_robin({"ours": ours, "reference": reference}, repeats, warmup=0, log=log)
     per_image = {
         "ours": [t / batch for t in times["ours"]],
         "reference": [t / ref_images for t in times["reference"]],
     }
     out = {
         "meta": {
-            "benchmark": "bench/tangent.py",
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
+            **run_metadata("bench/tangent.py"),
             "quick": args.quick,
             "repeats": repeats,
             "warmup": "the agreement check (one call of each) before the timed rounds",
@@ -220,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             "batch_ours": batch,
             "images_reference": ref_images,
         },
-        "ms_per_image": {name: stats(v) for name, v in per_image.items()},
+        "ms_per_image": {name: stats(v, 3) for name, v in per_image.items()},
         "raw_ms_per_call": {name: [round(t, 2) for t in v] for name, v in times.items()},
         "ratios": {"reference_over_ours": ratio(per_image["reference"], per_image["ours"],
-                                                TARGET)},
+                                                TARGET, digits=2)},
         "agreement": agreement,
         "notes": [
             "ours = TangentSpace.from_decoder(decoder, z) on the whole batch: k JVPs "
@@ -236,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "and reverse mode",
         ],
     }
-    out["meta"]["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    out["meta"]["wall_s"] = round(time.perf_counter() - t_start, 1)
-    print(json.dumps(out, indent=2))
+    print_json(out, t_start)
     return 0
 
 

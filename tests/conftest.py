@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 from torch import nn
 
 from helpers import TinyCNN, TinyMLP, make
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 torch.set_num_threads(1)
 
@@ -29,3 +34,12 @@ def cnn():
 @pytest.fixture
 def linear():
     return make(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
+
+
+@pytest.fixture
+def figs():
+    """A list to put matplotlib figures in; each is cleared after the test."""
+    made: list[Figure] = []
+    yield made
+    for fig in made:
+        fig.clf()

@@ -95,14 +95,6 @@ def _colorbars(fig: Figure) -> list:
     return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
 
 
-@pytest.fixture
-def figs():
-    made: list[Figure] = []
-    yield made
-    for fig in made:
-        fig.clf()
-
-
 def _box_6sigma(flow: AffineFlow):
     b, sd = flow.b.detach().double(), flow.s.detach().double().exp()
     return (float(b[0] - 6 * sd[0]), float(b[0] + 6 * sd[0]),

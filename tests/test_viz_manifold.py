@@ -18,14 +18,6 @@ from manifoldlens.viz import (
 )
 
 
-@pytest.fixture
-def figs():
-    made: list[Figure] = []
-    yield made
-    for fig in made:
-        fig.clf()
-
-
 def _parts(n: int, c: int, side: int = 6, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
