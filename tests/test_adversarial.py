@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,15 +55,26 @@ def test_attack_raises_the_loss_and_takes_per_sample_radii():
         pgd_l2(model, x, y, -1.0)
 
 
-def test_adversarial_training_is_recorded_and_deterministic():
+def test_adversarial_training_is_recorded_and_deterministic(tmp_path):
+    from manifoldlens.runs import Run
+
     train = load_dataset("digits", "train").subset(120, seed=0)
 
-    def run():
+    def run(adversarial, out=None):
         torch.manual_seed(0)
         model = create_model("mlp", (1, 8, 8), 10, hidden=(16,))
+        kw = {}
+        if out is not None:
+            kw = {"run": Run(out, "train"), "checkpoint_every": 6}
         return train_classifier(model, train, steps=6, batch_size=20, lr=0.1, progress=False,
-                                adversarial={"eps": (0.5, 1.0), "steps": 3})
+                                adversarial=adversarial, **kw)
 
-    a, b = run(), run()
+    adv = {"eps": (0.5, 1.0), "steps": 3}
+    a, b, plain = run(adv, tmp_path / "a"), run(adv), run(None)
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
+    assert any(not torch.equal(pa, pp) for pa, pp in
+               zip(a.model.parameters(), plain.model.parameters(), strict=True))
+    meta = json.loads((tmp_path / "a" / "checkpoints" / "step-00000006.json").read_text())
+    assert meta["metadata"]["train_config"]["adversarial"] == {
+        "eps": [0.5, 1.0], "steps": 3, "clamp": [0.0, 1.0]}

@@ -55,6 +55,50 @@ def test_flow_resume_matches_uninterrupted(digits, tmp_path):
         assert torch.equal(ba, bb), name  # ActNorm's "initialized" came from the checkpoint
 
 
+def test_resume_restores_metrics_mid_warmup(digits, tmp_path):
+    test = load_dataset("digits", "test").subset(32, seed=0).images
+    kw = {"n_bins": 17, "batch_size": 32, "lr": 1e-3, "warmup_steps": 10, "progress": False,
+          "test_data": test, "eval_every": 3}
+    full = train_flow(_glow(), digits, steps=6, **kw)
+    with Run(tmp_path / "r", "flow") as run:
+        train_flow(_glow(), digits, steps=3, checkpoint_every=3, run=run, **kw)
+    with Run(tmp_path / "r", "flow", resume=True) as run:
+        resumed = train_flow(_glow(seed=7), digits, steps=6, checkpoint_every=3, run=run,
+                             resume=True, **kw)
+    for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)  # warm-up resumed mid-ramp
+    assert resumed.metrics == full.metrics and "test_bpd" in resumed.metrics
+    with Run(tmp_path / "r", "flow", resume=True) as run:  # nothing left to do
+        again = train_flow(_glow(seed=7), digits, steps=6, checkpoint_every=3, run=run,
+                           resume=True, **kw)
+    assert again.metrics == full.metrics
+
+
+def test_nan_gradient_with_a_finite_loss_never_reaches_the_weights(tmp_path):
+    from manifoldlens.models import load_weights
+    from manifoldlens.training import fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step_loss(xb, yb, step):
+        out = model(xb)
+        if step == 1:  # finite loss, infinite gradient: d sqrt(|u|)/du at u = 0
+            return (out - out.detach()).abs().sqrt().sum()
+        return out.pow(2).mean()
+
+    with Run(tmp_path / "r", "fit") as run, pytest.raises(FloatingPointError) as err:
+        fit(model, x, None, step_loss, opt, batch_size=8, steps=4, checkpoint_every=1,
+            run=run, progress=False)
+    assert "gradient norm" in str(err.value) and "step-00000001.json" in str(err.value)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    saved = torch.nn.Linear(3, 1)
+    load_weights(tmp_path / "r" / "checkpoints" / "step-00000001.json", saved)
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
 def test_warmup_ramps_the_learning_rate(digits):
     seen = []
 

@@ -67,7 +67,11 @@ def test_minibatch_weighted_sampling_matches_brute_force():
         dens = [normal(mu[j], (0.5 * logvar[j]).exp()).log_prob(z[i]) for j in range(m)]
         log_qz = torch.logsumexp(torch.stack([d.sum() for d in dens]), 0) - math.log(n_data * m)
         per_dim = torch.logsumexp(torch.stack(dens), 0) - math.log(n_data * m)
+        log_qz_x = normal(mu[i], (0.5 * logvar[i]).exp()).log_prob(z[i]).sum()
+        log_pz = normal(0.0, 1.0).log_prob(z[i]).sum()
         torch.testing.assert_close(t["tc"][i], log_qz - per_dim.sum())
+        torch.testing.assert_close(t["mi"][i], log_qz_x - log_qz)
+        torch.testing.assert_close(t["dim_kl"][i], per_dim.sum() - log_pz)
 
 
 def test_vae_kl_is_analytic_and_beta_weighted():

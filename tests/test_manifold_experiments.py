@@ -42,7 +42,7 @@ def test_vae_and_dataset(pipeline):
                                                          (pipeline / "vae").glob("*.png")}
     ds = _doc(pipeline / "ds")["metrics"]
     assert ds["n_train"] == 120 and ds["k"] == 4 and ds["d"] == 256
-    assert 0 < ds["acceptance_rate"] <= 1
+    assert 0 < ds["acceptance_rate"] <= 1 and 0 <= ds["labeller_heldout_accuracy"] <= 1
     assert math.isclose(ds["random_baseline"], random_fraction_baseline(4, 256))
     test = ManifoldDataset.load(pipeline / "ds" / "test")
     assert test.images.shape == (40, 1, 16, 16) and test.tangent.shape == (40, 4, 256)
@@ -70,7 +70,7 @@ def test_fraction_and_roar(pipeline, tmp_path):
         for m in ("gradient", "input_x_gradient", "smoothgrad"):
             assert 0 <= entry["methods"][m]["tangent"]["mean"] <= 1
         assert 0 <= entry["smallest_angle_deg"]["mean"] <= 90
-    assert abs(res["random_vectors"]["mean"] - res["random_baseline"]) < 0.1
+    assert abs(res["random_vectors"]["mean"] - res["random_baseline"]) < 0.04
     assert (out / "fraction_by_method.png").is_file()
     out = tmp_path / "roar"
     assert main(["manifold", "roar", str(pipeline / "ds"), str(pipeline / "std/model.json"),
@@ -78,3 +78,5 @@ def test_fraction_and_roar(pipeline, tmp_path):
                  "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"fractions", "gradient", "tangent space", "random"}
+    assert all(0 <= acc <= 1 for name in ("gradient", "tangent space", "random")
+               for acc in res[name]) and len(res["gradient"]) == 1

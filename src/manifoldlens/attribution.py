@@ -59,7 +59,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "smoothgrad": {
         "noise_level": 0.02,
-        "samples": 50,
+        "samples": 25,
         "samples_batch_size": None,
         "seed": None,
     },
@@ -322,7 +322,9 @@ def explain(
           ``replicate-paper/mnist/util.py``).
         * ``"smoothgrad"``: ``(1/N) Σ_j ∂s_c/∂x (x + ε_j)``, ``ε_j ~ N(0, σ²I)``, signed
           (no absolute values), ``c`` the class predicted at x itself. ``σ = noise_level ·
-          (max x − min x)`` per sample. Options: ``noise_level=0.02``, ``samples=50``,
+          (max x − min x)`` per sample (the SmoothGrad paper's noise level; for images
+          spanning [0, 1] it equals Captum's absolute ``stdevs``). Options:
+          ``noise_level=0.02``, ``samples=25``,
           ``samples_batch_size`` (noisy copies of each input per forward pass; the noise
           of a chunk, ``batch_size · samples · d`` numbers, is drawn at once), ``seed`` (int or
           ``torch.Generator``; None draws from the global RNG). The default noise level is
@@ -566,6 +568,7 @@ def roar(
     remove: str = "top",
     train_options: dict[str, Any] | None = None,
     rank_by: str = "abs",
+    fill: str = "zero",
     progress: bool = True,
 ) -> dict[str, list[float]]:
     """RemOve And Retrain (Hooker et al. 2019; seed 004 Figure 5).
@@ -573,7 +576,9 @@ def roar(
     For every ranking in ``scores`` (name → (train scores, test scores), shaped like the
     images — attributions of each method, the tangent space's :func:`tangent_importance`,
     random noise as the baseline) and every fraction q: replace the top (or bottom) q of each
-    image's pixels by the training set's per-pixel mean, train a fresh ``make_model()`` on the
+    image's pixels by 0 (``fill="zero"``, as seed 004's code, ``removed_pixel_value = 0``) or
+    by the training set's per-pixel mean (``"mean"``, as Hooker et al.), train a fresh
+    ``make_model()`` on the
     modified training set and record its accuracy on the modified test set. A better feature
     ranking makes accuracy fall faster when the top features go. ``rank_by="abs"`` ranks by
     |score| (signed attributions), ``"signed"`` by the score itself.
@@ -584,7 +589,9 @@ def roar(
     if rank_by not in ("abs", "signed"):
         raise ValueError(f"rank_by must be 'abs' or 'signed', got {rank_by!r}")
     (xtr, ytr), (xte, yte) = train, test
-    fill = xtr.mean(0)
+    if fill not in ("zero", "mean"):
+        raise ValueError(f"fill must be 'zero' or 'mean', got {fill!r}")
+    fill_value = torch.zeros_like(xtr[0]) if fill == "zero" else xtr.mean(0)
     opts = {"optimizer": "adam", "lr": 1e-3, "epochs": 3, "batch_size": 64, "progress": False,
             **(train_options or {})}
     out: dict[str, list[float]] = {"fractions": [float(q) for q in fractions]}
@@ -600,8 +607,8 @@ def roar(
             for q in fractions:
                 key_tr = s_tr.abs() if rank_by == "abs" else s_tr
                 key_te = s_te.abs() if rank_by == "abs" else s_te
-                mtr = remove_features(xtr, key_tr, q, remove=remove, fill=fill)
-                mte = remove_features(xte, key_te, q, remove=remove, fill=fill)
+                mtr = remove_features(xtr, key_tr, q, remove=remove, fill=fill_value)
+                mte = remove_features(xte, key_te, q, remove=remove, fill=fill_value)
                 model = make_model()
                 train_classifier(model, (mtr, ytr), **opts)
                 accs.append(evaluate(model, (mte, yte))["accuracy"])

@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "sample":
             _add_data(p, default=None)
         if name == "eval":
+            p.set_defaults(seed=None)  # default: the training seed recorded in the checkpoint
             p.add_argument("--split", default="test", choices=["train", "test"])
             p.add_argument("--limit", type=int)
             p.add_argument("--n-bins", type=int)
@@ -246,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import load_checkpoint
     from .runs import Run, default_run_dir
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if args.seed is not None else 0)
     name = args.command + (f"-{args.experiment}" if args.command in ("leaf", "flow", "manifold")
                            else "")
     out = args.out or default_run_dir(name)

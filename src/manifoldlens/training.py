@@ -457,6 +457,7 @@ def fit(
         state.step = int(meta["step"])
         run.truncate_log(state.step)  # records logged after the checkpoint are redone
         history = list(meta.get("history", []))
+        state.metrics = dict(meta.get("metrics") or {})
         for cb, cb_state in zip(callbacks, meta.get("callbacks", []), strict=False):
             cb.load_state_dict(cb_state)
         if "rng_state" in meta:
@@ -539,10 +540,13 @@ def fit(
                 if not torch.isfinite(loss):
                     stop("loss", float(loss.detach()))
                 loss.backward()
-                if clip_grad_norm is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-                    if not torch.isfinite(norm):
-                        stop("the gradient norm", float(norm))
+                # the global gradient norm, clipped or not: a finite loss can still have a
+                # NaN/Inf gradient, which must never reach the weights (or a checkpoint)
+                norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), clip_grad_norm if clip_grad_norm is not None
+                    else float("inf"))
+                if not torch.isfinite(norm):
+                    stop("the gradient norm", float(norm))
                 opt.step()
                 state.step += 1
                 state.loss = float(loss.detach())

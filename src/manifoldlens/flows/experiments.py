@@ -63,20 +63,22 @@ def _figures(run: Run, model: Flow, x_test: torch.Tensor, n_bins: int | None, se
              pairs: int = 6) -> None:
     g = torch.Generator().manual_seed(seed)
     model.eval()
+    p = next(model.parameters())
+    x_test = x_test.to(p.device)
     if n_bins is None:
-        pts = x_test[:5000]
-        samples = model.sample(5000, generator=g).float()
+        pts = x_test[:5000].cpu()
+        samples = model.sample(5000, generator=g).float().cpu()
         run.save_figure("density", viz.flow_density_2d(model, pts, samples=samples))
         run.save_figure("volume_change", viz.flow_volume_change(model, pts))
         return
-    samples = {t: model.sample(32, temperature=t, generator=g).float() for t in TEMPERATURES}
+    samples = {t: model.sample(32, temperature=t, generator=g).float().cpu()
+               for t in TEMPERATURES}
     run.save_figure("samples", viz.sample_grid(samples, title="samples by temperature"))
     run.save_arrays("samples", **{f"T{t}": s.numpy() for t, s in samples.items()})
     k = min(pairs, x_test.shape[0] // 2)
     if k:
-        dtype = next(model.parameters()).dtype
-        a, b = x_test[:k].to(dtype), x_test[k: 2 * k].to(dtype)
-        frames = interpolate(model, a, b, steps=9).float()
+        a, b = x_test[:k].to(p.dtype), x_test[k: 2 * k].to(p.dtype)
+        frames = interpolate(model, a, b, steps=9).float().cpu()
         run.save_figure("interpolation", viz.interpolation_strips(frames))
 
 
@@ -103,7 +105,7 @@ def run_flow_train(
     n_bins = n_bins if n_bins is not None else bins
     torch.manual_seed(seed)
     model = default_flow(kind, tuple(x.shape[1:]), **(model_options or {}))
-    meta = {"data": data, "n_bins": n_bins, "kind": kind}
+    meta = {"data": data, "n_bins": n_bins, "kind": kind, "seed": seed}
     result = train_flow(model, x, test_data=x_test, n_bins=n_bins, run=run, resume=resume,
                         progress=progress, metadata=meta, **train_options)
     save_checkpoint(run.path / "model", model, metadata={**meta, "step": result.step,
@@ -127,10 +129,13 @@ def _load_flow(checkpoint: str, device: str) -> tuple[Flow, dict[str, Any]]:
 
 def run_flow_eval(run: Run, checkpoint: str, *, data: str | None = None,
                   root: str | None = None, split: str = "test", limit: int | None = None,
-                  n_bins: int | None = None, device: str = "cpu", seed: int = 0,
+                  n_bins: int | None = None, device: str = "cpu", seed: int | None = None,
                   batch_size: int = 500) -> dict[str, Any]:
-    """Bits/dim (or NLL for toys) of a trained flow on a split, with sample figures."""
+    """Bits/dim (or NLL for toys) of a trained flow on a split, with sample figures. A toy's
+    split is drawn with the training seed recorded in the checkpoint (``seed`` overrides)."""
     model, meta = _load_flow(checkpoint, device)
+    if seed is None:
+        seed = int(meta.get("seed", 0))
     name = data or meta.get("data")
     if name is None:
         raise ValueError("the checkpoint does not record its dataset: pass --data")

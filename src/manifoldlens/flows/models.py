@@ -79,11 +79,13 @@ class Flow(nn.Module):
         :class:`~manifoldlens.flows.layers.Split` modules, applied in order from data to latent.
     base : ``"normal"`` or ``"logistic"``.
     domain : ``(lo, hi)`` that inputs must lie in (e.g. ``(0, 1)`` for images), or None.
+    open_domain : the bounds themselves are excluded (a logit preprocessing maps them to ±∞).
     """
 
     def __init__(self, shape: Sequence[int], steps: Sequence[nn.Module], base: str = "normal",
-                 domain: tuple[float, float] | None = None):
+                 domain: tuple[float, float] | None = None, open_domain: bool = False):
         super().__init__()
+        self.open_domain = open_domain
         self.shape = tuple(int(s) for s in shape)
         self.steps = nn.ModuleList(steps)
         self.base = _base(base)
@@ -110,7 +112,8 @@ class Flow(nn.Module):
         if self.domain is not None:
             lo, hi = self.domain
             xmin, xmax = float(x.detach().min()), float(x.detach().max())
-            if xmin < lo or xmax > hi:
+            outside = (xmin <= lo or xmax >= hi) if self.open_domain else (xmin < lo or xmax > hi)
+            if outside:
                 raise ValueError(
                     f"{name} must lie in [{lo}, {hi}] (this flow models data scaled to that "
                     f"box), got values in [{xmin:.4g}, {xmax:.4g}]"
@@ -161,8 +164,9 @@ class Flow(nn.Module):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """n samples at ``temperature``: ``decode(T · ε)``, ε from the base distribution."""
         p = next(self.parameters())
-        eps = self.base.sample((n, self.dim), dtype=p.dtype, device=p.device, generator=generator)
-        return self.decode(temperature * eps)
+        device = generator.device if generator is not None else p.device
+        eps = self.base.sample((n, self.dim), dtype=p.dtype, device=device, generator=generator)
+        return self.decode(temperature * eps.to(p.device))
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, base={self.base.name}"
@@ -263,7 +267,7 @@ class RealNVP(Flow):
             domain = (-margin, 1.0 + margin)
         else:
             raise ValueError(f"RealNVP takes vectors (d,) or images (C, H, W), got shape {shape}")
-        super().__init__(shape, steps, base, domain)
+        super().__init__(shape, steps, base, domain, open_domain=domain is not None)
         self.spec = {"arch": "realnvp", "shape": list(shape), "couplings": couplings,
                      "hidden": hidden, "depth": depth, "scales": scales,
                      "hidden_channels": hidden_channels, "blocks": blocks, "alpha": alpha,
