@@ -205,6 +205,7 @@ def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
 
 def _summary(f: torch.Tensor) -> dict[str, float]:
     f = f.double()
+    f = f[~torch.isnan(f)]  # undefined principal angles (a point of lower dimension)
     return {"mean": float(f.mean()), "median": float(f.median()), "std": float(f.std()),
             "q05": float(torch.quantile(f, 0.05)), "q95": float(torch.quantile(f, 0.95))}
 
@@ -241,7 +242,7 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
         entry: dict[str, Any] = {"test_accuracy": acc, "methods": {},
                                  "dx_dim_mean": float(dx.dim.double().mean()),
                                  "smallest_angle_deg": _summary(angles[:, 0].rad2deg()),
-                                 "mean_angle_deg": _summary(angles.mean(1).rad2deg()),
+                                 "mean_angle_deg": _summary(angles.nanmean(1).rad2deg()),
                                  "random_in_dx": _summary(dx.to("cpu").fraction(rnd))}
         parts = {}
         for method in methods:
