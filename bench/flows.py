@@ -701,17 +701,15 @@ NOTES = [
     "formula and log-det), 2 scales: 3 checkerboard couplings, squeeze, 3 channel couplings, "
     "split of half the channels, 4 checkerboard couplings; ResNet coupling nets of the same "
     "width and number of residual blocks (2 conv 3x3 each), zero-init output layer",
-    "RealNVP, differences: normflows' checkerboard coupling (AffineCouplingBlock with "
-    "split_mode='checkerboard') gathers the conditioning pixels into a (C, H, W/2) tensor "
-    "and runs its net there, predicting only the other half: about half the conv work of "
-    "ours, which runs its net on the full-resolution masked image plus a mask channel (as "
-    "the RealNVP reference) and keeps the masked half of its output; normflows' checkerboard "
-    "also flips parity across channels (3-D), ours is the same 2-D board for every channel; "
-    "nf.nets.ConvResidualNet has 1x1 input/output convs (ours 3x3, with a ReLU before the "
-    "output and a learned output log-scale) and its final layer is zero-initialised here "
-    "(normflows leaves it at the default init); scale: ours s = c * tanh(h) with a learned "
-    "c per channel, normflows exp(h) unbounded (scale_map='exp'); priors as for Glow "
-    "(ours: conditional split prior and N(0, I) top; normflows: GlowBase on both)",
+    "RealNVP, differences: both checkerboard couplings gather the conditioning pixels into "
+    "a (C, H, W/2) tensor and run their net there, predicting only the other half; "
+    "normflows' checkerboard also flips parity across channels (3-D), ours is the same 2-D "
+    "board for every channel; nf.nets.ConvResidualNet has 1x1 input/output convs (ours 3x3, "
+    "with a ReLU before the output and a learned output log-scale) and its final layer is "
+    "zero-initialised here (normflows leaves it at the default init); scale: ours "
+    "s = c * tanh(h) with a learned c per channel, normflows exp(h) unbounded "
+    "(scale_map='exp'); priors as for Glow (ours: conditional split prior and N(0, I) top; "
+    "normflows: GlowBase on both)",
     "NICE: ours only, for context (normflows has no NICE image model)",
     "bits/dim for every model: flows.bits_per_dim(model, y, 256, dequantize_input=False) = "
     "(-log p(y) + D ln 256) / (D ln 2) on the same y in [0, 1]; normflows' log_prob (via "
