@@ -203,6 +203,11 @@ def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
     return run.metrics
 
 
+# memory bounds: at most 512 interpolated inputs (IG) or 25 noisy copies (SmoothGrad) per pass
+_CHUNKS = {"integrated_gradients": {"internal_batch_size": 512},
+           "smoothgrad": {"samples_batch_size": 25}}
+
+
 def _summary(f: torch.Tensor) -> dict[str, float]:
     f = f.double()
     f = f[~torch.isnan(f)]  # undefined principal angles (a point of lower dimension)
@@ -213,7 +218,7 @@ def _summary(f: torch.Tensor) -> dict[str, float]:
 def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
                           methods: tuple[str, ...] = METHODS, n: int = 500,
                           names: list[str] | None = None, options: dict[str, dict] | None = None,
-                          figure_images: int = 8, device: str = "cpu",
+                          figure_images: int = 8, batch_size: int = 32, device: str = "cpu",
                           seed: int = 0) -> dict[str, Any]:
     """Fractions of each attribution in the data's tangent space (Figures 2, 3, 7) and in the
     classifier's own D_x, and the principal angles between D_x and the tangent space.
@@ -246,7 +251,8 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
                                  "random_in_dx": _summary(dx.to("cpu").fraction(rnd))}
         parts = {}
         for method in methods:
-            a = explain(model, x, method, **(options or {}).get(method, {})).cpu()
+            opts = {**_CHUNKS.get(method, {}), **(options or {}).get(method, {})}
+            a = explain(model, x, method, batch_size=batch_size, **opts).cpu()
             f_t = ts.fraction(a)
             entry["methods"][method] = {"tangent": _summary(f_t),
                                         "dx": _summary(dx.to("cpu").fraction(a))}
@@ -286,8 +292,9 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
     model, _ = load_checkpoint(checkpoint, map_location=device)
     scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for method in methods:
-        scores[method] = (explain(model, tr.images.to(device), method, batch_size=256).cpu(),
-                          explain(model, te.images.to(device), method, batch_size=256).cpu())
+        opts = _CHUNKS.get(method, {})
+        scores[method] = tuple(explain(model, part.images.to(device), method, batch_size=64,
+                                       **opts).cpu() for part in (tr, te))
     scores["tangent space"] = (tangent_importance(tr.tangent_space()),
                                tangent_importance(te.tangent_space()))
     g = torch.Generator().manual_seed(seed)
