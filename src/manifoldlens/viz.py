@@ -90,7 +90,8 @@ def plot_trace_histogram(
         names = [classes[k] if classes else str(k) for k in ks]
         cmap = _class_colors(len(ks))
         ax.hist([tr[lab == k] for k in ks], bins=edges, stacked=True, color=cmap, label=names)
-        ax.legend(frameon=False, fontsize=7, ncol=2, title="true class", title_fontsize=7)
+        ax.legend(frameon=False, fontsize=7, ncol=2, title="true class", title_fontsize=7,
+                  loc="upper left")
     else:
         ax.hist(tr, bins=edges, color=BLUE)
     ax.set_xscale("log")
