@@ -306,3 +306,18 @@ def test_bad_values_are_refused():
         flows.NICE((4,), base="cauchy")
     with pytest.raises(ValueError, match="scaled to"):
         flows.dequantize(x - 1)
+
+
+def test_nice_scaling_starts_at_the_priors_spread_and_old_checkpoints_load():
+    torch.manual_seed(0)
+    model = flows.NICE((6,), hidden=8, depth=1).double()
+    x = 0.3 * torch.rand(64, 6, dtype=DT)
+    assert flows.initialize(model, x) == 1
+    z = model.encode(x)
+    torch.testing.assert_close(z.std(0, unbiased=False),
+                               torch.full((6,), math.pi / math.sqrt(3), dtype=DT))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("initialized")}
+    fresh = flows.NICE((6,), hidden=8, depth=1).double()
+    fresh.load_state_dict(state)  # a checkpoint from before the buffer existed
+    assert flows.initialize(fresh, x) == 0
+    torch.testing.assert_close(fresh.encode(x), z)

@@ -331,6 +331,11 @@ class AffineCoupling(_Coupling):
 class DiagonalScaling(Bijection):
     """NICE's last layer: ``y = x ⊙ exp(s)``, ``log|det| = Σ s`` (s learned, one per feature).
 
+    With ``target_std`` set, the first forward pass in training mode initialises s from the
+    data so that every output feature has that standard deviation (the base distribution's:
+    π/√3 for the logistic prior); without it NICE spends its first thousands of steps growing
+    s at the optimiser's pace. Whether that happened is the buffer ``initialized``.
+
     >>> import torch
     >>> layer = DiagonalScaling((3,))
     >>> _ = layer.log_scale.data.copy_(torch.tensor([0.5, -1.0, 2.0]))
@@ -338,12 +343,28 @@ class DiagonalScaling(Bijection):
     [1.5, 1.5]
     """
 
-    def __init__(self, shape: int | Sequence[int]):
+    def __init__(self, shape: int | Sequence[int], target_std: float | None = None):
         super().__init__()
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.log_scale = nn.Parameter(torch.zeros(shape))
+        self.target_std = target_std
+        self.register_buffer("initialized", torch.tensor(target_std is None))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set s so that the batch x leaves with standard deviation ``target_std`` per feature."""
+        std = x.std(dim=0, unbiased=False).clamp_min(1e-6)
+        self.log_scale.data.copy_(math.log(self.target_std or 1.0) - torch.log(std))
+        self.initialized.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the buffer existed were trained: treat them as initialised
+        state_dict.setdefault(prefix + "initialized", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and not bool(self.initialized):
+            self.initialize(x.detach())
         return x * torch.exp(self.log_scale), self.log_scale.sum().expand(x.shape[0]).to(x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:

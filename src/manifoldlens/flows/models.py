@@ -201,7 +201,9 @@ class NICE(Flow):
             steps.append(Reshape(shape, (d,)))
         for k in range(couplings):
             steps.append(AdditiveCoupling(mlp(d, d, hidden, depth), alternating_mask(d, k % 2)))
-        steps.append(DiagonalScaling((d,)))
+        # initialised from data so the outputs start with the prior's spread (π/√3 logistic)
+        steps.append(DiagonalScaling((d,), target_std=math.pi / math.sqrt(3)
+                                     if base == "logistic" else 1.0))
         super().__init__(shape, steps, base, tuple(domain) if domain is not None else None)
         self.spec = {"arch": "nice", "shape": list(shape), "couplings": couplings,
                      "hidden": hidden, "depth": depth, "base": base,
@@ -336,10 +338,12 @@ class Glow(Flow):
 
 @torch.no_grad()
 def initialize(model: nn.Module, x: torch.Tensor) -> int:
-    """Data-dependent initialisation of every uninitialised :class:`ActNorm` from the batch x
+    """Data-dependent initialisation of every uninitialised :class:`ActNorm` (and NICE's
+    :class:`DiagonalScaling`) from the batch x
     (one forward pass in training mode). Returns how many layers were initialised; layers
     already initialised (e.g. loaded from a checkpoint) are left alone."""
-    todo = [m for m in model.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
+    todo = [m for m in model.modules() if isinstance(m, (ActNorm, DiagonalScaling))
+            and not bool(m.initialized)]
     if todo:
         was = model.training
         model.train()
