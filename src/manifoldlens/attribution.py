@@ -595,18 +595,17 @@ def roar(
     opts = {"optimizer": "adam", "lr": 1e-3, "epochs": 3, "batch_size": 64, "progress": False,
             **(train_options or {})}
     out: dict[str, list[float]] = {"fractions": [float(q) for q in fractions]}
-    todo = [(name, q) for name in scores for q in fractions]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="roar", unit="model")
+        bar = tqdm(total=len(scores) * len(fractions), desc="roar", unit="model")
     try:
         for name, (s_tr, s_te) in scores.items():
             accs = []
+            key_tr = s_tr.abs() if rank_by == "abs" else s_tr
+            key_te = s_te.abs() if rank_by == "abs" else s_te
             for q in fractions:
-                key_tr = s_tr.abs() if rank_by == "abs" else s_tr
-                key_te = s_te.abs() if rank_by == "abs" else s_te
                 mtr = remove_features(xtr, key_tr, q, remove=remove, fill=fill_value)
                 mte = remove_features(xte, key_te, q, remove=remove, fill=fill_value)
                 model = make_model()

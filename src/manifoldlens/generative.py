@@ -38,6 +38,7 @@ __all__ = [
     "train_generative",
     "generative_dataset",
     "reconstructive_dataset",
+    "latent_code",
     "latent_traversal",
 ]
 
@@ -531,7 +532,8 @@ def reconstructive_dataset(model: nn.Module, images: torch.Tensor, labels: torch
 
     model.eval()
     with torch.no_grad():
-        z = torch.cat([_code(model, images[i:i + 512]) for i in range(0, len(images), 512)])
+        z = torch.cat([latent_code(model, images[i:i + 512])
+                       for i in range(0, len(images), 512)])
     decoder = UpsampledDecoder(model, upsample) if upsample else model.decode
     with torch.no_grad():
         x = torch.cat([decoder(z[i:i + 512]) for i in range(0, len(z), 512)])
@@ -543,7 +545,8 @@ def reconstructive_dataset(model: nn.Module, images: torch.Tensor, labels: torch
                            info)
 
 
-def _code(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def latent_code(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The code of x: the posterior mean μ(x) of a VAE, the encoding of an autoencoder."""
     out = model.encode(x)
     return out[0] if isinstance(out, tuple) else out
 

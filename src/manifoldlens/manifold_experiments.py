@@ -31,6 +31,7 @@ from .generative import (
     BetaTCVAE,
     ManifoldDataset,
     generative_dataset,
+    latent_code,
     latent_traversal,
     reconstructive_dataset,
     train_generative,
@@ -100,8 +101,7 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
         title="test images and their reconstructions"))
     if hasattr(model, "latent_dim"):
         with torch.no_grad():
-            z0 = model.encode(xt[:1].to(device))
-            z0 = z0[0] if isinstance(z0, tuple) else z0
+            z0 = latent_code(model, xt[:1].to(device))
         trav = latent_traversal(model, z0, span=2.5, steps=9).cpu()
         run.save_figure("traversals", viz.interpolation_strips(
             trav, labels=[f"z{j + 1}" for j in range(model.latent_dim)],
@@ -160,10 +160,6 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
                         "random_baseline": random_fraction_baseline(k, d),
                         "class_counts": counts, "source": name})
     return run.metrics
-
-
-def _tangent(ds: ManifoldDataset) -> TangentSpace:
-    return ds.tangent_space()
 
 
 def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
@@ -242,20 +238,20 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
         model, _ = load_checkpoint(ckpt, map_location=device)
         x = te.images.to(device)
         acc = evaluate(model, (x, te.labels.to(device)))["accuracy"]
-        dx = TangentSpace.from_model(model, x).to(torch.float32)
-        angles = principal_angles(dx.to("cpu"), ts)
+        dx = TangentSpace.from_model(model, x).to(dtype=torch.float32, device="cpu")
+        angles = principal_angles(dx, ts)
         entry: dict[str, Any] = {"test_accuracy": acc, "methods": {},
                                  "dx_dim_mean": float(dx.dim.double().mean()),
                                  "smallest_angle_deg": _summary(angles[:, 0].rad2deg()),
                                  "mean_angle_deg": _summary(angles.nanmean(1).rad2deg()),
-                                 "random_in_dx": _summary(dx.to("cpu").fraction(rnd))}
+                                 "random_in_dx": _summary(dx.fraction(rnd))}
         parts = {}
         for method in methods:
             opts = {**_CHUNKS.get(method, {}), **(options or {}).get(method, {})}
             a = explain(model, x, method, batch_size=batch_size, **opts).cpu()
             f_t = ts.fraction(a)
             entry["methods"][method] = {"tangent": _summary(f_t),
-                                        "dx": _summary(dx.to("cpu").fraction(a))}
+                                        "dx": _summary(dx.fraction(a))}
             by_method[f"{method} ({name})" if len(checkpoints) > 1 else method] = f_t
             m = figure_images
             parts[method] = {"attribution": a[:m], "tangent": ts.project(a)[:m],

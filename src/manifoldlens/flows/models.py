@@ -35,7 +35,6 @@ from .layers import (
     StandardLogistic,
     StandardNormal,
     alternating_mask,
-    channel_mask,
     mlp,
 )
 
@@ -259,7 +258,7 @@ class RealNVP(Flow):
                 for k in range(3):
                     steps.append(AffineCoupling(
                         ResNetCoupling(c // 2, c, hidden_channels, blocks, False),
-                        channel_mask(c, k % 2), split="channel", parity=k % 2, features=c // 2))
+                        split="channel", parity=k % 2, features=c // 2))
                 split = Split(c)
                 steps.append(split)
                 c = split.kept
