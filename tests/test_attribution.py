@@ -389,3 +389,37 @@ def test_roar_accuracy_falls_when_informative_pixels_go():
     assert res["fractions"] == [0.0, 0.25]
     assert res["oracle"][0] > 0.9 and res["random"][0] > 0.9
     assert res["oracle"][1] < 0.7 < res["random"][1]
+
+
+def test_roar_resumes_after_an_interruption_with_the_same_results():
+    from manifoldlens.attribution import roar
+
+    g = torch.Generator().manual_seed(1)
+    n, d = 200, 12
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.rand(n, d, generator=g, dtype=torch.float64) + y.unsqueeze(1).double()
+    scores = {"a": (torch.rand(150, d, generator=g), torch.rand(50, d, generator=g)),
+              "b": (torch.rand(150, d, generator=g), torch.rand(50, d, generator=g))}
+    built = []
+
+    def make():
+        built.append(1)
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(d, 2)).double()
+
+    args = (make, (x[:150], y[:150]), (x[150:], y[150:]), scores, (0.2, 0.6))
+    opts = {"train_options": {"epochs": 3, "lr": 0.05}, "progress": False}
+    full = roar(*args, **opts)
+    done: dict[str, dict[float, float]] = {}
+
+    def interrupted(name, q, acc):
+        done.setdefault(name, {})[q] = acc
+        if len(done) == 2:  # the first cell of the second ranking: stop
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        roar(*args, on_result=interrupted, **opts)
+    assert done == {"a": {0.2: full["a"][0], 0.6: full["a"][1]}, "b": {0.2: full["b"][0]}}
+    built.clear()
+    resumed = roar(*args, done=done, **opts)
+    assert resumed == full and len(built) == 1  # only the missing cell is retrained

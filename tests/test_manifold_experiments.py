@@ -80,3 +80,23 @@ def test_fraction_and_roar(pipeline, tmp_path):
     assert set(res) == {"fractions", "gradient", "tangent space", "random"}
     assert all(0 <= acc <= 1 for name in ("gradient", "tangent space", "random")
                for acc in res[name]) and len(res["gradient"]) == 1
+
+
+def test_roar_resume_retrains_only_missing_cells(pipeline, tmp_path, capsys):
+    out = tmp_path / "roar"
+    argv = ["manifold", "roar", str(pipeline / "ds"), str(pipeline / "std/model.json"),
+            "--methods", "gradient", "--fractions", "0.3,0.6", "--epochs", "1", "--arch", "mlp",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    full = json.loads((out / "results.json").read_text())
+    state = json.loads((out / "roar_progress.json").read_text())
+    assert state["cells"]["random"] == {"0.3": full["random"][0], "0.6": full["random"][1]}
+    del state["cells"]["random"]["0.6"]  # as if stopped before the last cell
+    state["cells"]["gradient"]["0.3"] = -1.0  # a stored cell is reused, not retrained
+    (out / "roar_progress.json").write_text(json.dumps(state))
+    assert main([*argv, "--resume"]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["random"] == full["random"]
+    assert resumed["gradient"] == [-1.0, full["gradient"][1]]
+    assert main([*argv[:7], "0.3", *argv[8:], "--resume"]) == 2
+    assert "settings changed (fractions)" in capsys.readouterr().err

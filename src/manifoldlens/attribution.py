@@ -570,6 +570,8 @@ def roar(
     rank_by: str = "abs",
     fill: str = "zero",
     progress: bool = True,
+    done: dict[str, dict[float, float]] | None = None,
+    on_result: Callable[[str, float, float], None] | None = None,
 ) -> dict[str, list[float]]:
     """RemOve And Retrain (Hooker et al. 2019; seed 004 Figure 5).
 
@@ -583,6 +585,11 @@ def roar(
     ranking makes accuracy fall faster when the top features go. ``rank_by="abs"`` ranks by
     |score| (signed attributions), ``"signed"`` by the score itself.
     Returns name → accuracies, one per fraction (plus ``"fractions"``).
+
+    Resumable: ``done`` (name → {q: accuracy}) holds cells measured earlier, which are not
+    retrained; ``on_result(name, q, accuracy)`` is called after every new cell, so a caller
+    can store it at once. Each cell is trained from ``make_model()`` alone, so the order in
+    which cells run does not change their results.
     """
     from .training import evaluate, train_classifier
 
@@ -606,11 +613,17 @@ def roar(
             key_tr = s_tr.abs() if rank_by == "abs" else s_tr
             key_te = s_te.abs() if rank_by == "abs" else s_te
             for q in fractions:
-                mtr = remove_features(xtr, key_tr, q, remove=remove, fill=fill_value)
-                mte = remove_features(xte, key_te, q, remove=remove, fill=fill_value)
-                model = make_model()
-                train_classifier(model, (mtr, ytr), **opts)
-                accs.append(evaluate(model, (mte, yte))["accuracy"])
+                previous = (done or {}).get(name, {})
+                if float(q) in previous:
+                    accs.append(float(previous[float(q)]))
+                else:
+                    mtr = remove_features(xtr, key_tr, q, remove=remove, fill=fill_value)
+                    mte = remove_features(xte, key_te, q, remove=remove, fill=fill_value)
+                    model = make_model()
+                    train_classifier(model, (mtr, ytr), **opts)
+                    accs.append(evaluate(model, (mte, yte))["accuracy"])
+                    if on_result is not None:
+                        on_result(name, float(q), accs[-1])
                 if bar is not None:
                     bar.update(1)
             out[name] = accs

@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--arch", default="seed001_cnn", choices=["seed001_cnn", "small_cnn", "mlp"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
     p = sub.add_parser("demo", help="the whole story on the embedded digits, with a report")
     _add_common(p)
@@ -401,7 +402,8 @@ def _manifold(args, run, progress: bool) -> None:
                              methods=tuple(m for m in args.methods.split(",") if m),
                              fractions=tuple(float(v) for v in args.fractions.split(",") if v),
                              n_train=args.n_train, arch=args.arch, epochs=args.epochs,
-                             remove=args.remove, progress=progress, **common)
+                             remove=args.remove, progress=progress, resume=args.resume,
+                             **common)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -277,25 +278,62 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
                       fractions: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
                       n_train: int | None = None, arch: str = "seed001_cnn",
                       epochs: float = 2.0, remove: str = "top", progress: bool = True,
-                      device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+                      device: str = "cpu", seed: int = 0, resume: bool = False
+                      ) -> dict[str, Any]:
     """ROAR (Figure 5): rank pixels by each method's attribution for the trained classifier
     ``checkpoint``, by the tangent space's own importance ‖P_T e_i‖, and at random; remove
-    a fraction, retrain a fresh ``arch`` and test."""
+    a fraction, retrain a fresh ``arch`` and test.
+
+    Resumable (``resume=True``, CLI ``--resume``): the rankings are stored in
+    ``roar_scores.safetensors`` and every retrained cell in ``roar_progress.json`` as soon as
+    it is measured; a resumed run with the same settings loads both and retrains only the
+    missing cells (each cell is seeded alone, so the results equal an uninterrupted run).
+    """
+    from safetensors.torch import load_file, save_file
+
     tr = load_manifold_dataset(dataset_dir, "train")
     te = load_manifold_dataset(dataset_dir, "test")
     if n_train:
         tr = tr.subset(slice(0, n_train))
-    model, _ = load_checkpoint(checkpoint, map_location=device)
-    scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for method in methods:
-        opts = _CHUNKS.get(method, {})
-        scores[method] = tuple(explain(model, part.images.to(device), method, batch_size=64,
-                                       **opts).cpu() for part in (tr, te))
-    scores["tangent space"] = (tangent_importance(tr.tangent_space()),
-                               tangent_importance(te.tangent_space()))
-    g = torch.Generator().manual_seed(seed)
-    scores["random"] = (torch.rand(tr.images.shape, generator=g),
-                        torch.rand(te.images.shape, generator=g))
+    settings = {"checkpoint": str(Path(checkpoint).resolve()), "dataset": str(
+        Path(dataset_dir).resolve()), "methods": list(methods), "fractions": [
+        float(q) for q in fractions], "n_train": len(tr), "arch": arch, "epochs": float(epochs),
+        "remove": remove, "seed": seed}
+    progress_file, scores_file = run.path / "roar_progress.json", run.path / "roar_scores.safetensors"
+    done: dict[str, dict[float, float]] = {}
+    if resume and progress_file.exists():
+        state = json.loads(progress_file.read_text())
+        if state["settings"] != settings:
+            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            raise ValueError(f"cannot resume {run.path}: settings changed ({', '.join(changed)}); "
+                             "use another --out or the run's own settings")
+        done = {name: {float(q): acc for q, acc in cells.items()}
+                for name, cells in state["cells"].items()}
+    names = [*methods, "tangent space", "random"]
+    if resume and scores_file.exists():
+        flat = load_file(str(scores_file))
+        scores = {n: (flat[f"{n}/train"], flat[f"{n}/test"]) for n in names}
+    else:
+        model, _ = load_checkpoint(checkpoint, map_location=device)
+        scores = {}
+        for method in methods:
+            opts = _CHUNKS.get(method, {})
+            scores[method] = tuple(explain(model, part.images.to(device), method,
+                                           batch_size=64, **opts).cpu() for part in (tr, te))
+        scores["tangent space"] = (tangent_importance(tr.tangent_space()),
+                                   tangent_importance(te.tangent_space()))
+        g = torch.Generator().manual_seed(seed)
+        scores["random"] = (torch.rand(tr.images.shape, generator=g),
+                            torch.rand(te.images.shape, generator=g))
+        save_file({f"{n}/{part}": t.contiguous() for n, pair in scores.items()
+                   for part, t in zip(("train", "test"), pair)}, str(scores_file))
+
+    def store(name: str, q: float, acc: float) -> None:
+        done.setdefault(name, {})[q] = acc
+        tmp = progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings, "cells": {
+            n: {str(k): v for k, v in cells.items()} for n, cells in done.items()}}, indent=1))
+        tmp.replace(progress_file)
 
     def make():
         torch.manual_seed(seed)
@@ -303,7 +341,7 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
 
     res = roar(make, (tr.images, tr.labels), (te.images, te.labels), scores, fractions,
                remove=remove, train_options={"epochs": epochs, "seed": seed, "device": device},
-               progress=progress)
+               progress=progress, done=done, on_result=store)
     run.save_figure("roar", viz.plot_roar(res, remove=remove,
                                           title=f"ROAR: remove the {remove} pixels, retrain"))
     run.save_json("results", res)
