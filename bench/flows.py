@@ -11,7 +11,7 @@ Fashion-MNIST train images (1×28×28, float32, CPU), dequantized ``(k + u) / 25
 fixed generator; every model is trained on the same batches with the same loss (bits/dim,
 ``(−log p(y) + D ln 256) / (D ln 2)``, through :func:`manifoldlens.flows.bits_per_dim` for
 both libraries), Adam (lr 1e-3), batch 64. Models: ours Glow / RealNVP (image, multi-scale)
-/ NICE (for context only), and ``normflows`` Glow and RealNVP assembled from its own pieces
+/ NICE, and ``normflows`` Glow, RealNVP and NICE assembled from its own pieces
 at the same size (``nf.MultiscaleFlow`` of ``GlowBlock`` / ``AffineCouplingBlock``,
 ``Squeeze``, ``Merge``, ``GlowBase`` priors); the JSON holds every parameter count and a
 structure check (at initialisation, with the 1×1 convolutions and ActNorms copied across,
@@ -70,8 +70,10 @@ DIM = math.prod(SHAPE)
 N_BINS = 256
 LR = 1e-3
 DATASET = "fashion-mnist"
-MODELS = ("ours_glow", "normflows_glow", "ours_realnvp", "normflows_realnvp", "ours_nice")
-PAIRS = {"glow": ("ours_glow", "normflows_glow"), "realnvp": ("ours_realnvp", "normflows_realnvp")}
+MODELS = ("ours_glow", "normflows_glow", "ours_realnvp", "normflows_realnvp", "ours_nice",
+          "normflows_nice")
+PAIRS = {"glow": ("ours_glow", "normflows_glow"), "realnvp": ("ours_realnvp", "normflows_realnvp"),
+         "nice": ("ours_nice", "normflows_nice")}
 
 
 # --------------------------------------------------------------------------------------
@@ -178,6 +180,37 @@ def normflows_realnvp(hidden: int, blocks: int, alpha: float) -> nn.Module:
                              transform=nf.transforms.Logit(alpha), class_cond=False)
 
 
+class NormflowsFlat(nn.Module):
+    """``log_prob(x)`` (n,) of an ``nf.NormalizingFlow`` over flattened images (NICE)."""
+
+    def __init__(self, flow: nn.Module):
+        super().__init__()
+        self.flow = flow
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flow.log_prob(x.reshape(x.shape[0], -1))
+
+
+def normflows_nice(hidden: int, depth: int) -> nn.Module:
+    """NICE from normflows' pieces, the paper's MNIST set-up as ``flows.NICE``: 4 additive
+    couplings with alternating masks (``nf.flows.MaskedAffineFlow(b, t=MLP)`` without a scale
+    net is NICE's additive coupling), each a ReLU ``nf.nets.MLP`` of ``depth`` hidden layers
+    of ``hidden`` units with a zero-initialised last layer, then NICE's diagonal scaling
+    (``nf.flows.AffineConstFlow(shape, shift=False)``). normflows has no logistic base, so
+    its prior is ``nf.distributions.DiagGaussian(D, trainable=False)`` (ours: the paper's
+    logistic); the prior costs O(D) of a step dominated by 4 × 6 dense layers.
+    ``NormalizingFlow`` lists flows in the generative order; ``log_prob`` runs them backwards.
+    """
+    steps: list[nn.Module] = []
+    for k in range(4):  # conditioning on the indices i % 2 == k % 2, as flows.NICE
+        mask = (torch.arange(DIM) % 2 == k % 2).float()
+        net = nf.nets.MLP([DIM, *[hidden] * depth, DIM], init_zeros=True)
+        steps.append(nf.flows.MaskedAffineFlow(mask, t=net))
+    steps.append(nf.flows.AffineConstFlow((DIM,), shift=False))
+    q0 = nf.distributions.DiagGaussian(DIM, trainable=False)
+    return nf.NormalizingFlow(q0, steps[::-1])
+
+
 def build_model(name: str, cfg: dict) -> nn.Module:
     """A fresh model with ``log_prob(x)`` (n,), seeded (normflows draws its 1×1 convolutions
     from the global generator)."""
@@ -201,6 +234,8 @@ def build_model(name: str, cfg: dict) -> nn.Module:
         if name == "normflows_realnvp":
             return NormflowsDensity(normflows_realnvp(cfg["realnvp_hidden"],
                                                       cfg["realnvp_blocks"], cfg["alpha"]))
+        if name == "normflows_nice":
+            return NormflowsFlat(normflows_nice(cfg["nice_hidden"], cfg["nice_depth"]))
     raise ValueError(f"unknown model {name!r}; known: {MODELS}")
 
 
@@ -208,7 +243,7 @@ def build_model(name: str, cfg: dict) -> nn.Module:
 def init_model(model: nn.Module, x: torch.Tensor) -> None:
     """ActNorm data-dependent initialisation on the batch x (ours: flows.initialize; normflows
     initialises every ActNorm on the first log_prob call)."""
-    if isinstance(model, NormflowsDensity):
+    if isinstance(model, (NormflowsDensity, NormflowsFlat)):
         model.log_prob(x)
     else:
         flows.initialize(model, x)
@@ -252,6 +287,10 @@ def describe(name: str, cfg: dict) -> str:
         "scale_map='exp'), nf.distributions.GlowBase priors",
         "ours_nice": f"flows.NICE((1, 28, 28), couplings=4, hidden={cfg['nice_hidden']}, "
         f"depth={cfg['nice_depth']})",
+        "normflows_nice": "nf.NormalizingFlow(DiagGaussian(784)): 4 x nf.flows.MaskedAffineFlow("
+        f"alternating mask, t=nf.nets.MLP([784] + [{cfg['nice_hidden']}] * "
+        f"{cfg['nice_depth']} + [784], init_zeros=True)) + nf.flows.AffineConstFlow(784, "
+        "shift=False)",
     }[name]
 
 
@@ -371,6 +410,54 @@ def realnvp_init_check(cfg: dict, y: torch.Tensor) -> dict:
         "N(0, I) and log p(y) must agree; a weak check (it tests the Logit formula and that "
         "all D dimensions are scored once), not of the coupling wiring",
         **log_p_agreement(ours, theirs, y),
+    }
+
+
+@torch.no_grad()
+def nice_structure_check(cfg: dict, y: torch.Tensor) -> dict:
+    """Same map, checked: ours' couplings are NICE's m: R^{D/2} → R^{D/2}; normflows' masked
+    R^D → R^D networks reproduce them exactly when their first layer reads only the
+    conditioning features and their last writes only the others. normflows runs its flows
+    in the data direction through ``inverse`` (x_b − t, x · exp(−s)), ours through forward
+    (x_b + t, x · exp(s)), so the copied output layer and log-scale change sign."""
+    ours = build_model("ours_nice", cfg)
+    theirs = build_model("normflows_nice", cfg)
+    g = torch.Generator().manual_seed(SEED + 7)
+    ours_steps = [m for m in ours.modules() if isinstance(m, flows.AdditiveCoupling)]
+    nf_steps = [m for m in theirs.flow.flows[::-1] if isinstance(m, nf.flows.MaskedAffineFlow)]
+    for a, b in zip(ours_steps, nf_steps, strict=True):
+        cond = b.b.flatten().bool()
+        la = [m for m in a.net.modules() if isinstance(m, nn.Linear)]
+        lb = [m for m in b.t.modules() if isinstance(m, nn.Linear)]
+        for i, (u, v) in enumerate(zip(la, lb, strict=True)):  # random, not zero: couplings act
+            u.weight.copy_(0.02 * torch.randn(u.weight.shape, generator=g))
+            u.bias.copy_(0.02 * torch.randn(u.bias.shape, generator=g))
+            last = i == len(la) - 1
+            rows = ~cond if last else slice(None)
+            cols = cond if i == 0 else slice(None)
+            sign = -1.0 if last else 1.0
+            v.weight.zero_()
+            v.bias.zero_()
+            v.weight[rows, cols] = sign * u.weight
+            v.bias[rows] = sign * u.bias
+    scaling = next(m for m in ours.modules() if isinstance(m, flows.DiagonalScaling))
+    flows.initialize(ours, y)
+    theirs.flow.flows[0].s.copy_(-scaling.log_scale.view_as(theirs.flow.flows[0].s))
+    z_ours = ours.encode(y)
+    z_nf, _ = theirs.flow.inverse_and_log_det(y.reshape(y.shape[0], -1))
+    diff = float((z_ours - z_nf).abs().max())
+    scale = float(z_ours.abs().max())
+    return {
+        "what": "fresh ours_nice and normflows_nice, ours' coupling MLPs set to random weights "
+        "(not zero, so the couplings act) and embedded in normflows' masked networks (first "
+        "layer reading the conditioning features only, last writing the others, negated for "
+        "normflows' inverse direction), ours' diagonal scaling initialised from the batch and "
+        "copied (negated): the latents z = f(y) must agree to float32 rounding if masks, "
+        "order and nets are wired alike (the priors differ by design, logistic vs normal, so "
+        "log p is not compared)",
+        "max_abs_diff_z": float(f"{diff:.3g}"),
+        "max_abs_z": float(f"{scale:.4g}"),
+        "agree": diff <= 1e-4 * max(1.0, scale),
     }
 
 
@@ -710,7 +797,11 @@ NOTES = [
     "s = c * tanh(h) with a learned c per channel, normflows exp(h) unbounded "
     "(scale_map='exp'); priors as for Glow (ours: conditional split prior and N(0, I) top; "
     "normflows: GlowBase on both)",
-    "NICE: ours only, for context (normflows has no NICE image model)",
+    "NICE: both are 4 additive couplings (alternating masks over the flattened image) of the "
+    "same ReLU MLPs and a diagonal scaling; ours initialises the scaling from the data "
+    "(DiagonalScaling(target_std)), normflows' AffineConstFlow starts at exp(0) = 1; prior: "
+    "ours logistic (the paper's), normflows a standard normal (it has no logistic base); "
+    "normflows' MaskedAffineFlow also evaluates the (zero) scale and two isfinite checks",
     "bits/dim for every model: flows.bits_per_dim(model, y, 256, dequantize_input=False) = "
     "(-log p(y) + D ln 256) / (D ln 2) on the same y in [0, 1]; normflows' log_prob (via "
     "MultiscaleFlow.log_prob(y, None), its transform included) is the density of that y",
@@ -781,6 +872,10 @@ def main(argv: list[str] | None = None) -> int:
     if "ours_realnvp" in names and "normflows_realnvp" in names:
         y = dequantized_batches(images, cfg["batch"], 1, SEED + 2)[0]
         out["realnvp_init_check"] = realnvp_init_check(cfg, y)
+    if "ours_nice" in names and "normflows_nice" in names:
+        y = dequantized_batches(images, cfg["batch"], 1, SEED + 2)[0]
+        out["nice_structure_check"] = run("nice_structure_check",
+                                          lambda: nice_structure_check(cfg, y))
     log(f"throughput: {', '.join(names)}")
     out["throughput"] = run("throughput",
                             lambda: bench_throughput(names, cfg, images, repeats, 1))
@@ -809,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["test_bpd"] = {n: r["test_bpd"] for n, r in out["budget"]["results"].items()}
     if "glow_structure_check" in out:
         summary["glow_structure_check_agree"] = out["glow_structure_check"]["agree"]
+    if "nice_structure_check" in out:
+        summary["nice_structure_check_agree"] = out["nice_structure_check"]["agree"]
     out["summary"] = summary
     common.print_json(out, t_start)
     return 0

@@ -74,6 +74,10 @@ LAYERS = {
     "affine_channel_sigmoid": lambda: (L.AffineCoupling(L.GlowCouplingNet(2, 4, 8),
                                                         split="channel", scale="sigmoid"),
                                        _img(c=4)),
+    "additive_alternating_odd": lambda: (L.AdditiveCoupling(L.mlp(3, 2, 8, 2),
+                                                            split="alternating"), _vec(d=5)),
+    "affine_alternating": lambda: (L.AffineCoupling(L.mlp(3, 6, 8, 2), split="alternating",
+                                                    parity=1, features=3), _vec()),
     "diagonal_scaling": lambda: (L.DiagonalScaling(6), _vec()),
     "actnorm_vector": lambda: (L.ActNorm(6), _vec()),
     "actnorm_image": lambda: (L.ActNorm(2), _img()),
@@ -123,6 +127,59 @@ def test_checkerboard_split_is_the_checkerboard_mask(parity):
     torch.testing.assert_close(layer._join(a, b), x)
 
 
+@pytest.mark.parametrize("d", [5, 6])
+@pytest.mark.parametrize("parity", [0, 1])
+def test_alternating_split_is_the_alternating_mask(d, parity):
+    """The vector split conditions on exactly the features the mask keeps, in order."""
+    layer = L.AdditiveCoupling(nn.Identity(), split="alternating", parity=parity)
+    x = torch.arange(2 * d, dtype=DT).reshape(2, d)
+    a, b = layer._halves(x)
+    m = L.alternating_mask(d, parity).bool()
+    assert torch.equal(a, x[:, m]) and torch.equal(b, x[:, ~m])
+    assert torch.equal(layer._join(a, b), x)
+    with pytest.raises(ValueError, match="vectors"):
+        layer._halves(x.reshape(2, 1, d))
+
+
+def test_nice_alternating_equals_the_masked_layout_with_the_same_weights():
+    """NICE's m: R^{D/2} → R^{D/2} is the masked R^D → R^D network restricted to the rows and
+    columns the mask uses; copying those weights gives the same flow."""
+    torch.manual_seed(0)
+    half = _perturb(flows.NICE((5,), hidden=8, depth=2).double())
+    masked = flows.NICE((5,), hidden=8, depth=2, split="mask").double()
+    x = _vec(d=5)
+    flows.initialize(half, x)
+    with torch.no_grad():
+        for a, b in zip(half.steps, masked.steps, strict=True):
+            if isinstance(a, L.AdditiveCoupling):
+                cond, out = b.mask.bool(), ~b.mask.bool()
+                la, lb = a.net[0::2], b.net[0::2]
+                for i, (u, v) in enumerate(zip(la, lb, strict=True)):
+                    v.weight.zero_()
+                    rows = out if i == len(la) - 1 else slice(None)
+                    cols = cond if i == 0 else slice(None)
+                    v.weight[rows, cols] = u.weight
+                    v.bias.zero_()
+                    v.bias[rows] = u.bias
+            else:
+                b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(masked(x)[0], half(x)[0])
+    torch.testing.assert_close(masked.log_prob(x), half.log_prob(x))
+
+
+def test_nice_checkpoints_without_a_split_load_as_masked(tmp_path):
+    from manifoldlens.models import load_checkpoint, save_checkpoint
+
+    old = flows.NICE((6,), hidden=8, depth=1, split="mask").double()
+    x = _vec()
+    flows.initialize(old, x)
+    old.spec.pop("split")  # as written by version 0.1
+    save_checkpoint(tmp_path / "nice", old)
+    loaded, _ = load_checkpoint(tmp_path / "nice.json")
+    assert loaded.spec["split"] == "mask"
+    torch.testing.assert_close(loaded.double().log_prob(x), old.log_prob(x))
+
+
 def test_bases_match_torch_distributions():
     z = _vec(5, 3)
     normal = torch.distributions.Normal(torch.zeros((), dtype=DT), torch.ones((), dtype=DT))
@@ -155,6 +212,8 @@ MODELS = {
                             _vec()),
     "nice_image": lambda: (flows.NICE((1, 4, 4), hidden=8, depth=2),
                            torch.rand(3, 1, 4, 4, dtype=DT)),
+    "nice_odd_masked": lambda: (flows.NICE((5,), hidden=8, depth=2, split="mask"),
+                                _vec(d=5)),
     "realnvp_vector": lambda: (flows.RealNVP((2,), couplings=4, hidden=8), _vec(d=2)),
     "realnvp_image": lambda: (flows.RealNVP((1, 4, 4), scales=2, hidden_channels=8, blocks=1),
                               torch.rand(3, 1, 4, 4, dtype=DT)),

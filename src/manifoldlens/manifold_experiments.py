@@ -299,7 +299,8 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
         Path(dataset_dir).resolve()), "methods": list(methods), "fractions": [
         float(q) for q in fractions], "n_train": len(tr), "arch": arch, "epochs": float(epochs),
         "remove": remove, "seed": seed}
-    progress_file, scores_file = run.path / "roar_progress.json", run.path / "roar_scores.safetensors"
+    progress_file = run.path / "roar_progress.json"
+    scores_file = run.path / "roar_scores.safetensors"
     done: dict[str, dict[float, float]] = {}
     if resume and progress_file.exists():
         state = json.loads(progress_file.read_text())
@@ -326,7 +327,7 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
         scores["random"] = (torch.rand(tr.images.shape, generator=g),
                             torch.rand(te.images.shape, generator=g))
         save_file({f"{n}/{part}": t.contiguous() for n, pair in scores.items()
-                   for part, t in zip(("train", "test"), pair)}, str(scores_file))
+                   for part, t in zip(("train", "test"), pair, strict=True)}, str(scores_file))
 
     def store(name: str, q: float, acc: float) -> None:
         done.setdefault(name, {})[q] = acc

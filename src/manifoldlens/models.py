@@ -307,6 +307,8 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     if not isinstance(spec, Mapping) or "arch" not in spec:
         raise ValueError(f"spec must be a dict with an 'arch' key, got {spec!r}")
     cls = _arch_class(spec["arch"])
+    if hasattr(cls, "upgrade_spec"):  # specs written by older versions of the class
+        spec = cls.upgrade_spec(dict(spec))
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "arch"}
     allowed = set(inspect.signature(cls).parameters)
     unknown = sorted(set(kwargs) - allowed)

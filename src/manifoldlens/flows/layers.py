@@ -181,14 +181,18 @@ class _Coupling(Bijection):
     mask. ``split="checkerboard"`` gathers the two colours of a checkerboard (``parity``
     picks which conditions) into half-width images (n, C, H, W/2), so the network runs at
     half resolution on the conditioning pixels only (as normflows does) instead of on a
-    masked full image.
+    masked full image. ``split="alternating"`` (vectors (n, d)) conditions on the features
+    ``i % 2 == parity`` and transforms the others, with a network R^{⌈d/2⌉} → R^{⌊d/2⌋} or
+    the reverse (NICE's m: R^{D/2} → R^{D/2}, Dinh et al. 2015 eq. 6) — the same partition as
+    :func:`alternating_mask`, without the wasted half of a masked network's inputs and outputs.
     """
 
     def __init__(self, net: nn.Module, mask: torch.Tensor | None = None, *,
                  split: str = "mask", parity: int = 0, pass_mask: bool = False):
         super().__init__()
-        if split not in ("mask", "channel", "checkerboard"):
-            raise ValueError(f"split must be 'mask', 'channel' or 'checkerboard', got {split!r}")
+        if split not in ("mask", "channel", "checkerboard", "alternating"):
+            raise ValueError("split must be 'mask', 'channel', 'checkerboard' or "
+                             f"'alternating', got {split!r}")
         if split == "mask" and mask is None:
             raise ValueError("a mask coupling needs a mask")
         self.net = net
@@ -206,6 +210,10 @@ class _Coupling(Bijection):
         return self.net(xa)
 
     def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.split == "alternating":
+            if x.ndim != 2:
+                raise ValueError(f"an alternating split takes vectors (n, d), got {tuple(x.shape)}")
+            return x[:, self.parity::2], x[:, 1 - self.parity::2]
         if self.split == "checkerboard":
             n, c, h, w = x.shape
             if w % 2:
@@ -220,6 +228,12 @@ class _Coupling(Bijection):
         return (b, a) if self.parity else (a, b)
 
     def _join(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.split == "alternating":
+            even, odd = (b, a) if self.parity else (a, b)
+            if even.shape[1] == odd.shape[1]:
+                return torch.stack([even, odd], dim=2).reshape(a.shape[0], -1)
+            return torch.cat([torch.stack([even[:, :-1], odd], dim=2).reshape(
+                a.shape[0], -1), even[:, -1:]], dim=1)
         if self.split == "checkerboard":
             even_colour, odd_colour = (b, a) if self.parity else (a, b)
             n, c, h, w2 = a.shape

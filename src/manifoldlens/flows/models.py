@@ -192,21 +192,38 @@ class NICE(Flow):
 
     def __init__(self, shape: Sequence[int], couplings: int = 4, hidden: int = 1000,
                  depth: int = 5, base: str = "logistic",
-                 domain: Sequence[float] | None = None):
+                 domain: Sequence[float] | None = None, split: str = "alternating"):
         shape = tuple(int(s) for s in shape)
         d = math.prod(shape)
+        if d < 2:
+            raise ValueError(f"NICE needs at least 2 features, got shape {shape}")
+        if split not in ("alternating", "mask"):
+            raise ValueError(f"split must be 'alternating' or 'mask', got {split!r}")
         steps: list[nn.Module] = []
         if len(shape) != 1:
             steps.append(Reshape(shape, (d,)))
         for k in range(couplings):
-            steps.append(AdditiveCoupling(mlp(d, d, hidden, depth), alternating_mask(d, k % 2)))
+            p = k % 2
+            if split == "alternating":  # m: R^{D/2} → R^{D/2} on the two index classes
+                cond = len(range(p, d, 2))
+                steps.append(AdditiveCoupling(mlp(cond, d - cond, hidden, depth),
+                                              split="alternating", parity=p))
+            else:  # a masked network R^D → R^D (the layout of NICE checkpoints before 0.2)
+                steps.append(AdditiveCoupling(mlp(d, d, hidden, depth), alternating_mask(d, p)))
         # initialised from data so the outputs start with the prior's spread (π/√3 logistic)
         steps.append(DiagonalScaling((d,), target_std=math.pi / math.sqrt(3)
                                      if base == "logistic" else 1.0))
         super().__init__(shape, steps, base, tuple(domain) if domain is not None else None)
         self.spec = {"arch": "nice", "shape": list(shape), "couplings": couplings,
                      "hidden": hidden, "depth": depth, "base": base,
-                     "domain": list(domain) if domain is not None else None}
+                     "domain": list(domain) if domain is not None else None, "split": split}
+
+    @staticmethod
+    def upgrade_spec(spec: dict) -> dict:
+        """Checkpoints of version 0.1 have no ``split``: their couplings were masked R^D → R^D
+        networks."""
+        spec.setdefault("split", "mask")
+        return spec
 
 
 # ----------------------------------------------------------------------------- RealNVP
