@@ -170,7 +170,7 @@ def test_nice_alternating_equals_the_masked_layout_with_the_same_weights():
 def test_nice_checkpoints_without_a_split_load_as_masked(tmp_path):
     from manifoldlens.models import load_checkpoint, save_checkpoint
 
-    old = flows.NICE((6,), hidden=8, depth=1, split="mask").double()
+    old = _perturb(flows.NICE((6,), hidden=8, depth=1, split="mask").double())
     x = _vec()
     flows.initialize(old, x)
     old.spec.pop("split")  # as written by version 0.1
@@ -178,6 +178,25 @@ def test_nice_checkpoints_without_a_split_load_as_masked(tmp_path):
     loaded, _ = load_checkpoint(tmp_path / "nice.json")
     assert loaded.spec["split"] == "mask"
     torch.testing.assert_close(loaded.double().log_prob(x), old.log_prob(x))
+
+
+def test_continuing_a_run_of_the_old_nice_layout(tmp_path):
+    from manifoldlens.models import load_weights, model_for_checkpoint, save_checkpoint
+
+    old = _perturb(flows.NICE((6,), hidden=8, depth=1, split="mask").double())
+    old.spec.pop("split")  # a checkpoint of version 0.1
+    save_checkpoint(tmp_path / "step", old)
+    new = flows.NICE((6,), hidden=8, depth=1).double()  # what a resumed run builds now
+    with pytest.raises(ValueError, match="do not fit this model"):
+        load_weights(tmp_path / "step.json", new)
+    model = model_for_checkpoint(new, tmp_path / "step.json")
+    assert model.spec["split"] == "mask" and next(model.parameters()).dtype == DT
+    load_weights(tmp_path / "step.json", model)
+    torch.testing.assert_close(model.log_prob(_vec()), old.log_prob(_vec()))
+    masked = flows.NICE((6,), hidden=8, depth=1, split="mask")
+    assert model_for_checkpoint(masked, tmp_path / "step.json") is masked
+    with pytest.raises(ValueError, match="hidden: 8 there, 16 now"):
+        model_for_checkpoint(flows.NICE((6,), hidden=16, depth=1), tmp_path / "step.json")
 
 
 def test_bases_match_torch_distributions():

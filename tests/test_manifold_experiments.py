@@ -99,4 +99,7 @@ def test_roar_resume_retrains_only_missing_cells(pipeline, tmp_path, capsys):
     assert resumed["random"] == full["random"]
     assert resumed["gradient"] == [-1.0, full["gradient"][1]]
     assert main([*argv[:7], "0.3", *argv[8:], "--resume"]) == 2
-    assert "settings changed (fractions)" in capsys.readouterr().err
+    assert "settings changed (fractions) since roar_progress.json" in capsys.readouterr().err
+    (out / "roar_progress.json").unlink()  # as if stopped during the first cell
+    assert main([*argv[:5], "input_x_gradient", *argv[6:], "--resume"]) == 2
+    assert "settings changed (methods) since roar_scores.safetensors" in capsys.readouterr().err

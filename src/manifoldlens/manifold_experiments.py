@@ -289,6 +289,7 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
     it is measured; a resumed run with the same settings loads both and retrains only the
     missing cells (each cell is seeded alone, so the results equal an uninterrupted run).
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     tr = load_manifold_dataset(dataset_dir, "train")
@@ -298,20 +299,28 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "dataset": str(
         Path(dataset_dir).resolve()), "methods": list(methods), "fractions": [
         float(q) for q in fractions], "n_train": len(tr), "arch": arch, "epochs": float(epochs),
-        "remove": remove, "seed": seed}
+        "remove": remove, "seed": seed, "device": str(device)}
     progress_file = run.path / "roar_progress.json"
     scores_file = run.path / "roar_scores.safetensors"
+    def check(stored: dict[str, Any], where: Path) -> None:
+        if stored != settings:
+            changed = sorted(k for k in set(settings) | set(stored)
+                             if stored.get(k) != settings.get(k))
+            raise ValueError(f"cannot resume {run.path}: settings changed ({', '.join(changed)}) "
+                             f"since {where.name} was written; use another --out or the run's "
+                             "own settings")
+
     done: dict[str, dict[float, float]] = {}
     if resume and progress_file.exists():
         state = json.loads(progress_file.read_text())
-        if state["settings"] != settings:
-            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-            raise ValueError(f"cannot resume {run.path}: settings changed ({', '.join(changed)}); "
-                             "use another --out or the run's own settings")
+        check(state["settings"], progress_file)
         done = {name: {float(q): acc for q, acc in cells.items()}
                 for name, cells in state["cells"].items()}
     names = [*methods, "tangent space", "random"]
     if resume and scores_file.exists():
+        with safe_open(str(scores_file), framework="pt") as f:
+            meta = f.metadata() or {}
+        check(json.loads(meta.get("settings", "{}")), scores_file)
         flat = load_file(str(scores_file))
         scores = {n: (flat[f"{n}/train"], flat[f"{n}/test"]) for n in names}
     else:
@@ -326,8 +335,11 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
         g = torch.Generator().manual_seed(seed)
         scores["random"] = (torch.rand(tr.images.shape, generator=g),
                             torch.rand(te.images.shape, generator=g))
+        tmp = scores_file.with_suffix(".tmp")
         save_file({f"{n}/{part}": t.contiguous() for n, pair in scores.items()
-                   for part, t in zip(("train", "test"), pair, strict=True)}, str(scores_file))
+                   for part, t in zip(("train", "test"), pair, strict=True)}, str(tmp),
+                  metadata={"settings": json.dumps(settings)})
+        tmp.replace(scores_file)  # a file cut short by an interruption is never read back
 
     def store(name: str, q: float, acc: float) -> None:
         done.setdefault(name, {})[q] = acc

@@ -479,7 +479,11 @@ def load_weights(
     if map_location is None:
         map_location = next(iter(model.parameters()), torch.empty(0)).device
     state = load_file(str(weights), device="cpu")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {manifest_path} do not fit this model "
+                         f"({type(model).__name__}): {e}") from None
     if optimizer is not None:
         if manifest.get("optimizer") is None:
             raise ValueError(f"checkpoint {manifest_path} holds no optimizer state")
@@ -490,6 +494,34 @@ def load_weights(
             torch.load(optim_path, map_location=map_location, weights_only=True)
         )
     return dict(manifest.get("metadata") or {})
+
+
+def model_for_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """The model to load the checkpoint ``path`` into when continuing a run with ``model``.
+
+    ``model`` itself, unless the checkpoint was written by an older layout of the same
+    architecture (its spec lacks a key that the class's ``upgrade_spec`` fills in): then a
+    model rebuilt from the upgraded spec. Any other difference of spec is an error naming
+    the keys.
+    """
+    _, manifest = _read_manifest(path)
+    stored, spec = manifest.get("spec"), getattr(model, "spec", None)
+    if stored is None or spec is None:
+        return model
+    upgraded = dict(stored)
+    cls = _arch_class(stored["arch"])
+    if hasattr(cls, "upgrade_spec"):
+        upgraded = cls.upgrade_spec(upgraded)
+    filled = set(upgraded) - set(stored)
+    changed = sorted(k for k in set(spec) | set(upgraded)
+                     if k not in filled and spec.get(k) != upgraded.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {upgraded.get(k)!r} there, {spec.get(k)!r} now" for k in changed)
+        raise ValueError(f"cannot continue from {path}: it holds a model with other settings "
+                         f"({diff})")
+    if all(spec.get(k) == upgraded[k] for k in filled):
+        return model
+    return build_model(upgraded).to(next(iter(model.parameters()), torch.empty(0)))
 
 
 def load_checkpoint(

@@ -195,6 +195,8 @@ class _Coupling(Bijection):
                              f"'alternating', got {split!r}")
         if split == "mask" and mask is None:
             raise ValueError("a mask coupling needs a mask")
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity!r}")
         self.net = net
         self.split = split
         self.parity = parity
@@ -230,10 +232,9 @@ class _Coupling(Bijection):
     def _join(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.split == "alternating":
             even, odd = (b, a) if self.parity else (a, b)
-            if even.shape[1] == odd.shape[1]:
-                return torch.stack([even, odd], dim=2).reshape(a.shape[0], -1)
-            return torch.cat([torch.stack([even[:, :-1], odd], dim=2).reshape(
-                a.shape[0], -1), even[:, -1:]], dim=1)
+            n, m = a.shape[0], odd.shape[1]
+            pairs = torch.stack([even[:, :m], odd], dim=2).reshape(n, 2 * m)
+            return pairs if even.shape[1] == m else torch.cat([pairs, even[:, m:]], dim=1)
         if self.split == "checkerboard":
             even_colour, odd_colour = (b, a) if self.parity else (a, b)
             n, c, h, w2 = a.shape
