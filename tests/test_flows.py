@@ -199,6 +199,19 @@ def test_continuing_a_run_of_the_old_nice_layout(tmp_path):
         model_for_checkpoint(flows.NICE((6,), hidden=16, depth=1), tmp_path / "step.json")
 
 
+@pytest.mark.parametrize("make", [lambda cl: L.ResNetCoupling(2, 4, 8, 2, channels_last=cl),
+                                  lambda cl: L.GlowCouplingNet(2, 4, 8, channels_last=cl)])
+def test_coupling_nets_in_channels_last_layout_are_the_same_function(make):
+    torch.manual_seed(0)
+    plain = _perturb(make(False).double())
+    fast = make(True).double()
+    fast.load_state_dict(plain.state_dict())
+    conv = next(m for m in fast.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = _img()
+    torch.testing.assert_close(fast(x), plain(x))
+
+
 def test_bases_match_torch_distributions():
     z = _vec(5, 3)
     normal = torch.distributions.Normal(torch.zeros((), dtype=DT), torch.ones((), dtype=DT))

@@ -118,19 +118,37 @@ class ZeroConv2d(nn.Module):
         return self.conv(x) * torch.exp(self.log_scale * self.log_scale_factor)
 
 
-class GlowCouplingNet(nn.Module):
-    """Glow's coupling network: conv 3×3 → ReLU → conv 1×1 → ReLU → ZeroConv 3×3."""
+def _channels_last(module: nn.Module) -> None:
+    """Convolution weights in channels-last layout: with channels-last activations, oneDNN's
+    convolutions on CPU skip their layout reorders (bench/flows.py measures the gain). The
+    values, state dict and checkpoints are unchanged (``save_checkpoint`` stores contiguous
+    copies; loading copies into these parameters and keeps their layout)."""
+    module.to(memory_format=torch.channels_last)
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int):
+
+def _as_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+class GlowCouplingNet(nn.Module):
+    """Glow's coupling network: conv 3×3 → ReLU → conv 1×1 → ReLU → ZeroConv 3×3.
+
+    ``channels_last`` runs it in channels-last layout (the default; the same function)."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int,
+                 channels_last: bool = True):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden_channels, 3, padding=1), nn.ReLU(),
             nn.Conv2d(hidden_channels, hidden_channels, 1), nn.ReLU(),
             ZeroConv2d(hidden_channels, out_channels),
         )
+        self.channels_last = channels_last
+        if channels_last:
+            _channels_last(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(_as_channels_last(x) if self.channels_last else x)
 
 
 class _ResBlock(nn.Module):
@@ -150,21 +168,27 @@ class ResNetCoupling(nn.Module):
 
     The input is the masked image with the mask itself as an extra channel, so the network
     knows which pixels it may read (checkerboard) — the RealNVP reference does the same.
+    ``channels_last`` runs it in channels-last layout (the default; the same function).
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int,
-                 blocks: int = 2, with_mask_channel: bool = True):
+                 blocks: int = 2, with_mask_channel: bool = True, channels_last: bool = True):
         super().__init__()
         extra = 1 if with_mask_channel else 0
         self.with_mask_channel = with_mask_channel
         self.head = nn.Conv2d(in_channels + extra, hidden_channels, 3, padding=1)
         self.blocks = nn.Sequential(*[_ResBlock(hidden_channels) for _ in range(blocks)])
         self.tail = nn.Sequential(nn.ReLU(), ZeroConv2d(hidden_channels, out_channels))
+        self.channels_last = channels_last
+        if channels_last:
+            _channels_last(self)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.with_mask_channel:
             m = mask[:1] if mask is not None else x.new_ones(1, 1, 1)
             x = torch.cat([x, m.to(x).unsqueeze(0).expand(x.shape[0], 1, *x.shape[2:])], 1)
+        if self.channels_last:
+            x = _as_channels_last(x)
         return self.tail(self.blocks(self.head(x)))
 
 
