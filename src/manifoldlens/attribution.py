@@ -612,8 +612,8 @@ def roar(
             accs = []
             key_tr = s_tr.abs() if rank_by == "abs" else s_tr
             key_te = s_te.abs() if rank_by == "abs" else s_te
+            previous = (done or {}).get(name, {})
             for q in fractions:
-                previous = (done or {}).get(name, {})
                 if float(q) in previous:
                     accs.append(float(previous[float(q)]))
                 else:

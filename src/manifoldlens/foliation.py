@@ -35,6 +35,7 @@ from .jacobian import (
     score_jacobian,
     transform_jacobian,
 )
+from .runs import write_atomic
 
 __all__ = [
     "PathResult",
@@ -154,11 +155,9 @@ def _save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, An
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "state.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path / "state.safetensors")
-    (path / "state.json.tmp").write_text(json.dumps(meta))
-    os.replace(path / "state.json.tmp", path / "state.json")
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_atomic(path / "state.safetensors", lambda tmp: save_file(flat, str(tmp)))
+    write_atomic(path / "state.json", lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
 def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

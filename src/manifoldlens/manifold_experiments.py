@@ -38,7 +38,7 @@ from .generative import (
     train_generative,
 )
 from .models import count_parameters, create_model, load_checkpoint, save_checkpoint
-from .runs import Run
+from .runs import Run, write_atomic
 from .tangent import TangentSpace, principal_angles, random_fraction_baseline
 from .training import TangentFractionDuringTraining, evaluate, train_classifier
 
@@ -302,6 +302,7 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
         "remove": remove, "seed": seed, "device": str(device)}
     progress_file = run.path / "roar_progress.json"
     scores_file = run.path / "roar_scores.safetensors"
+
     def check(stored: dict[str, Any], where: Path) -> None:
         if stored != settings:
             changed = sorted(k for k in set(settings) | set(stored)
@@ -335,18 +336,15 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
         g = torch.Generator().manual_seed(seed)
         scores["random"] = (torch.rand(tr.images.shape, generator=g),
                             torch.rand(te.images.shape, generator=g))
-        tmp = scores_file.with_suffix(".tmp")
-        save_file({f"{n}/{part}": t.contiguous() for n, pair in scores.items()
-                   for part, t in zip(("train", "test"), pair, strict=True)}, str(tmp),
-                  metadata={"settings": json.dumps(settings)})
-        tmp.replace(scores_file)  # a file cut short by an interruption is never read back
+        flat = {f"{n}/{part}": t.contiguous() for n, pair in scores.items()
+                for part, t in zip(("train", "test"), pair, strict=True)}
+        write_atomic(scores_file, lambda tmp: save_file(
+            flat, str(tmp), metadata={"settings": json.dumps(settings)}))
 
     def store(name: str, q: float, acc: float) -> None:
         done.setdefault(name, {})[q] = acc
-        tmp = progress_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "cells": {
-            n: {str(k): v for k, v in cells.items()} for n, cells in done.items()}}, indent=1))
-        tmp.replace(progress_file)
+        run.save_json(progress_file.name, {"settings": settings, "cells": {
+            n: {str(k): v for k, v in cells.items()} for n, cells in done.items()}})
 
     def make():
         torch.manual_seed(seed)

@@ -302,13 +302,19 @@ def create_model(
     return build_model({"arch": arch, "in_shape": in_shape, "num_classes": num_classes, **kwargs})
 
 
+def _upgraded_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``spec`` with the keys that older versions of its class did not write filled
+    in by the class's ``upgrade_spec`` (if it has one)."""
+    cls = _arch_class(spec["arch"])
+    return cls.upgrade_spec(dict(spec)) if hasattr(cls, "upgrade_spec") else dict(spec)
+
+
 def build_model(spec: Mapping[str, Any]) -> nn.Module:
     """Rebuild a freshly initialised model from ``spec`` (as stored in ``model.spec``)."""
     if not isinstance(spec, Mapping) or "arch" not in spec:
         raise ValueError(f"spec must be a dict with an 'arch' key, got {spec!r}")
     cls = _arch_class(spec["arch"])
-    if hasattr(cls, "upgrade_spec"):  # specs written by older versions of the class
-        spec = cls.upgrade_spec(dict(spec))
+    spec = _upgraded_spec(spec)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "arch"}
     allowed = set(inspect.signature(cls).parameters)
     unknown = sorted(set(kwargs) - allowed)
@@ -508,10 +514,7 @@ def model_for_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.M
     stored, spec = manifest.get("spec"), getattr(model, "spec", None)
     if stored is None or spec is None:
         return model
-    upgraded = dict(stored)
-    cls = _arch_class(stored["arch"])
-    if hasattr(cls, "upgrade_spec"):
-        upgraded = cls.upgrade_spec(upgraded)
+    upgraded = _upgraded_spec(stored)
     filled = set(upgraded) - set(stored)
     changed = sorted(k for k in set(spec) | set(upgraded)
                      if k not in filled and spec.get(k) != upgraded.get(k))

@@ -13,13 +13,24 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Run", "default_run_dir", "environment"]
+__all__ = ["Run", "default_run_dir", "environment", "write_atomic"]
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: a reader
+    (or a resumed run) never sees a file cut short by an interruption."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def default_run_dir(command: str, root: str | os.PathLike = "runs") -> Path:
@@ -166,9 +177,7 @@ class Run:
 
         keep = [line for line in p.read_text().splitlines() if line.strip()
                 and ((s := step_of(json.loads(line))) is None or s <= step)]
-        tmp = p.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, p)
+        write_atomic(p, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
 
     def save_figure(self, name: str, fig: Any, dpi: int = 150) -> Path:
         """Save a matplotlib figure as ``<name>.png`` (closed after if pyplot manages it)."""
@@ -192,8 +201,8 @@ class Run:
 
     def save_json(self, name: str, obj: Any) -> Path:
         path = self.file(name if name.endswith(".json") else name + ".json")
-        path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
-        return path
+        text = json.dumps(_jsonable(obj), indent=2) + "\n"
+        return write_atomic(path, lambda tmp: tmp.write_text(text))
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -216,9 +225,8 @@ class Run:
         }
         if error:
             doc["error"] = error
-        tmp = self.path / "run.json.tmp"
-        tmp.write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
-        os.replace(tmp, self.path / "run.json")
+        text = json.dumps(_jsonable(doc), indent=2) + "\n"
+        write_atomic(self.path / "run.json", lambda tmp: tmp.write_text(text))
 
     def checkpoint_state(self) -> None:
         """Rewrite ``run.json`` with the metrics so far (status stays "running")."""
