@@ -349,7 +349,7 @@ def test_batchnorm_train_mode_refused():
 
 
 def test_remove_features_replaces_the_ranked_pixels():
-    from manifoldlens.attribution import remove_features
+    from manifoldlens.roar import remove_features
 
     x = torch.arange(12, dtype=torch.float64).reshape(2, 1, 2, 3)
     scores = torch.tensor([[[[5, 1, 3], [0, 4, 2]]], [[[0, 1, 2], [3, 4, 5]]]],
@@ -366,7 +366,7 @@ def test_remove_features_replaces_the_ranked_pixels():
 
 
 def test_roar_accuracy_falls_when_informative_pixels_go():
-    from manifoldlens.attribution import roar
+    from manifoldlens.roar import roar
 
     g = torch.Generator().manual_seed(0)
     n, d = 400, 20
@@ -392,7 +392,7 @@ def test_roar_accuracy_falls_when_informative_pixels_go():
 
 
 def test_roar_resumes_after_an_interruption_with_the_same_results():
-    from manifoldlens.attribution import roar
+    from manifoldlens.roar import roar
 
     g = torch.Generator().manual_seed(1)
     n, d = 200, 12

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from manifoldlens import local_data_matrix
+from manifoldlens import local_data_matrix, viz
 from manifoldlens.foliation import horizontal_path, involutivity_residual, leaf_crossing_path
 
 from helpers import TinyCNN, TinyMLP, make
@@ -262,8 +262,8 @@ def test_strip_and_gif(tmp_path):
     model = make(TinyCNN())
     x = torch.rand(2, 1, 6, 6, dtype=F64)
     res = leaf_crossing_path(model, x, steps=6, step_size=0.05, record_every=2)
-    fig = res.strip(1, frames=4, classes=list("abcde"), title="t")
+    fig = viz.plot_path_strip(res, 1, frames=4, classes=list("abcde"), title="t")
     assert len(fig.axes) == 4
     assert "step 6" in fig.axes[-1].get_title()
-    gif = res.save_gif(tmp_path / "p.gif", i=0, frames=4, fps=4)
+    gif = viz.save_path_gif(res, tmp_path / "p.gif", i=0, frames=4, fps=4)
     assert gif.read_bytes()[:6] in (b"GIF89a", b"GIF87a")

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from manifoldlens import viz
+from manifoldlens.callbacks import TraceOfG
 from manifoldlens.data import load_dataset
 from manifoldlens.models import create_model, load_weights
 from manifoldlens.runs import Run
-from manifoldlens.training import TraceOfG, evaluate, train_classifier
+from manifoldlens.training import evaluate, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,7 @@ def test_trace_of_g_callback(digits, tmp_path):
     with Run(tmp_path / "r", "train") as run:
         train_classifier(_model(), train, steps=30, lr=0.1, callbacks=[cb], run=run,
                          progress=False)
+        run.save_figure("trace_of_g", viz.plot_trace_of_g(cb.records))  # commands draw
     assert [r["step"] for r in cb.records] == [0, 10, 20, 30]
     r0, r1 = cb.records[:2]
     assert r1["ema_trace"] == pytest.approx(0.5 * r0["ema_trace"] + 0.5 * r1["mean_trace"])

@@ -7,7 +7,23 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["check_batch", "check_finite", "check_independent_samples"]
+__all__ = [
+    "MODEL_OUTPUTS",
+    "check_batch",
+    "check_choice",
+    "check_finite",
+    "check_independent_samples",
+    "check_model_output",
+]
+
+#: What a classifier may return: scores (logits), log-probabilities or probabilities.
+MODEL_OUTPUTS = ("logits", "log_probs", "probs")
+
+
+def check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``, naming the option."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def check_finite(t: torch.Tensor, name: str = "x") -> None:
@@ -65,3 +81,50 @@ def check_independent_samples(model: nn.Module) -> None:
                 stacklevel=3,
             )
             break
+
+
+def check_model_output(out: torch.Tensor, model_output: str, n: int) -> None:
+    """Check the model's raw output against what the caller declared it to be.
+
+    Raises ``ValueError`` for a wrong shape, NaN/Inf, and for outputs that contradict the
+    declaration: a model that already returns log-probabilities (every row's logsumexp is 0)
+    or probabilities while ``model_output="logits"`` is declared, and the converse.
+    """
+    if out.ndim != 2 or out.shape[0] != n:
+        raise ValueError(
+            f"the model must return scores shaped (n, C) = ({n}, C), got {tuple(out.shape)}"
+        )
+    if out.shape[1] < 2:
+        raise ValueError(f"the model must return at least 2 class scores, got {out.shape[1]}")
+    if not torch.isfinite(out).all():
+        rows = (~torch.isfinite(out)).any(1).nonzero().flatten()[:10].tolist()
+        raise ValueError(f"the model returned NaN/Inf for samples {rows}")
+    o = out.detach().double()
+    tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    lse = torch.logsumexp(o, dim=1)
+    rows_sum = o.sum(dim=1)
+    looks_log_probs = bool((lse.abs() < tol).all() and (o <= tol).all())
+    looks_probs = bool(((o >= 0) & (o <= 1)).all() and ((rows_sum - 1).abs() < tol).all())
+    if model_output == "logits":
+        if looks_log_probs:
+            raise ValueError(
+                "model_output='logits' was declared but the model already returns "
+                "log-probabilities (every row's logsumexp is 0, e.g. a final LogSoftmax); "
+                "pass model_output='log_probs'"
+            )
+        if looks_probs:
+            raise ValueError(
+                "model_output='logits' was declared but the model returns probabilities "
+                "(rows in [0, 1] summing to 1, e.g. a final Softmax); pass model_output='probs'"
+            )
+    elif model_output == "log_probs" and not looks_log_probs:
+        worst = float((lse.abs()).max())
+        raise ValueError(
+            "model_output='log_probs' was declared but the model's rows are not normalised "
+            f"log-probabilities (max |logsumexp| = {worst:.3g}); pass model_output='logits'"
+        )
+    elif model_output == "probs" and not looks_probs:
+        raise ValueError(
+            "model_output='probs' was declared but the model's rows are not probability "
+            "vectors (non-negative, summing to 1); pass model_output='logits' or 'log_probs'"
+        )

@@ -21,25 +21,24 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_batch, check_finite, check_independent_samples
-from .jacobian import (
+from ._checks import (
     MODEL_OUTPUTS,
-    _check_choice,
-    _chunks,
-    _scores_with_graph,
-    _to_scores,
+    check_batch,
+    check_choice,
+    check_finite,
+    check_independent_samples,
     check_model_output,
 )
+from ._utils import chunks, scores_with_graph, to_scores
 
-__all__ = ["METHODS", "QUADRATURES", "explain", "TangentFraction", "remove_features", "roar",
-           "tangent_importance"]
+__all__ = ["METHODS", "QUADRATURES", "explain", "TangentFraction"]
 
 METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
 QUADRATURES = (
@@ -95,7 +94,7 @@ def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
                         f"{valid}")
     opts = {**defaults, **options}
     if method == "integrated_gradients":
-        _check_choice(opts["quadrature"], QUADRATURES, "quadrature")
+        check_choice(opts["quadrature"], QUADRATURES, "quadrature")
         _check_positive_int(opts["steps"], "steps")
         if opts["quadrature"] != "gausslegendre" and opts["steps"] < 2:
             raise ValueError(f"quadrature {opts['quadrature']!r} needs steps >= 2, "
@@ -186,7 +185,7 @@ def _gradient(
     Samples are independent, so the gradient of Σ_i s_{t_i}(x_i) w.r.t. x_i is ∂s_{t_i}/∂x_i.
     """
     with torch.enable_grad():
-        xr, s = _scores_with_graph(model, x, model_output, check)
+        xr, s = scores_with_graph(model, x, model_output, check)
         t = _resolve_target(target, s, offset)
         selected = s.gather(1, t[:, None]).sum()
         if not selected.requires_grad:  # the scores do not depend on x
@@ -202,7 +201,7 @@ def _predicted(
     with torch.no_grad():
         out = model(x)
     check_model_output(out, model_output, x.shape[0])
-    return _resolve_target(target, _to_scores(out, model_output), offset)
+    return _resolve_target(target, to_scores(out, model_output), offset)
 
 
 def _integrated_gradients(
@@ -214,7 +213,7 @@ def _integrated_gradients(
     t = _predicted(model, x, target, model_output, offset)
 
     def scores(z: torch.Tensor) -> torch.Tensor:
-        return _to_scores(model(z), model_output)
+        return to_scores(model(z), model_output)
 
     ig = IntegratedGradients(scores, multiply_by_inputs=opts["multiply_by_inputs"])
     with torch.enable_grad():
@@ -269,7 +268,7 @@ def _smoothgrad(
             noise[i] = torch.randn((samples, *shape), generator=gen, dtype=x.dtype,
                                    device=x.device)
     total = torch.zeros_like(x)
-    for sl in _chunks(samples, opts["samples_batch_size"]):
+    for sl in chunks(samples, opts["samples_batch_size"]):
         k = sl.stop - sl.start
         noisy = (x.unsqueeze(1) + sigma * noise[:, sl]).reshape(n * k, *shape)
         g = _gradient(model, noisy, t.repeat_interleave(k), model_output, check=False)
@@ -364,7 +363,7 @@ def explain(
     True
     """
     opts = _check_options(method, options)
-    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_batch(x)
     _check_positive_int(batch_size, "batch_size", allow_none=True)
     if isinstance(model, nn.Module):
@@ -384,7 +383,7 @@ def explain(
         extra["base_seed"] = _base_seed(opts["seed"])
 
     parts = []
-    for sl in _chunks(n, step):
+    for sl in chunks(n, step):
         xc = x[sl]
         tc = None if t_all is None else t_all[sl]
         if method == "gradient":
@@ -465,7 +464,7 @@ class TangentFraction:
         **options: Any,
     ) -> None:
         self.options = _check_options(method, options)
-        _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+        check_choice(model_output, MODEL_OUTPUTS, "model_output")
         _check_positive_int(batch_size, "batch_size", allow_none=True)
         if tangent_fn is not None and not callable(tangent_fn):
             raise TypeError(f"tangent_fn must be callable, got {type(tangent_fn).__name__}")
@@ -521,113 +520,3 @@ class TangentFraction:
         if frac.shape != (n,):
             raise ValueError(f"tangent.fraction returned shape {frac.shape}, expected ({n},)")
         return frac
-
-
-# ----------------------------------------------------------------------------- ROAR
-
-
-def tangent_importance(tangent) -> torch.Tensor:
-    """The tangent space's own feature importance (seed 004 §4.4): ‖P_T e_i‖ per pixel, the
-    norm of the i-th column of the orthonormal basis, shaped (n, *input_shape)."""
-    b = tangent.basis
-    return b.pow(2).sum(1).sqrt().reshape(b.shape[0], *tangent.input_shape)
-
-
-def remove_features(x: torch.Tensor, scores: torch.Tensor, fraction: float, *,
-                    remove: str = "top", fill: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Replace the ``fraction`` of each image's features ranked highest (``remove="top"``) or
-    lowest (``"bottom"``) by ``scores`` with ``fill`` (ROAR, Hooker et al. 2019)."""
-    if remove not in ("top", "bottom"):
-        raise ValueError(f"remove must be 'top' or 'bottom', got {remove!r}")
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    if scores.shape != x.shape:
-        raise ValueError(f"scores must be shaped like x {tuple(x.shape)}, got "
-                         f"{tuple(scores.shape)}")
-    n = x.shape[0]
-    flat = scores.reshape(n, -1)
-    k = int(round(fraction * flat.shape[1]))
-    out = x.clone().reshape(n, -1)
-    if k == 0:
-        return out.reshape(x.shape)
-    idx = flat.topk(k, dim=1, largest=remove == "top").indices
-    fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
-    fill_flat = fill_t.expand(x.shape[1:]).reshape(-1) if fill_t.ndim else fill_t.expand(
-        flat.shape[1])
-    out.scatter_(1, idx, fill_flat[idx] if fill_flat.ndim else fill_flat.expand_as(idx))
-    return out.reshape(x.shape)
-
-
-def roar(
-    make_model: Callable[[], nn.Module],
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    fractions: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
-    *,
-    remove: str = "top",
-    train_options: dict[str, Any] | None = None,
-    rank_by: str = "abs",
-    fill: str = "zero",
-    progress: bool = True,
-    done: dict[str, dict[float, float]] | None = None,
-    on_result: Callable[[str, float, float], None] | None = None,
-) -> dict[str, list[float]]:
-    """RemOve And Retrain (Hooker et al. 2019; seed 004 Figure 5).
-
-    For every ranking in ``scores`` (name → (train scores, test scores), shaped like the
-    images — attributions of each method, the tangent space's :func:`tangent_importance`,
-    random noise as the baseline) and every fraction q: replace the top (or bottom) q of each
-    image's pixels by 0 (``fill="zero"``, as seed 004's code, ``removed_pixel_value = 0``) or
-    by the training set's per-pixel mean (``"mean"``, as Hooker et al.), train a fresh
-    ``make_model()`` on the
-    modified training set and record its accuracy on the modified test set. A better feature
-    ranking makes accuracy fall faster when the top features go. ``rank_by="abs"`` ranks by
-    |score| (signed attributions), ``"signed"`` by the score itself.
-    Returns name → accuracies, one per fraction (plus ``"fractions"``).
-
-    Resumable: ``done`` (name → {q: accuracy}) holds cells measured earlier, which are not
-    retrained; ``on_result(name, q, accuracy)`` is called after every new cell, so a caller
-    can store it at once. Each cell is trained from ``make_model()`` alone, so the order in
-    which cells run does not change their results.
-    """
-    from .training import evaluate, train_classifier
-
-    if rank_by not in ("abs", "signed"):
-        raise ValueError(f"rank_by must be 'abs' or 'signed', got {rank_by!r}")
-    (xtr, ytr), (xte, yte) = train, test
-    if fill not in ("zero", "mean"):
-        raise ValueError(f"fill must be 'zero' or 'mean', got {fill!r}")
-    fill_value = torch.zeros_like(xtr[0]) if fill == "zero" else xtr.mean(0)
-    opts = {"optimizer": "adam", "lr": 1e-3, "epochs": 3, "batch_size": 64, "progress": False,
-            **(train_options or {})}
-    out: dict[str, list[float]] = {"fractions": [float(q) for q in fractions]}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(scores) * len(fractions), desc="roar", unit="model")
-    try:
-        for name, (s_tr, s_te) in scores.items():
-            accs = []
-            key_tr = s_tr.abs() if rank_by == "abs" else s_tr
-            key_te = s_te.abs() if rank_by == "abs" else s_te
-            previous = (done or {}).get(name, {})
-            for q in fractions:
-                if float(q) in previous:
-                    accs.append(float(previous[float(q)]))
-                else:
-                    mtr = remove_features(xtr, key_tr, q, remove=remove, fill=fill_value)
-                    mte = remove_features(xte, key_te, q, remove=remove, fill=fill_value)
-                    model = make_model()
-                    train_classifier(model, (mtr, ytr), **opts)
-                    accs.append(evaluate(model, (mte, yte))["accuracy"])
-                    if on_result is not None:
-                        on_result(name, float(q), accs[-1])
-                if bar is not None:
-                    bar.update(1)
-            out[name] = accs
-    finally:
-        if bar is not None:
-            bar.close()
-    return out

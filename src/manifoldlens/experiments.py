@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import viz
+from .callbacks import TraceOfG
 from .data import ImageDataset, load_dataset
 from .information import data_matrix_statistics, local_data_matrix
 from .jacobian import (
@@ -25,7 +26,7 @@ from .jacobian import (
 from .models import create_model, load_checkpoint
 from .report import Section, write_report
 from .runs import Run
-from .training import TraceOfG, train_classifier
+from .training import train_classifier
 
 __all__ = [
     "dataset_for",
@@ -77,6 +78,8 @@ def run_train(
     )
     if result.history:
         run.save_figure("training", viz.plot_training(result.history))
+    if cb.records:
+        run.save_figure("trace_of_g", viz.plot_trace_of_g(cb.records))
     save_checkpoint(run.path / "model", result.model, metadata={
         "data": train.name, "classes": train.classes, "step": result.step,
         "metrics": result.metrics,
@@ -438,11 +441,11 @@ def _interpolation(model, src, tgt, steps: int, model_output: str):
     """Straight segments between the endpoints, as a path-like record."""
     from types import SimpleNamespace
 
-    from .foliation import _probs
+    from ._utils import predict_probs
 
     t = torch.linspace(0, 1, steps).to(src)
     pts = src[None] + t.view(-1, *[1] * src.ndim) * (tgt - src)[None]
-    probs = torch.stack([_probs(model, p, model_output) for p in pts])
+    probs = torch.stack([predict_probs(model, p, model_output) for p in pts])
     return SimpleNamespace(points=pts, probs=probs, record_steps=torch.arange(steps))
 
 

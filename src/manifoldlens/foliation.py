@@ -24,18 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_batch, check_independent_samples
+from ._checks import MODEL_OUTPUTS, check_batch, check_choice, check_independent_samples
+from ._utils import predict_probs, progress_bar, to_scores, write_atomic
 from .information import LocalDataMatrix, local_data_matrix
-from .jacobian import (
-    MODEL_OUTPUTS,
-    ModelOutput,
-    _check_choice,
-    _to_scores,
-    check_model_output,
-    score_jacobian,
-    transform_jacobian,
-)
-from .runs import write_atomic
+from .jacobian import ModelOutput, score_jacobian, transform_jacobian
 
 __all__ = [
     "PathResult",
@@ -92,20 +84,6 @@ class PathResult:
         """Final positions (n, *shape)."""
         return self.points[-1]
 
-    def strip(self, i: int = 0, frames: int = 8, classes=None, title: str | None = None):
-        """Figure: ``frames`` evenly spaced images along path ``i`` with the predicted class
-        and its probability under each (seed 001 Figures 3–6)."""
-        from .viz import plot_path_strip
-
-        return plot_path_strip(self, i, frames=frames, classes=classes, title=title)
-
-    def save_gif(self, path: str | os.PathLike, i: int = 0, frames: int = 40,
-                 classes=None, fps: int = 8) -> Path:
-        """Animated GIF of path ``i`` (matplotlib's Pillow writer)."""
-        from .viz import save_path_gif
-
-        return save_path_gif(self, path, i, frames=frames, classes=classes, fps=fps)
-
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).norm(dim=1)
@@ -142,13 +120,6 @@ class _Recorder:
         self.probs = list(st["rec_probs"])
         self.residuals = list(st["rec_resid"])
         self.steps = st["rec_steps"].tolist()
-
-
-def _probs(model, x, model_output):
-    with torch.no_grad():
-        out = model(x)
-    check_model_output(out, model_output, x.shape[0])
-    return torch.softmax(_to_scores(out, model_output), dim=1)
 
 
 def _save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -202,7 +173,7 @@ def _walk(
     size is recorded as the residual. Bookkeeping (indices, status, lengths) lives on the
     CPU; points and probabilities stay on the model's device.
     """
-    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_independent_samples(model)
     if step_size <= 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
@@ -237,7 +208,7 @@ def _walk(
         last_len = torch.zeros(n, dtype=torch.float64)
         status = [RUNNING] * n
         step, pending = 0, False
-        last_probs = _probs(model, x, model_output)  # validates the starting points
+        last_probs = predict_probs(model, x, model_output)  # validates the starting points
         last_resid = torch.zeros(n, dtype=torch.float64)
         dist = distance_fn(x)
         if tol is not None:
@@ -255,7 +226,7 @@ def _walk(
     def refresh(rows: torch.Tensor) -> None:
         """Probabilities at the current points of ``rows`` by a forward pass alone."""
         with torch.no_grad():
-            sc = _to_scores(model(x[rows]), model_output)
+            sc = to_scores(model(x[rows]), model_output)
         bad = (~torch.isfinite(sc).all(1)).cpu()
         stop_nonfinite(rows[bad])
         last_probs[rows[~bad]] = torch.softmax(sc[~bad], 1)
@@ -266,11 +237,8 @@ def _walk(
                            "last_resid": last_resid, **rec.state()},
                     {"config": config, "status": status, "step": step, "pending": pending})
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_steps, initial=step, desc=kind, unit="step", mininterval=0.5)
+    bar = progress_bar(enabled=progress, total=max_steps, initial=step, desc=kind, unit="step",
+                       mininterval=0.5)
     try:
         while True:
             idx = torch.tensor([i for i, st in enumerate(status) if st == RUNNING],
@@ -518,7 +486,7 @@ def involutivity_residual(
     pair (NaN where the bracket vanishes). Theorem 3.1: ≈ 0 for ReLU networks (piecewise
     linear: H_i = −G on each linear region); in general not for smooth activations.
     """
-    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_batch(x)
     check_independent_samples(model)
     G = local_data_matrix(model, x, model_output=model_output)
@@ -530,7 +498,7 @@ def involutivity_residual(
             raise ValueError(f"pairs must hold distinct class indices in [0, {c}), got {(i, j)}")
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
-        logp = torch.log_softmax(_to_scores(model(xr), model_output), dim=1)
+        logp = torch.log_softmax(to_scores(model(xr), model_output), dim=1)
         fields = {}
         for k in sorted({k for p in pairs for k in p}):
             (fields[k],) = torch.autograd.grad(logp[:, k].sum(), xr, create_graph=True)

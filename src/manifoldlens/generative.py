@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_batch
+from .models import register_architecture
 
 __all__ = [
     "VAE",
@@ -114,6 +115,7 @@ def _check_images(x: torch.Tensor, shape: tuple[int, ...], name: str = "x") -> N
 # ----------------------------------------------------------------------------- models
 
 
+@register_architecture("vae")
 class VAE(nn.Module):
     """Variational autoencoder with a Gaussian encoder (seed 004 §4, appendix A).
 
@@ -189,6 +191,7 @@ def _log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torc
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 * torch.exp(-logvar))
 
 
+@register_architecture("betatcvae")
 class BetaTCVAE(VAE):
     """β-TCVAE (Chen et al. 2018): ``rec + α·MI + β·TC + γ·dimKL`` per sample, where
 
@@ -234,6 +237,7 @@ class BetaTCVAE(VAE):
                 "dim_kl": log_prod_qzj - log_pz}
 
 
+@register_architecture("autoencoder")
 class AutoEncoder(nn.Module):
     """A deterministic convolutional autoencoder (seed 004's reconstructive approach).
 
@@ -549,12 +553,3 @@ def latent_code(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The code of x: the posterior mean μ(x) of a VAE, the encoding of an autoencoder."""
     out = model.encode(x)
     return out[0] if isinstance(out, tuple) else out
-
-
-def _register() -> None:
-    from .models import ARCHITECTURES
-
-    ARCHITECTURES.update({"vae": VAE, "betatcvae": BetaTCVAE, "autoencoder": AutoEncoder})
-
-
-_register()

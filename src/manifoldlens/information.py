@@ -17,18 +17,15 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from ._checks import check_batch, check_independent_samples
-from .jacobian import (
+from ._checks import (
     MODEL_OUTPUTS,
-    ModelOutput,
-    Strategy,
-    _check_choice,
-    _chunks,
-    _to_scores,
+    check_batch,
+    check_choice,
+    check_independent_samples,
     check_model_output,
-    score_jacobian,
-    transform_jacobian,
 )
+from ._utils import chunks, progress_bar, to_scores
+from .jacobian import ModelOutput, Strategy, score_jacobian, transform_jacobian
 
 __all__ = [
     "LocalDataMatrix",
@@ -301,7 +298,7 @@ def local_fisher_matrix(
     ``functional_call``, ``chunk_size`` samples at a time; only the C × C Grams are kept unless
     ``keep_factor=True`` (memory n · C · #params).
     """
-    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_batch(x)
     check_independent_samples(model)
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
@@ -311,16 +308,16 @@ def local_fisher_matrix(
 
     def log_probs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        s = _to_scores(out, model_output)[0]
+        s = to_scores(out, model_output)[0]
         return torch.log_softmax(s, dim=0), out[0]
 
     jac_fn = torch.func.vmap(torch.func.jacrev(log_probs, has_aux=True), in_dims=(None, 0))
     grams, probs, factors = [], [], []
-    for sl in _chunks(x.shape[0], chunk_size):
+    for sl in chunks(x.shape[0], chunk_size):
         jac, out = jac_fn(params, x[sl].detach())
         check_model_output(out, model_output, out.shape[0])
         flat = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=-1)
-        p = torch.softmax(_to_scores(out, model_output), dim=1)
+        p = torch.softmax(to_scores(out, model_output), dim=1)
         b = p.sqrt().unsqueeze(-1) * flat
         grams.append(b @ b.mT)
         probs.append(p)
@@ -348,11 +345,8 @@ def data_matrix_statistics(
     """
     check_batch(x)
     out: dict[str, list[torch.Tensor]] = {"trace": [], "eigenvalues": [], "rank": [], "probs": []}
-    slices = list(_chunks(x.shape[0], batch_size))
-    if progress:
-        from tqdm.auto import tqdm
-
-        slices = tqdm(slices, desc="G(x)", unit="batch", leave=False)
+    slices = progress_bar(list(chunks(x.shape[0], batch_size)), enabled=progress, desc="G(x)",
+                          unit="batch", leave=False)
     device = next(iter(model.parameters()), torch.empty(0)).device
     for sl in slices:
         G = local_data_matrix(model, x[sl].to(device), model_output=model_output)

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_batch, check_independent_samples
+from ._checks import (
+    MODEL_OUTPUTS,
+    check_batch,
+    check_choice,
+    check_independent_samples,
+    check_model_output,
+)
+from ._utils import chunks, progress_bar, scores_with_graph, to_scores
 
 __all__ = [
     "OUTPUTS",
@@ -51,92 +58,12 @@ ModelOutput = Literal["logits", "log_probs", "probs"]
 Strategy = Literal["auto", "vjp", "vmap", "forward"]
 
 OUTPUTS = ("logits", "softmax", "log_softmax")
-MODEL_OUTPUTS = ("logits", "log_probs", "probs")
 STRATEGIES = ("auto", "vjp", "vmap", "forward")
-
-
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-# --------------------------------------------------------------------------------------
-# Model outputs
-# --------------------------------------------------------------------------------------
-
-
-def _to_scores(out: torch.Tensor, model_output: str) -> torch.Tensor:
-    """Map what the model returns to scores s with softmax(s) = p.
-
-    Log-probabilities are valid scores already (softmax(log p) = p). Probabilities are mapped
-    through log, clamped at the smallest normal number of the dtype.
-    """
-    if model_output == "probs":
-        return torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
-    return out
-
-
-def check_model_output(out: torch.Tensor, model_output: str, n: int) -> None:
-    """Check the model's raw output against what the caller declared it to be.
-
-    Raises ``ValueError`` for a wrong shape, NaN/Inf, and for outputs that contradict the
-    declaration: a model that already returns log-probabilities (every row's logsumexp is 0)
-    or probabilities while ``model_output="logits"`` is declared, and the converse.
-    """
-    if out.ndim != 2 or out.shape[0] != n:
-        raise ValueError(
-            f"the model must return scores shaped (n, C) = ({n}, C), got {tuple(out.shape)}"
-        )
-    if out.shape[1] < 2:
-        raise ValueError(f"the model must return at least 2 class scores, got {out.shape[1]}")
-    if not torch.isfinite(out).all():
-        rows = (~torch.isfinite(out)).any(1).nonzero().flatten()[:10].tolist()
-        raise ValueError(f"the model returned NaN/Inf for samples {rows}")
-    o = out.detach().double()
-    tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    lse = torch.logsumexp(o, dim=1)
-    rows_sum = o.sum(dim=1)
-    looks_log_probs = bool((lse.abs() < tol).all() and (o <= tol).all())
-    looks_probs = bool(((o >= 0) & (o <= 1)).all() and ((rows_sum - 1).abs() < tol).all())
-    if model_output == "logits":
-        if looks_log_probs:
-            raise ValueError(
-                "model_output='logits' was declared but the model already returns "
-                "log-probabilities (every row's logsumexp is 0, e.g. a final LogSoftmax); "
-                "pass model_output='log_probs'"
-            )
-        if looks_probs:
-            raise ValueError(
-                "model_output='logits' was declared but the model returns probabilities "
-                "(rows in [0, 1] summing to 1, e.g. a final Softmax); pass model_output='probs'"
-            )
-    elif model_output == "log_probs" and not looks_log_probs:
-        worst = float((lse.abs()).max())
-        raise ValueError(
-            "model_output='log_probs' was declared but the model's rows are not normalised "
-            f"log-probabilities (max |logsumexp| = {worst:.3g}); pass model_output='logits'"
-        )
-    elif model_output == "probs" and not looks_probs:
-        raise ValueError(
-            "model_output='probs' was declared but the model's rows are not probability "
-            "vectors (non-negative, summing to 1); pass model_output='logits' or 'log_probs'"
-        )
 
 
 # --------------------------------------------------------------------------------------
 # Strategies
 # --------------------------------------------------------------------------------------
-
-
-def _scores_with_graph(model: nn.Module, x: torch.Tensor, model_output: str,
-                      check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_r, s)``: a leaf copy of x that requires grad and the scores computed from it (call
-    under ``torch.enable_grad()``); the model's raw output is checked when ``check``."""
-    xr = x.detach().requires_grad_(True)
-    out = model(xr)
-    if check:
-        check_model_output(out, model_output, x.shape[0])
-    return xr, _to_scores(out, model_output)
 
 
 def _jac_vjp(
@@ -152,7 +79,7 @@ def _jac_vjp(
     vector is added to every row of ``J_s``.
     """
     with torch.enable_grad():
-        xr, s = _scores_with_graph(model, x, model_output, check)
+        xr, s = scores_with_graph(model, x, model_output, check)
         n, c = s.shape
         if not relative:
             jac = x.new_empty((n, c, *x.shape[1:]))
@@ -175,7 +102,7 @@ def _jac_vjp(
 
 def _functional(model: nn.Module, model_output: str) -> Callable[[torch.Tensor], torch.Tensor]:
     def f(xi: torch.Tensor) -> torch.Tensor:
-        s = _to_scores(model(xi.unsqueeze(0)), model_output)[0]
+        s = to_scores(model(xi.unsqueeze(0)), model_output)[0]
         return s, s
 
     return f
@@ -221,12 +148,6 @@ def select_strategy(model: nn.Module, x: torch.Tensor, num_classes: int | None =
     return "forward" if d < num_classes else "vjp"
 
 
-def _chunks(n: int, chunk_size: int | None):
-    step = n if not chunk_size or chunk_size <= 0 else chunk_size
-    for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
-
-
 def score_jacobian(
     model: nn.Module,
     x: torch.Tensor,
@@ -248,8 +169,8 @@ def score_jacobian(
     class) from C − 1 backward passes instead of C: the Jacobians of log p and p, and G, are
     the same for both (:func:`transform_jacobian` subtracts ``pᵀJ_s`` from every row).
     """
-    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
-    _check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(strategy, STRATEGIES, "strategy")
     if check_output:
         check_batch(x)
         check_independent_samples(model)
@@ -257,7 +178,7 @@ def score_jacobian(
         strategy = select_strategy(model, x)
     fn = _STRATEGY_FNS[strategy]
     jacs, scores = [], []
-    for sl in _chunks(x.shape[0], chunk_size):
+    for sl in chunks(x.shape[0], chunk_size):
         j, s = fn(model, x[sl], model_output, check=check_output, relative=relative)
         jacs.append(j)
         scores.append(s)
@@ -271,7 +192,7 @@ def transform_jacobian(jac_s: torch.Tensor, scores: torch.Tensor, output: Output
 
     ``J_logp = J_s − 1 (pᵀ J_s)`` and ``J_p = diag(p) J_logp``.
     """
-    _check_choice(output, OUTPUTS, "output")
+    check_choice(output, OUTPUTS, "output")
     if output == "logits":
         return jac_s
     p = torch.softmax(scores, dim=1)
@@ -331,7 +252,7 @@ def jacobian(
     >>> torch.allclose(J, model.weight.expand(4, 2, 3))
     True
     """
-    _check_choice(output, OUTPUTS, "output")
+    check_choice(output, OUTPUTS, "output")
     jac_s, scores = score_jacobian(
         model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size,
         relative=output != "logits",
@@ -345,12 +266,8 @@ def jacobian(
 
 
 def _iterate(n: int, batch_size: int, progress: bool, desc: str):
-    slices = list(_chunks(n, batch_size))
-    if progress:
-        from tqdm.auto import tqdm
-
-        return tqdm(slices, desc=desc, unit="batch", leave=False)
-    return slices
+    return progress_bar(list(chunks(n, batch_size)), enabled=progress, desc=desc,
+                        unit="batch", leave=False)
 
 
 def jacobian_gram(
@@ -415,7 +332,7 @@ def jacobian_gram(
         j = jacobian(model, x[sl], output=output, model_output=model_output, strategy=strategy)
         return j.reshape(j.shape[0], width).to(dtype)
 
-    slices = list(_chunks(n, batch_size))
+    slices = list(chunks(n, batch_size))
     if not low_memory:
         full = torch.empty((n, width), dtype=dtype, device=x.device)
         for sl in _iterate(n, batch_size, progress, "jacobians"):
@@ -459,7 +376,7 @@ def cosine_gram(
     out = gram if inplace else gram.clone()
     diag = gram.diagonal().clone()
     inv = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
-    for sl in _chunks(out.shape[0], batch_size):
+    for sl in chunks(out.shape[0], batch_size):
         out[sl] *= inv[sl, None] * inv[None, :]
     return out
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import viz
-from .attribution import METHODS, explain, roar, tangent_importance
+from .attribution import METHODS, explain
+from .callbacks import TangentFractionDuringTraining
 from .data import load_dataset
 from .generative import (
     VAE,
@@ -38,9 +39,10 @@ from .generative import (
     train_generative,
 )
 from .models import count_parameters, create_model, load_checkpoint, save_checkpoint
+from .roar import roar, tangent_importance
 from .runs import Run, write_atomic
 from .tangent import TangentSpace, principal_angles, random_fraction_baseline
-from .training import TangentFractionDuringTraining, evaluate, train_classifier
+from .training import evaluate, train_classifier
 
 __all__ = [
     "resize_images",

@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ __all__ = [
     "Seed001CNN",
     "SmallCNN",
     "build_model",
+    "register_architecture",
     "count_parameters",
     "create_model",
     "load_checkpoint",
@@ -52,6 +53,33 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,
     "softplus": nn.Softplus,
 }
+
+#: Architecture name (the ``"arch"`` of a model's spec) → class; filled by
+#: :func:`register_architecture` where each class is defined.
+ARCHITECTURES: dict[str, type[nn.Module]] = {}
+
+_M = TypeVar("_M", bound=type[nn.Module])
+
+
+def register_architecture(name: str) -> Callable[[_M], _M]:
+    """Class decorator: models of this class can be built from their spec by name
+    (:func:`create_model`, :func:`build_model`, :func:`load_checkpoint`).
+
+    The class stores ``self.spec = {"arch": name, **constructor arguments}``. A name taken by
+    another class raises ``ValueError``.
+    """
+
+    def register(cls: _M) -> _M:
+        known = ARCHITECTURES.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (
+                cls.__module__, cls.__qualname__):
+            raise ValueError(f"architecture {name!r} is registered already, by "
+                             f"{known.__module__}.{known.__qualname__}")
+        ARCHITECTURES[name] = cls
+        return cls
+
+    return register
+
 
 _FORMAT = "manifoldlens.checkpoint"
 _FORMAT_VERSION = 1
@@ -125,6 +153,7 @@ def _spec(arch: str, **kwargs: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- models
 
 
+@register_architecture("seed001_cnn")
 class Seed001CNN(nn.Module):
     """The PyTorch MNIST-example CNN used by Grementieri & Fioresi.
 
@@ -170,6 +199,7 @@ class Seed001CNN(nn.Module):
         return self.log_softmax(x) if self.log_softmax is not None else x
 
 
+@register_architecture("mlp")
 class MLP(nn.Module):
     """Fully connected classifier: flatten → [Linear → act] per hidden width → Linear."""
 
@@ -204,6 +234,7 @@ class MLP(nn.Module):
         return self.net(_as_batch(x, self.in_shape))
 
 
+@register_architecture("small_cnn")
 class SmallCNN(nn.Module):
     """Small CNN for tiny images (e.g. 8×8 digits); works for any H, W >= 2.
 
@@ -253,6 +284,7 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(_as_batch(x, self.in_shape)))
 
 
+@register_architecture("linear")
 class Linear(nn.Module):
     """Linear softmax model: flatten → ``nn.Linear`` (logits ``W x + b``).
 
@@ -280,14 +312,6 @@ class Linear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- registry
-
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "seed001_cnn": Seed001CNN,
-    "mlp": MLP,
-    "small_cnn": SmallCNN,
-    "linear": Linear,
-}
-
 
 def _arch_class(arch: Any) -> type[nn.Module]:
     if not isinstance(arch, str) or arch not in ARCHITECTURES:

@@ -13,24 +13,15 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._utils import write_atomic
+
 __all__ = ["Run", "default_run_dir", "environment", "write_atomic"]
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: a reader
-    (or a resumed run) never sees a file cut short by an interruption."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def default_run_dir(command: str, root: str | os.PathLike = "runs") -> Path:

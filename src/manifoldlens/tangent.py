@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ._checks import check_batch, check_finite, check_independent_samples
+from ._utils import chunks
 from .information import local_data_matrix
-from .jacobian import ModelOutput, _chunks
+from .jacobian import ModelOutput
 
 __all__ = ["TangentSpace", "principal_angles", "random_fraction_baseline"]
 
@@ -277,7 +278,7 @@ class TangentSpace:
         n, k = z.shape
         rows, masks, image_shape = [], [], None
         eye = torch.eye(k, dtype=z.dtype, device=z.device)
-        for sl in _chunks(n, chunk_size):
+        for sl in chunks(n, chunk_size):
             zc = z[sl].detach()
             tangents = eye.unsqueeze(1).expand(k, zc.shape[0], k)
 
@@ -367,7 +368,7 @@ class TangentSpace:
         queries = at.reshape(at.shape[0], d).to(pts.dtype)
         work = _linalg_dtype(pts.dtype)
         rows, masks = [], []
-        for sl in _chunks(queries.shape[0], chunk_size):
+        for sl in chunks(queries.shape[0], chunk_size):
             dist = torch.cdist(queries[sl], pts)
             idx = dist.topk(n_neighbors, dim=1, largest=False).indices
             nb = pts[idx].to(work)  # (m, n_neighbors, d)

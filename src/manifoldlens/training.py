@@ -7,7 +7,6 @@ Seed 001 trains the PyTorch-MNIST-example CNN with SGD, batch 60, learning rate 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,17 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_batch
-from .information import default_rtol, local_data_matrix
-from .jacobian import MODEL_OUTPUTS, ModelOutput, _check_choice, _to_scores
+from ._checks import MODEL_OUTPUTS, check_batch, check_choice
+from ._utils import eval_mode, latest_checkpoint, progress_bar, to_scores
+from .jacobian import ModelOutput
 from .models import load_weights, save_checkpoint
 from .runs import Run
 
 __all__ = [
     "SEED001_DEFAULTS",
     "Callback",
-    "TangentFractionDuringTraining",
-    "TraceOfG",
     "TrainState",
     "TrainResult",
     "evaluate",
@@ -50,7 +47,7 @@ def _tensors(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, model_output: str) -> torch.Tensor:
-    return F.cross_entropy(_to_scores(out, model_output), y)
+    return F.cross_entropy(to_scores(out, model_output), y)
 
 
 def pgd_l2(
@@ -82,7 +79,7 @@ def pgd_l2(
     for _ in range(steps):
         delta.requires_grad_(True)
         with torch.enable_grad():
-            loss = F.cross_entropy(_to_scores(model(x + delta), model_output), y,
+            loss = F.cross_entropy(to_scores(model(x + delta), model_output), y,
                                    reduction="sum")
             (g,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
@@ -107,17 +104,13 @@ def evaluate(
     """Mean cross-entropy and accuracy of ``model`` on ``data`` (eval mode, restored after)."""
     x, y = _tensors(data, "data")
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, correct, n = 0.0, 0, x.shape[0]
-    try:
+    with eval_mode(model):
         for i in range(0, n, batch_size):
             xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-            s = _to_scores(model(xb), model_output)
+            s = to_scores(model(xb), model_output)
             total += float(F.cross_entropy(s, yb, reduction="sum"))
             correct += int((s.argmax(1) == yb).sum())
-    finally:
-        model.train(was_training)
     return {"loss": total / n, "accuracy": correct / n}
 
 
@@ -154,137 +147,6 @@ class Callback:
         pass
 
 
-class _Periodic(Callback):
-    """A measurement taken at step 0 and every ``every`` steps, kept in ``records``."""
-
-    def __init__(self, every: int) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.every = every
-        self.records: list[dict[str, float]] = []
-
-    def measure(self, state: TrainState) -> dict[str, float]:  # pragma: no cover
-        raise NotImplementedError
-
-    def on_train_start(self, state: TrainState) -> None:
-        done = {r["step"] for r in self.records}
-        if state.step % self.every == 0 and state.step not in done:
-            self.measure(state)
-
-    def on_step(self, state: TrainState) -> None:
-        if state.step % self.every == 0:
-            self.measure(state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"records": self.records}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.records = list(state.get("records", []))
-
-
-class TraceOfG(_Periodic):
-    """Mean trace and numerical rank of G(x, w) on a fixed probe batch during training.
-
-    Seed 001 Figure 2: the mean trace (the soft rank, eq. 11) and its exponential moving
-    average ``ema_t = β ema_{t−1} + (1 − β) trace_t``. Records go to ``metrics.jsonl`` under
-    ``"trace_of_g"`` and a figure ``trace_of_g.png`` is written at the end of training.
-
-    Parameters
-    ----------
-    probe : Tensor (n, *shape)
-        The fixed batch (seed 001 uses one batch of images).
-    every : int
-        Steps between measurements (also at step 0, before training).
-    beta : float
-        Smoothing of the moving average.
-    rtol : float, optional
-        Relative eigenvalue tolerance for the numerical rank.
-    """
-
-    def __init__(
-        self, probe: torch.Tensor, every: int = 100, beta: float = 0.9, rtol: float | None = None
-    ) -> None:
-        super().__init__(every)
-        if not 0 <= beta < 1:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
-        self.probe = probe
-        self.beta = beta
-        self.rtol = rtol
-
-    def measure(self, state: TrainState) -> dict[str, float]:
-        model = state.model
-        was_training = model.training
-        model.eval()
-        try:
-            device = next(model.parameters()).device
-            G = local_data_matrix(
-                model, self.probe.to(device), model_output=state.model_output
-            )
-        finally:
-            model.train(was_training)
-        trace = G.trace
-        c = G.num_classes
-        rtol = self.rtol if self.rtol is not None else default_rtol(c, G.eigenvalues.dtype)
-        rank = G.rank(rtol).double()
-        mean = float(trace.mean())
-        prev = self.records[-1]["ema_trace"] if self.records else mean
-        rec = {
-            "step": state.step,
-            "mean_trace": mean,
-            "median_trace": float(trace.median()),
-            "ema_trace": self.beta * prev + (1 - self.beta) * mean,
-            "mean_rank": float(rank.mean()),
-            "full_rank_fraction": float((rank == c - 1).double().mean()),
-        }
-        self.records.append(rec)
-        if state.run is not None:
-            state.run.log(trace_of_g=rec)
-        return rec
-
-    def on_train_end(self, state: TrainState) -> None:
-        if state.run is not None and self.records:
-            from .viz import plot_trace_of_g
-
-            state.run.save_figure("trace_of_g", plot_trace_of_g(self.records))
-            state.run.save_json("trace_of_g", self.records)
-
-
-class TangentFractionDuringTraining(_Periodic):
-    """Seed 004 Figure 6: the fraction of the model's gradient (or another attribution) in
-    the data's tangent space, on a fixed probe batch, over the course of training.
-
-    Records mean, median and the 5 %/95 % quantiles of ``tangent.fraction(explain(...))``
-    under ``"tangent_fraction"`` in ``metrics.jsonl``; ``tangent`` is a
-    :class:`~manifoldlens.tangent.TangentSpace` of the probe points.
-    """
-
-    def __init__(self, probe: torch.Tensor, tangent: Any, every: int = 100,
-                 method: str = "gradient", targets: torch.Tensor | None = None) -> None:
-        super().__init__(every)
-        self.probe, self.tangent, self.method, self.targets = probe, tangent, method, targets
-
-    def measure(self, state: TrainState) -> dict[str, float]:
-        from .attribution import explain
-
-        model = state.model
-        was_training = model.training
-        model.eval()
-        try:
-            device = next(model.parameters()).device
-            a = explain(model, self.probe.to(device), self.method, self.targets,
-                        model_output=state.model_output)
-        finally:
-            model.train(was_training)
-        f = self.tangent.fraction(a.to(self.tangent.basis)).double().cpu()
-        q = torch.quantile(f, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
-        rec = {"step": state.step, "mean": float(f.mean()), "median": float(q[1]),
-               "q05": float(q[0]), "q95": float(q[2])}
-        self.records.append(rec)
-        if state.run is not None:
-            state.run.log(tangent_fraction=rec)
-        return rec
-
-
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -301,11 +163,6 @@ def _make_optimizer(name: str, params, lr: float, momentum: float, weight_decay:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
-
-
-def _latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(directory.glob("step-*.json"))
-    return found[-1] if found else None
 
 
 def train_classifier(
@@ -350,7 +207,7 @@ def train_classifier(
     Training length: ``steps`` or ``epochs`` (one of them; ``epochs`` may be fractional).
     ``metadata`` (e.g. the dataset's name and classes) is stored in every checkpoint.
     """
-    _check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
     x, y = _tensors(train_data, "train_data")
     train_config = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
                     "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
@@ -369,10 +226,9 @@ def train_classifier(
         if adv is not None:  # ε of this step: a function of (seed, step), resumable
             g = torch.Generator().manual_seed(seed * 7919 + step)
             eps = adv["eps"][int(torch.randint(len(adv["eps"]), (1,), generator=g))]
-            model.eval()
-            xb = pgd_l2(model, xb, yb, eps, steps=adv["steps"], clamp=adv["clamp"],
-                        model_output=model_output)
-            model.train()
+            with eval_mode(model):
+                xb = pgd_l2(model, xb, yb, eps, steps=adv["steps"], clamp=adv["clamp"],
+                            model_output=model_output)
         return _loss(model(xb), yb, model_output)
 
     def run_eval():
@@ -445,7 +301,7 @@ def fit(
     ckpt_dir = run.path / "checkpoints" if run is not None else None
     last_ckpt: Path | None = None
 
-    if resume and ckpt_dir is not None and (latest := _latest_checkpoint(ckpt_dir)) is not None:
+    if resume and ckpt_dir is not None and (latest := latest_checkpoint(ckpt_dir)) is not None:
         meta = load_weights(latest, model, optimizer=opt, map_location=device)
         saved = meta.get("train_config")
         if saved is not None and saved != train_config:
@@ -514,12 +370,8 @@ def fit(
     for cb in callbacks:
         cb.on_train_start(state)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=state.step, desc=desc, unit="step", dynamic_ncols=True,
-                   mininterval=0.5)
+    bar = progress_bar(enabled=progress, total=total, initial=state.step, desc=desc, unit="step",
+                       dynamic_ncols=True, mininterval=0.5)
     try:
         while state.step < total:
             epoch, offset = divmod(state.step, per_epoch)
@@ -582,10 +434,3 @@ def fit(
         run.metrics.update(state.metrics)
         run.metrics["steps"] = state.step
     return TrainResult(model, state.step, history, dict(state.metrics), last_ckpt)
-
-
-def read_trace_records(path: str | Path) -> list[dict[str, float]]:
-    """The :class:`TraceOfG` records of a run directory (from ``metrics.jsonl``)."""
-    p = Path(path) / "metrics.jsonl"
-    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return [r["trace_of_g"] for r in rows if "trace_of_g" in r]

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from .. import viz
+from .._utils import latest_checkpoint
 from ..data import load_dataset, make_toy_2d
 from ..models import count_parameters, load_checkpoint, model_for_checkpoint, save_checkpoint
 from ..runs import Run
-from ..training import _latest_checkpoint
 from .models import NICE, Flow, Glow, RealNVP, interpolate
 from .training import evaluate_flow, n_bins_for, train_flow
 
@@ -106,7 +106,7 @@ def run_flow_train(
     n_bins = n_bins if n_bins is not None else bins
     torch.manual_seed(seed)
     model = default_flow(kind, tuple(x.shape[1:]), **(model_options or {}))
-    if resume and (latest := _latest_checkpoint(run.path / "checkpoints")) is not None:
+    if resume and (latest := latest_checkpoint(run.path / "checkpoints")) is not None:
         model = model_for_checkpoint(model, latest)  # e.g. a NICE of the 0.1 layout
     meta = {"data": data, "n_bins": n_bins, "kind": kind, "seed": seed}
     result = train_flow(model, x, test_data=x_test, n_bins=n_bins, run=run, resume=resume,

@@ -1,0 +1,110 @@
+"""Internal utilities shared by the package's modules: model outputs to scores, chunks,
+progress bars, eval mode, atomic writes, checkpoint look-up.
+
+The module is private to the package (users import nothing from it), but its names carry no
+underscore: every module of manifoldlens may use them. Nothing here imports another
+manifoldlens module except :mod:`manifoldlens._checks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._checks import check_model_output
+
+__all__ = [
+    "chunks",
+    "eval_mode",
+    "latest_checkpoint",
+    "predict_probs",
+    "progress_bar",
+    "scores_with_graph",
+    "to_scores",
+    "write_atomic",
+]
+
+
+def to_scores(out: torch.Tensor, model_output: str) -> torch.Tensor:
+    """Map what the model returns to scores s with softmax(s) = p.
+
+    Log-probabilities are valid scores already (softmax(log p) = p). Probabilities are mapped
+    through log, clamped at the smallest normal number of the dtype.
+    """
+    if model_output == "probs":
+        return torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
+    return out
+
+
+def scores_with_graph(model: nn.Module, x: torch.Tensor, model_output: str,
+                      check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_r, s)``: a leaf copy of x that requires grad and the scores computed from it (call
+    under ``torch.enable_grad()``); the model's raw output is checked when ``check``."""
+    xr = x.detach().requires_grad_(True)
+    out = model(xr)
+    if check:
+        check_model_output(out, model_output, x.shape[0])
+    return xr, to_scores(out, model_output)
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor, model_output: str) -> torch.Tensor:
+    """p(x) = softmax(s(x)) without a graph, the model's output checked first."""
+    with torch.no_grad():
+        out = model(x)
+    check_model_output(out, model_output, x.shape[0])
+    return torch.softmax(to_scores(out, model_output), dim=1)
+
+
+def chunks(n: int, chunk_size: int | None) -> Iterator[slice]:
+    """Slices covering ``range(n)`` in pieces of ``chunk_size`` (all at once if None or ≤ 0)."""
+    step = n if not chunk_size or chunk_size <= 0 else chunk_size
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True,
+                 **options: Any) -> Any:
+    """A tqdm bar over ``iterable`` (or a manual one with ``total=``), or None / the iterable
+    itself when ``enabled`` is False. tqdm is imported only when a bar is shown."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **options)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """Every submodule of ``model`` in eval mode inside the block; each one's own mode is
+    restored after it (not just the top module's). Objects that are not modules pass."""
+    modes = ([(m, m.training) for m in model.modules()] if isinstance(model, nn.Module)
+             else [])
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: a reader
+    (or a resumed run) never sees a file cut short by an interruption."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest ``step-*.json`` checkpoint manifest in ``directory``, or None."""
+    found = sorted(Path(directory).glob("step-*.json"))
+    return found[-1] if found else None
