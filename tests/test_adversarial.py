@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from manifoldlens.data import load_dataset
 from manifoldlens.models import create_model
-from manifoldlens.training import pgd_l2, train_classifier
+from manifoldlens.training import RunOptions, pgd_l2, train_classifier
 
 from helpers import TinyMLP, make
 
@@ -65,7 +65,7 @@ def test_adversarial_training_is_recorded_and_deterministic(tmp_path):
         model = create_model("mlp", (1, 8, 8), 10, hidden=(16,))
         kw = {}
         if out is not None:
-            kw = {"run": Run(out, "train"), "checkpoint_every": 6}
+            kw = {"run": RunOptions(Run(out, "train"), checkpoint_every=6)}
         return train_classifier(model, train, steps=6, batch_size=20, lr=0.1, progress=False,
                                 adversarial=adversarial, **kw)
 

@@ -15,6 +15,7 @@ from manifoldlens.data import load_dataset, make_toy_2d
 from manifoldlens.flows.training import evaluate_flow, train_flow
 from manifoldlens.models import load_checkpoint
 from manifoldlens.runs import Run
+from manifoldlens.training import RunOptions, fit
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +45,10 @@ def test_flow_resume_matches_uninterrupted(digits, tmp_path):
     kw = {"n_bins": 17, "batch_size": 32, "lr": 1e-3, "warmup_steps": 4, "progress": False}
     full = train_flow(_glow(), digits, steps=12, **kw)
     with Run(tmp_path / "r", "flow") as run:
-        train_flow(_glow(), digits, steps=6, checkpoint_every=3, run=run, **kw)
+        train_flow(_glow(), digits, steps=6, run=RunOptions(run, checkpoint_every=3), **kw)
     with Run(tmp_path / "r", "flow", resume=True) as run:  # a new process: fresh model
-        resumed = train_flow(_glow(seed=7), digits, steps=12, checkpoint_every=3, run=run,
-                             resume=True, **kw)
+        resumed = train_flow(_glow(seed=7), digits, steps=12,
+                             run=RunOptions(run, checkpoint_every=3, resume=True), **kw)
     for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
     for (name, ba), (_, bb) in zip(full.model.named_buffers(), resumed.model.named_buffers(),
@@ -61,22 +62,21 @@ def test_resume_restores_metrics_mid_warmup(digits, tmp_path):
           "test_data": test, "eval_every": 3}
     full = train_flow(_glow(), digits, steps=6, **kw)
     with Run(tmp_path / "r", "flow") as run:
-        train_flow(_glow(), digits, steps=3, checkpoint_every=3, run=run, **kw)
+        train_flow(_glow(), digits, steps=3, run=RunOptions(run, checkpoint_every=3), **kw)
     with Run(tmp_path / "r", "flow", resume=True) as run:
-        resumed = train_flow(_glow(seed=7), digits, steps=6, checkpoint_every=3, run=run,
-                             resume=True, **kw)
+        resumed = train_flow(_glow(seed=7), digits, steps=6,
+                             run=RunOptions(run, checkpoint_every=3, resume=True), **kw)
     for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)  # warm-up resumed mid-ramp
     assert resumed.metrics == full.metrics and "test_bpd" in resumed.metrics
     with Run(tmp_path / "r", "flow", resume=True) as run:  # nothing left to do
-        again = train_flow(_glow(seed=7), digits, steps=6, checkpoint_every=3, run=run,
-                           resume=True, **kw)
+        again = train_flow(_glow(seed=7), digits, steps=6,
+                           run=RunOptions(run, checkpoint_every=3, resume=True), **kw)
     assert again.metrics == full.metrics
 
 
 def test_nan_gradient_with_a_finite_loss_never_reaches_the_weights(tmp_path):
     from manifoldlens.models import load_weights
-    from manifoldlens.training import fit
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -90,8 +90,8 @@ def test_nan_gradient_with_a_finite_loss_never_reaches_the_weights(tmp_path):
         return out.pow(2).mean()
 
     with Run(tmp_path / "r", "fit") as run, pytest.raises(FloatingPointError) as err:
-        fit(model, x, None, step_loss, opt, batch_size=8, steps=4, checkpoint_every=1,
-            run=run, progress=False)
+        fit(model, x, None, step_loss, opt, batch_size=8, steps=4,
+            run=RunOptions(run, checkpoint_every=1), progress=False)
     assert "gradient norm" in str(err.value) and "step-00000001.json" in str(err.value)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     saved = torch.nn.Linear(3, 1)
@@ -109,7 +109,6 @@ def test_warmup_ramps_the_learning_rate(digits):
 
     model = _glow()
     opt = Spy(model.parameters(), lr=1e-3)
-    from manifoldlens.training import fit
 
     fit(model, digits, None, lambda xb, yb, s: -model.log_prob(xb).mean(), opt, batch_size=32,
         steps=6, warmup_steps=4, progress=False)
@@ -129,8 +128,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
     model.log_prob = breaking
     with Run(tmp_path / "r", "flow") as run, pytest.raises(FloatingPointError) as err:
-        train_flow(model, x, n_bins=None, steps=20, batch_size=64, checkpoint_every=5, run=run,
-                   progress=False)
+        train_flow(model, x, n_bins=None, steps=20, batch_size=64, progress=False,
+                   run=RunOptions(run, checkpoint_every=5))
     assert "step 8" in str(err.value) and "step-00000005.json" in str(err.value)
     assert (tmp_path / "r" / "checkpoints" / "step-00000005.json").is_file()
 

@@ -13,7 +13,7 @@ from manifoldlens.callbacks import TraceOfG
 from manifoldlens.data import load_dataset
 from manifoldlens.models import create_model, load_weights
 from manifoldlens.runs import Run
-from manifoldlens.training import evaluate, train_classifier
+from manifoldlens.training import RunOptions, evaluate, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,12 @@ def test_resume_matches_uninterrupted(digits, tmp_path):
                             progress=False)
     with Run(tmp_path / "r", "train") as run:
         train_classifier(_model(), train, steps=10, batch_size=32, lr=0.1, momentum=0.9,
-                         checkpoint_every=5, run=run, progress=False)
+                         run=RunOptions(run, checkpoint_every=5), progress=False)
     # a fresh process would rebuild the model from scratch and resume from step 10
     with Run(tmp_path / "r", "train", resume=True) as run:
         resumed = train_classifier(_model(seed=123), train, steps=25, batch_size=32, lr=0.1,
-                                   momentum=0.9, checkpoint_every=5, run=run, resume=True,
-                                   progress=False)
+                                   momentum=0.9, progress=False,
+                                   run=RunOptions(run, checkpoint_every=5, resume=True))
     assert resumed.step == 25
     for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
@@ -76,7 +76,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(digits, tmp_path):
     model = _Breaks(at=6)
     with pytest.raises(FloatingPointError, match="step 6.*last good checkpoint.*step-00000004"):
         with Run(tmp_path / "r", "train") as run:
-            train_classifier(model, train, steps=50, checkpoint_every=2, run=run, progress=False)
+            train_classifier(model, train, steps=50, run=RunOptions(run, checkpoint_every=2),
+                             progress=False)
     doc = json.loads((tmp_path / "r" / "run.json").read_text())
     assert doc["status"] == "failed" and "FloatingPointError" in doc["error"]
     fresh = _Breaks(at=10**9)
@@ -124,7 +125,8 @@ def test_bad_arguments(digits, tmp_path):
     with pytest.raises(ValueError, match="exactly one of steps or epochs"):
         train_classifier(_model(), train, progress=False)
     with pytest.raises(ValueError, match="run directory"):
-        train_classifier(_model(), train, steps=1, checkpoint_every=1, progress=False)
+        train_classifier(_model(), train, steps=1, run=RunOptions(checkpoint_every=1),
+                         progress=False)
     with pytest.raises(ValueError, match="optimizer"):
         train_classifier(_model(), train, steps=1, optimizer="lbfgs", progress=False)
     Run(tmp_path / "x", "train").finish()
@@ -137,18 +139,18 @@ def test_resume_after_crash_keeps_logs_consistent(digits, tmp_path):
     model = _Breaks(at=14)  # NaN from the 14th training step: stops with last checkpoint 10
     cb = TraceOfG(test.images[:8], every=2)
     with pytest.raises(FloatingPointError), Run(tmp_path / "r", "train") as run:
-        train_classifier(model, train, steps=20, checkpoint_every=5, callbacks=[cb], run=run,
-                         progress=False)
+        train_classifier(model, train, steps=20, callbacks=[cb], progress=False,
+                         run=RunOptions(run, checkpoint_every=5))
     model.at = 10**9
     cb = TraceOfG(test.images[:8], every=2)
     with Run(tmp_path / "r", "train", resume=True) as run:
-        train_classifier(model, train, steps=20, checkpoint_every=5, callbacks=[cb], run=run,
-                         resume=True, progress=False)
+        train_classifier(model, train, steps=20, callbacks=[cb],
+                         run=RunOptions(run, checkpoint_every=5, resume=True), progress=False)
         records = run.read_log("trace_of_g")
     steps = [r["trace_of_g"]["step"] for r in records]
     assert steps == list(range(0, 21, 2))
     assert [r["step"] for r in cb.records] == steps
     with pytest.raises(ValueError, match="other settings.*batch_size"):
         with Run(tmp_path / "r", "train", resume=True) as run:
-            train_classifier(model, train, steps=30, batch_size=17, checkpoint_every=5,
-                             run=run, resume=True, progress=False)
+            train_classifier(model, train, steps=30, batch_size=17, progress=False,
+                             run=RunOptions(run, checkpoint_every=5, resume=True))

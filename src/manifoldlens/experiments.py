@@ -26,7 +26,7 @@ from .jacobian import (
 from .models import create_model, load_checkpoint
 from .report import Section, write_report
 from .runs import Run
-from .training import train_classifier
+from .training import RunOptions, train_classifier
 
 __all__ = [
     "dataset_for",
@@ -71,11 +71,12 @@ def run_train(
     torch.manual_seed(seed)
     model = create_model(arch, train.shape, train.num_classes, **(arch_options or {}))
     cb = TraceOfG(test.images[:probe_size], every=trace_every)
-    result = train_classifier(
-        model, train, test_data=test, callbacks=[cb], run=run, resume=resume,
-        progress=progress, metadata={"data": train.name, "classes": train.classes},
-        **train_options,
-    )
+    options = RunOptions(run, checkpoint_every=train_options.pop("checkpoint_every", None),
+                         keep_checkpoints=train_options.pop("keep_checkpoints", ()),
+                         resume=resume,
+                         metadata={"data": train.name, "classes": train.classes})
+    result = train_classifier(model, train, test_data=test, callbacks=[cb], run=options,
+                              progress=progress, **train_options)
     if result.history:
         run.save_figure("training", viz.plot_training(result.history))
     if cb.records:

@@ -27,7 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_batch
+from ._utils import eval_mode
 from .models import register_architecture
+from .runs import Run
+from .tangent import TangentSpace
+from .training import RunOptions, TrainResult, fit
 
 __all__ = [
     "VAE",
@@ -294,14 +298,12 @@ class UpsampledDecoder(nn.Module):
 
 def train_generative(model: nn.Module, images: torch.Tensor, *, steps: int | None = None,
                      epochs: float | None = None, batch_size: int = 64, lr: float = 1e-3,
-                     seed: int = 0, run=None, checkpoint_every: int | None = None,
-                     resume: bool = False, progress: bool = True, device: str = "cpu",
-                     test_images: torch.Tensor | None = None,
-                     metadata: dict[str, Any] | None = None):
+                     seed: int = 0, run: Run | RunOptions | None = None,
+                     progress: bool = True, device: str = "cpu",
+                     test_images: torch.Tensor | None = None) -> TrainResult:
     """Train a VAE, β-TCVAE or autoencoder with Adam on images in [0, 1]
-    (:func:`manifoldlens.training.fit`: checkpoints, resume, NaN stop)."""
-    from .training import fit
-
+    (:func:`manifoldlens.training.fit`: checkpoints, resume and metadata through
+    ``run=RunOptions(...)``, NaN stop)."""
     check_batch(images, "images")
     torch.manual_seed(seed)
     model.to(device)
@@ -313,22 +315,18 @@ def train_generative(model: nn.Module, images: torch.Tensor, *, steps: int | Non
 
     @torch.no_grad()
     def evaluate():  # in chunks: the β-TCVAE's estimator is quadratic in the batch
-        model.eval()
-        try:
+        with eval_mode(model):
             se, loss, m = 0.0, 0.0, test_images.shape[0]
             for i in range(0, m, 256):
                 xt = test_images[i:i + 256].to(device)
                 se += float(((model(xt) - xt) ** 2).sum())
                 loss += float(model.loss(xt, dataset_size=n).sum())
-            return {"test_recon_mse": se / test_images[0].numel() / m, "test_loss": loss / m}
-        finally:
-            model.train()
+        return {"test_recon_mse": se / test_images[0].numel() / m, "test_loss": loss / m}
 
     config = {"optimizer": "adam", "lr": lr, "batch_size": batch_size, "seed": seed, "n_train": n}
     return fit(model, images, None, step_loss, opt, batch_size=batch_size, steps=steps,
-               epochs=epochs, seed=seed, run=run, checkpoint_every=checkpoint_every,
-               resume=resume, progress=progress, device=device, train_config=config,
-               evaluate_fn=evaluate if test_images is not None else None, metadata=metadata,
+               epochs=epochs, seed=seed, run=run, progress=progress, device=device,
+               train_config=config, evaluate_fn=evaluate if test_images is not None else None,
                desc=type(model).__name__)
 
 
@@ -399,8 +397,6 @@ class ManifoldDataset:
         return len(self.classes)
 
     def tangent_space(self, index: Any = slice(None)):
-        from .tangent import TangentSpace
-
         return TangentSpace(self.tangent[index], input_shape=self.shape)
 
     def subset(self, index: Any) -> ManifoldDataset:
@@ -444,8 +440,6 @@ class ManifoldDataset:
 def _train_labeller(model, images, labels, num_classes, *, steps, batch_size, seed, progress):
     """The labelling function, trained on 90 % of the encoded data; its accuracy is measured
     on the held-out 10 % (seed 004 reports 96 % on MNIST's test images)."""
-    from .training import fit
-
     device = next(model.parameters()).device
     with torch.no_grad():
         mu = torch.cat([model.encode(images[i:i + 512].to(device))[0]
@@ -489,8 +483,6 @@ def generative_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     ``upsample=S`` appends a differentiable bilinear upsampling to S × S (seed 004's MNIST256).
     Returns the dataset and statistics (labeller accuracy, acceptance rate).
     """
-    from .tangent import TangentSpace
-
     model.eval()
     num_classes = int(labels.max()) + 1
     acc = float("nan")
@@ -532,8 +524,6 @@ def reconstructive_dataset(model: nn.Module, images: torch.Tensor, labels: torch
                            upsample: int | None = None) -> ManifoldDataset:
     """Seed 004's reconstructive approach: autoencoder reconstructions of real images, with
     the original labels and the decoder's tangent space at each code."""
-    from .tangent import TangentSpace
-
     model.eval()
     with torch.no_grad():
         z = torch.cat([latent_code(model, images[i:i + 512])

@@ -42,7 +42,7 @@ from .models import count_parameters, create_model, load_checkpoint, save_checkp
 from .roar import roar, tangent_importance
 from .runs import Run, write_atomic
 from .tangent import TangentSpace, principal_angles, random_fraction_baseline
-from .training import evaluate, train_classifier
+from .training import RunOptions, evaluate, train_classifier
 
 __all__ = [
     "resize_images",
@@ -92,9 +92,10 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
         model = KINDS[kind](shape, latent_dim, network=network)
     meta = {"data": train.name, "classes": train.classes, "size": size}
     res = train_generative(model, x, steps=steps, epochs=epochs if steps is None else None,
-                           batch_size=batch_size, lr=lr, seed=seed, run=run,
-                           checkpoint_every=checkpoint_every, resume=resume, progress=progress,
-                           device=device, test_images=xt, metadata=meta)
+                           batch_size=batch_size, lr=lr, seed=seed,
+                           run=RunOptions(run, checkpoint_every=checkpoint_every, resume=resume,
+                                          metadata=meta),
+                           progress=progress, device=device, test_images=xt)
     model.eval()
     save_checkpoint(run.path / "model", model, metadata={**meta, "metrics": res.metrics})
     with torch.no_grad():
@@ -184,10 +185,11 @@ def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
     cb = TangentFractionDuringTraining(te.images[:probe], probe_ts, every=fraction_every)
     res = train_classifier(model, (tr.images, tr.labels), test_data=(te.images, te.labels),
                            optimizer="adam", lr=lr, batch_size=batch_size, epochs=epochs,
-                           seed=seed, callbacks=[cb], run=run, resume=resume,
-                           checkpoint_every=checkpoint_every, progress=progress, device=device,
+                           seed=seed, callbacks=[cb], progress=progress, device=device,
                            adversarial=adversarial,
-                           metadata={"dataset": str(dataset_dir), "classes": tr.classes})
+                           run=RunOptions(run, checkpoint_every=checkpoint_every, resume=resume,
+                                          metadata={"dataset": str(dataset_dir),
+                                                    "classes": tr.classes}))
     save_checkpoint(run.path / "model", model, metadata={
         "dataset": str(dataset_dir), "classes": tr.classes, "metrics": res.metrics,
         "adversarial": adversarial})

@@ -8,7 +8,7 @@ Seed 001 trains the PyTorch-MNIST-example CNN with SGD, batch 60, learning rate 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "TrainState",
     "TrainResult",
     "evaluate",
+    "RunOptions",
     "fit",
     "pgd_l2",
     "train_classifier",
@@ -165,6 +166,57 @@ def _make_optimizer(name: str, params, lr: float, momentum: float, weight_decay:
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The run bookkeeping every trainer shares (:func:`train_classifier`,
+    :func:`~manifoldlens.flows.training.train_flow`,
+    :func:`~manifoldlens.generative.train_generative`, :func:`fit`).
+
+    Parameters
+    ----------
+    run : Run, optional
+        The run directory: metrics go to its ``metrics.jsonl``, checkpoints under
+        ``<run>/checkpoints/``.
+    checkpoint_every : int, optional
+        Steps between checkpoints (model as safetensors, optimizer, callbacks, RNG state);
+        only the latest is kept, plus the steps in ``keep_checkpoints``.
+    keep_checkpoints : tuple of int
+        Steps whose checkpoints are never deleted (e.g. Grementieri & Fioresi's step 10 000).
+    resume : bool
+        Continue from the latest checkpoint of ``run``; refused when the stored training
+        settings differ from this call's.
+    metadata : dict
+        Stored in every checkpoint (e.g. the dataset's name and classes).
+
+    A trainer's ``run=`` also takes a bare :class:`~manifoldlens.runs.Run` (no checkpoints,
+    no resume) or None (nothing recorded).
+    """
+
+    run: Run | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: tuple[int, ...] = ()
+    resume: bool = False
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_checkpoints", tuple(int(k) for k in self.keep_checkpoints))
+        object.__setattr__(self, "metadata", dict(self.metadata or {}))
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if (self.checkpoint_every or self.resume) and self.run is None:
+            raise ValueError("checkpoints and resume need a run directory "
+                             "(RunOptions(run=Run(...), ...))")
+
+    @classmethod
+    def of(cls, run: Run | RunOptions | None) -> RunOptions:
+        """``run`` as options: a bare :class:`Run` records metrics only."""
+        if isinstance(run, RunOptions):
+            return run
+        if run is None or isinstance(run, Run):
+            return cls(run=run)
+        raise TypeError(f"run must be a Run, RunOptions or None, got {type(run).__name__}")
+
+
 def train_classifier(
     model: nn.Module,
     train_data: Any,
@@ -181,13 +233,9 @@ def train_classifier(
     model_output: ModelOutput = "logits",
     callbacks: Sequence[Callback] = (),
     eval_every: int | None = None,
-    checkpoint_every: int | None = None,
-    keep_checkpoints: Sequence[int] = (),
-    run: Run | None = None,
-    resume: bool = False,
+    run: Run | RunOptions | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    metadata: dict[str, Any] | None = None,
     adversarial: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a classifier by minimising cross-entropy; seed-001 defaults (SGD, 60, 0.01).
@@ -198,14 +246,12 @@ def train_classifier(
 
     Deterministic: epoch e visits the training set in the order of
     ``randperm(n, generator=seed + e)``, so a run resumed from a checkpoint takes the same
-    steps it would have taken uninterrupted. With ``run`` and ``checkpoint_every``, the model
-    (safetensors), optimizer and callback states are saved under ``run/checkpoints/`` every
-    ``checkpoint_every`` steps (only the latest is kept, plus the steps in
-    ``keep_checkpoints``); ``resume=True`` continues from the latest one. A NaN/Inf loss stops
-    training with ``FloatingPointError`` and the last good checkpoint is kept.
+    steps it would have taken uninterrupted. ``run=RunOptions(run, checkpoint_every=…,
+    keep_checkpoints=…, resume=…, metadata=…)`` saves the model (safetensors), optimizer and
+    callback states under ``<run>/checkpoints/`` and resumes from the latest one. A NaN/Inf
+    loss stops training with ``FloatingPointError`` and the last good checkpoint is kept.
 
     Training length: ``steps`` or ``epochs`` (one of them; ``epochs`` may be fractional).
-    ``metadata`` (e.g. the dataset's name and classes) is stored in every checkpoint.
     """
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     x, y = _tensors(train_data, "train_data")
@@ -237,10 +283,94 @@ def train_classifier(
 
     return fit(model, x, y, step_loss, opt, batch_size=batch_size, epochs=epochs, steps=steps,
                seed=seed, callbacks=callbacks, evaluate_fn=run_eval if test_data is not None
-               else None, eval_every=eval_every, checkpoint_every=checkpoint_every,
-               keep_checkpoints=keep_checkpoints, run=run, resume=resume, device=device,
-               progress=progress, metadata=metadata, train_config=train_config,
-               model_output=model_output)
+               else None, eval_every=eval_every, run=run, device=device, progress=progress,
+               train_config=train_config, model_output=model_output)
+
+
+class _Checkpoints:
+    """Checkpoints of one :func:`fit` call: resume from the latest, save, prune old ones."""
+
+    def __init__(self, options: RunOptions, model: nn.Module, opt: torch.optim.Optimizer,
+                 callbacks: Sequence[Callback], train_config: dict[str, Any],
+                 per_epoch: int) -> None:
+        self.options, self.model, self.opt = options, model, opt
+        self.callbacks, self.train_config, self.per_epoch = callbacks, train_config, per_epoch
+        run = options.run
+        self.directory = run.path / "checkpoints" if run is not None else None
+        self.last: Path | None = None
+
+    def resume(self, state: TrainState, device: torch.device) -> list[dict[str, float]]:
+        """Load the latest checkpoint into the model, optimizer, callbacks, RNG and ``state``;
+        returns the evaluation history stored with it (empty when there is none)."""
+        if not self.options.resume or self.directory is None:
+            return []
+        latest = latest_checkpoint(self.directory)
+        if latest is None:
+            return []
+        meta = load_weights(latest, self.model, optimizer=self.opt, map_location=device)
+        saved = meta.get("train_config")
+        if saved is not None and saved != self.train_config:
+            diff = {k: (saved.get(k), v) for k, v in self.train_config.items()
+                    if saved.get(k) != v}
+            raise ValueError(
+                f"cannot resume from {latest}: it was trained with other settings "
+                f"(checkpoint, now) = {diff}; pass the same settings or start a new run"
+            )
+        state.step = int(meta["step"])
+        self.options.run.truncate_log(state.step)  # records logged after it are redone
+        state.metrics = dict(meta.get("metrics") or {})
+        for cb, cb_state in zip(self.callbacks, meta.get("callbacks", []), strict=False):
+            cb.load_state_dict(cb_state)
+        if "rng_state" in meta:
+            torch.set_rng_state(torch.tensor(meta["rng_state"], dtype=torch.uint8))
+        if meta.get("cuda_rng_state") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(
+                [torch.tensor(st, dtype=torch.uint8) for st in meta["cuda_rng_state"]]
+            )
+        self.last = latest
+        return list(meta.get("history", []))
+
+    def save(self, state: TrainState, history: list[dict[str, float]]) -> Path:
+        step = state.step
+        meta = {
+            **self.options.metadata,
+            "step": step,
+            "epoch": step / self.per_epoch,
+            "metrics": state.metrics,
+            "history": history,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "rng_state": torch.get_rng_state().tolist(),
+            "cuda_rng_state": ([st.tolist() for st in torch.cuda.get_rng_state_all()]
+                               if torch.cuda.is_available() else None),
+            "train_config": self.train_config,
+        }
+        path = save_checkpoint(self.directory / f"step-{step:08d}", self.model, metadata=meta,
+                               optimizer=self.opt)
+        if self.last is not None and self.last != path:
+            old_step = int(self.last.name[5:13])
+            if old_step not in self.options.keep_checkpoints:
+                for suffix in (".json", ".safetensors", ".optim.pt"):
+                    Path(str(self.last)[: -len(".json")] + suffix).unlink(missing_ok=True)
+        self.last = path
+        self.options.run.checkpoint_state()
+        return path
+
+    def saved_at(self, step: int) -> bool:
+        return self.last is not None and str(self.last).endswith(f"step-{step:08d}.json")
+
+
+def _schedule(n: int, batch_size: int, epochs: float | None, steps: int | None
+              ) -> tuple[int, int]:
+    """``(steps per epoch, total steps)``, validated."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    per_epoch = math.ceil(n / batch_size)
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps or epochs")
+    total = steps if steps is not None else int(round(epochs * per_epoch))
+    if total < 0:
+        raise ValueError(f"the number of steps must be >= 0, got {total}")
+    return per_epoch, total
 
 
 def fit(
@@ -257,13 +387,9 @@ def fit(
     callbacks: Sequence[Callback] = (),
     evaluate_fn: Callable[[], dict[str, float]] | None = None,
     eval_every: int | None = None,
-    checkpoint_every: int | None = None,
-    keep_checkpoints: Sequence[int] = (),
-    run: Run | None = None,
-    resume: bool = False,
+    run: Run | RunOptions | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    metadata: dict[str, Any] | None = None,
     train_config: dict[str, Any] | None = None,
     warmup_steps: int = 0,
     clip_grad_norm: float | None = None,
@@ -273,81 +399,25 @@ def fit(
     """The training loop shared by classifiers, flows and autoencoders.
 
     ``step_loss(x_batch, y_batch, step)`` returns the loss of one minibatch (``y`` may be
-    None). Batches follow ``randperm(n, generator=seed + epoch)``; checkpoints hold the model,
-    the optimizer, the callbacks and the RNG state, so a resumed run equals an uninterrupted
-    one. ``warmup_steps`` ramps every learning rate linearly from 0 (stateless, so resuming
-    needs nothing more); ``clip_grad_norm`` clips the gradient's global norm. A NaN/Inf
-    loss or gradient stops with ``FloatingPointError`` naming the last good checkpoint.
-    ``evaluate_fn()`` returns test metrics, logged every ``eval_every`` steps and at the end.
+    None). Batches follow ``randperm(n, generator=seed + epoch)``; checkpoints
+    (:class:`RunOptions`) hold the model, the optimizer, the callbacks and the RNG state, so a
+    resumed run equals an uninterrupted one. ``warmup_steps`` ramps every learning rate
+    linearly from 0 (stateless, so resuming needs nothing more); ``clip_grad_norm`` clips the
+    gradient's global norm. A NaN/Inf loss or gradient stops with ``FloatingPointError``
+    naming the last good checkpoint. ``evaluate_fn()`` returns test metrics, logged every
+    ``eval_every`` steps and at the end.
     """
     check_batch(x, "train_data")
+    options = RunOptions.of(run)
+    run = options.run
     n = x.shape[0]
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    per_epoch = math.ceil(n / batch_size)
-    if (steps is None) == (epochs is None):
-        raise ValueError("give exactly one of steps or epochs")
-    total = steps if steps is not None else int(round(epochs * per_epoch))
-    if total < 0:
-        raise ValueError(f"the number of steps must be >= 0, got {total}")
-    if (checkpoint_every or resume) and run is None:
-        raise ValueError("checkpoints and resume need a run directory (run=Run(...))")
-    train_config = dict(train_config or {})
+    per_epoch, total = _schedule(n, batch_size, epochs, steps)
     device = torch.device(device)
     opt = optimizer
     base_lrs = [g["lr"] for g in opt.param_groups]
     state = TrainState(model, opt, run=run, model_output=model_output)
-    history: list[dict[str, float]] = []
-    ckpt_dir = run.path / "checkpoints" if run is not None else None
-    last_ckpt: Path | None = None
-
-    if resume and ckpt_dir is not None and (latest := latest_checkpoint(ckpt_dir)) is not None:
-        meta = load_weights(latest, model, optimizer=opt, map_location=device)
-        saved = meta.get("train_config")
-        if saved is not None and saved != train_config:
-            diff = {k: (saved.get(k), v) for k, v in train_config.items() if saved.get(k) != v}
-            raise ValueError(
-                f"cannot resume from {latest}: it was trained with other settings "
-                f"(checkpoint, now) = {diff}; pass the same settings or start a new run"
-            )
-        state.step = int(meta["step"])
-        run.truncate_log(state.step)  # records logged after the checkpoint are redone
-        history = list(meta.get("history", []))
-        state.metrics = dict(meta.get("metrics") or {})
-        for cb, cb_state in zip(callbacks, meta.get("callbacks", []), strict=False):
-            cb.load_state_dict(cb_state)
-        if "rng_state" in meta:
-            torch.set_rng_state(torch.tensor(meta["rng_state"], dtype=torch.uint8))
-        if meta.get("cuda_rng_state") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(
-                [torch.tensor(st, dtype=torch.uint8) for st in meta["cuda_rng_state"]]
-            )
-        last_ckpt = latest
-
-    def save(step: int) -> Path:
-        nonlocal last_ckpt
-        meta = {
-            **(metadata or {}),
-            "step": step,
-            "epoch": step / per_epoch,
-            "metrics": state.metrics,
-            "history": history,
-            "callbacks": [cb.state_dict() for cb in callbacks],
-            "rng_state": torch.get_rng_state().tolist(),
-            "cuda_rng_state": ([st.tolist() for st in torch.cuda.get_rng_state_all()]
-                               if torch.cuda.is_available() else None),
-            "train_config": train_config,
-        }
-        path = save_checkpoint(ckpt_dir / f"step-{step:08d}", model, metadata=meta, optimizer=opt)
-        if last_ckpt is not None and last_ckpt != path:
-            old_step = int(last_ckpt.name[5:13])
-            if old_step not in keep_checkpoints:
-                for suffix in (".json", ".safetensors", ".optim.pt"):
-                    Path(str(last_ckpt)[: -len(".json")] + suffix).unlink(missing_ok=True)
-        last_ckpt = path
-        if run is not None:
-            run.checkpoint_state()
-        return path
+    ckpts = _Checkpoints(options, model, opt, callbacks, dict(train_config or {}), per_epoch)
+    history = ckpts.resume(state, device)
 
     def run_eval() -> None:
         if evaluate_fn is None:
@@ -359,17 +429,52 @@ def fit(
             run.log(eval=rec)
 
     def stop(what: str, value: float) -> None:
-        where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""
+        where = f"; last good checkpoint: {ckpts.last}" if ckpts.last else ""
         lrs = ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups)
         raise FloatingPointError(
             f"{what} became {value} at step {state.step + 1} (lr={lrs}); lower the learning "
             f"rate{' or clip gradients' if clip_grad_norm is None else ''}{where}"
         )
 
+    def train_step(xb: torch.Tensor, yb: torch.Tensor | None) -> None:
+        if warmup_steps:
+            ramp = min(1.0, (state.step + 1) / warmup_steps)
+            for g, base in zip(opt.param_groups, base_lrs, strict=True):
+                g["lr"] = base * ramp
+        opt.zero_grad(set_to_none=True)
+        loss = step_loss(xb, yb, state.step)
+        if not torch.isfinite(loss):
+            stop("loss", float(loss.detach()))
+        loss.backward()
+        # the global gradient norm, clipped or not: a finite loss can still have a NaN/Inf
+        # gradient, which must never reach the weights (or a checkpoint)
+        norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), clip_grad_norm if clip_grad_norm is not None else float("inf"))
+        if not torch.isfinite(norm):
+            stop("the gradient norm", float(norm))
+        opt.step()
+        state.step += 1
+        state.loss = float(loss.detach())
+
+    def after_step(bar: Any) -> None:
+        if run is not None and state.step % max(1, min(per_epoch // 10, 100)) == 0:
+            run.log(step=state.step, loss=state.loss)
+        for cb in callbacks:
+            cb.on_step(state)
+        if eval_every and state.step % eval_every == 0:
+            run_eval()
+        if options.checkpoint_every and state.step % options.checkpoint_every == 0:
+            ckpts.save(state, history)
+        if bar is not None:
+            bar.update(1)
+            if state.step % 10 == 0 or state.step == total:
+                bar.set_postfix({"loss": f"{state.loss:.3f}",
+                                 **{k: f"{v:.3f}" for k, v in state.metrics.items()}},
+                                refresh=False)
+
     model.train()
     for cb in callbacks:
         cb.on_train_start(state)
-
     bar = progress_bar(enabled=progress, total=total, initial=state.step, desc=desc, unit="step",
                        dynamic_ncols=True, mininterval=0.5)
     try:
@@ -381,43 +486,8 @@ def fit(
                 if state.step >= total:
                     break
                 idx = perm[b * batch_size : (b + 1) * batch_size]
-                xb = x[idx].to(device)
-                yb = y[idx].to(device) if y is not None else None
-                if warmup_steps:
-                    ramp = min(1.0, (state.step + 1) / warmup_steps)
-                    for g, base in zip(opt.param_groups, base_lrs, strict=True):
-                        g["lr"] = base * ramp
-                opt.zero_grad(set_to_none=True)
-                loss = step_loss(xb, yb, state.step)
-                if not torch.isfinite(loss):
-                    stop("loss", float(loss.detach()))
-                loss.backward()
-                # the global gradient norm, clipped or not: a finite loss can still have a
-                # NaN/Inf gradient, which must never reach the weights (or a checkpoint)
-                norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), clip_grad_norm if clip_grad_norm is not None
-                    else float("inf"))
-                if not torch.isfinite(norm):
-                    stop("the gradient norm", float(norm))
-                opt.step()
-                state.step += 1
-                state.loss = float(loss.detach())
-                if run is not None and state.step % max(1, min(per_epoch // 10, 100)) == 0:
-                    run.log(step=state.step, loss=state.loss)
-                for cb in callbacks:
-                    cb.on_step(state)
-                if eval_every and state.step % eval_every == 0:
-                    run_eval()
-                if checkpoint_every and state.step % checkpoint_every == 0:
-                    save(state.step)
-                if bar is not None:
-                    bar.update(1)
-                    if state.step % 10 == 0 or state.step == total:
-                        bar.set_postfix(
-                            {"loss": f"{state.loss:.3f}",
-                             **{k: f"{v:.3f}" for k, v in state.metrics.items()}},
-                            refresh=False,
-                        )
+                train_step(x[idx].to(device), y[idx].to(device) if y is not None else None)
+                after_step(bar)
     finally:
         if bar is not None:
             bar.close()
@@ -426,11 +496,10 @@ def fit(
         run_eval()
     for cb in callbacks:
         cb.on_train_end(state)
-    if checkpoint_every and (last_ckpt is None or not str(last_ckpt).endswith(
-            f"step-{state.step:08d}.json")):
-        save(state.step)
+    if options.checkpoint_every and not ckpts.saved_at(state.step):
+        ckpts.save(state, history)
     model.eval()
     if run is not None:
         run.metrics.update(state.metrics)
         run.metrics["steps"] = state.step
-    return TrainResult(model, state.step, history, dict(state.metrics), last_ckpt)
+    return TrainResult(model, state.step, history, dict(state.metrics), ckpts.last)

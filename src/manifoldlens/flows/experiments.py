@@ -12,6 +12,7 @@ from .._utils import latest_checkpoint
 from ..data import load_dataset, make_toy_2d
 from ..models import count_parameters, load_checkpoint, model_for_checkpoint, save_checkpoint
 from ..runs import Run
+from ..training import RunOptions
 from .models import NICE, Flow, Glow, RealNVP, interpolate
 from .training import evaluate_flow, n_bins_for, train_flow
 
@@ -109,8 +110,10 @@ def run_flow_train(
     if resume and (latest := latest_checkpoint(run.path / "checkpoints")) is not None:
         model = model_for_checkpoint(model, latest)  # e.g. a NICE of the 0.1 layout
     meta = {"data": data, "n_bins": n_bins, "kind": kind, "seed": seed}
-    result = train_flow(model, x, test_data=x_test, n_bins=n_bins, run=run, resume=resume,
-                        progress=progress, metadata=meta, **train_options)
+    options = RunOptions(run, checkpoint_every=train_options.pop("checkpoint_every", None),
+                         resume=resume, metadata=meta)
+    result = train_flow(model, x, test_data=x_test, n_bins=n_bins, run=options,
+                        progress=progress, **train_options)
     save_checkpoint(run.path / "model", model, metadata={**meta, "step": result.step,
                                                          "metrics": result.metrics})
     if result.history:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import eval_mode
 from ..runs import Run
-from ..training import Callback, TrainResult, fit
+from ..training import Callback, RunOptions, TrainResult, fit
 from .bpd import bits_per_dim, dequantize
 from .models import initialize
 
@@ -49,10 +50,8 @@ def evaluate_flow(model: nn.Module, data: Any, *, n_bins: int | None = 256,
     x = _images(data)
     p = next(model.parameters())
     device = device or p.device
-    was = model.training
-    model.eval()
     total, n = 0.0, x.shape[0]
-    try:
+    with eval_mode(model):
         for i in range(0, n, batch_size):
             xb = x[i: i + batch_size].to(device=device, dtype=p.dtype)
             if n_bins is None:
@@ -60,8 +59,6 @@ def evaluate_flow(model: nn.Module, data: Any, *, n_bins: int | None = 256,
             else:
                 g = _noise(seed, i)
                 total += float(bits_per_dim(model, xb, n_bins, generator=g).sum())
-    finally:
-        model.train(was)
     return {"test_nll" if n_bins is None else "test_bpd": total / n}
 
 
@@ -81,13 +78,10 @@ def train_flow(
     seed: int = 0,
     init_batch_size: int = 512,
     eval_every: int | None = None,
-    checkpoint_every: int | None = None,
     callbacks: Sequence[Callback] = (),
-    run: Run | None = None,
-    resume: bool = False,
+    run: Run | RunOptions | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a flow by maximum likelihood with Adam.
 
@@ -95,6 +89,8 @@ def train_flow(
     (dequantized) before the first step; a resumed run keeps the initialisation stored in its
     checkpoint. ``n_bins=None`` for continuous data. A NaN/Inf loss or gradient stops with
     ``FloatingPointError`` naming the last good checkpoint (:func:`manifoldlens.training.fit`).
+    ``run``: a :class:`~manifoldlens.runs.Run` or :class:`~manifoldlens.training.RunOptions`
+    (checkpoints, resume, metadata).
     """
     x = _images(train_data)
     train_config = {"optimizer": "adam", "lr": lr, "batch_size": batch_size, "seed": seed,
@@ -123,7 +119,6 @@ def train_flow(
     return fit(model, x, None, step_loss, opt, batch_size=batch_size, epochs=epochs,
                steps=steps, seed=seed, callbacks=callbacks,
                evaluate_fn=run_eval if test_data is not None else None, eval_every=eval_every,
-               checkpoint_every=checkpoint_every, run=run, resume=resume, device=device,
-               progress=progress, metadata=metadata, train_config=train_config,
+               run=run, device=device, progress=progress, train_config=train_config,
                warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm, desc="flow")
 
