@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import MODEL_OUTPUTS, check_batch, check_choice, check_independent_samples
@@ -122,205 +124,247 @@ class _Recorder:
         self.steps = st["rec_steps"].tolist()
 
 
-def _save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+@dataclass(frozen=True)
+class _Walk:
+    """What one call's paths follow and how they step.
 
-    path.mkdir(parents=True, exist_ok=True)
-    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    write_atomic(path / "state.safetensors", lambda tmp: save_file(flat, str(tmp)))
-    write_atomic(path / "state.json", lambda tmp: tmp.write_text(json.dumps(meta)))
-
-
-def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    from safetensors.torch import load_file
-
-    if not (path / "state.json").exists():
-        return None
-    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
-
-
-def _walk(
-    model: nn.Module,
-    x0: torch.Tensor,
-    direction_fn,
-    distance_fn,
-    *,
-    kind: str,
-    step_size: float,
-    max_steps: int,
-    tol: float | None,
-    clamp: tuple[float, float] | None,
-    record_every: int,
-    model_output: str,
-    checkpoint_dir: str | os.PathLike | None,
-    checkpoint_every: int,
-    progress: bool,
-    config: dict[str, Any],
-    reference,
-    off,
-    cap: bool,
-    stall_rtol: float | None,
-) -> PathResult:
-    """The shared stepping loop of both path kinds.
-
-    One pass of C − 1 vector–Jacobian products per step gives G at the current points and their
-    probabilities (used for the records). A point where the model's output or Jacobian is
-    not finite is replaced by the path's previous point and that path stops ("nonfinite").
-    A path stalls when its direction ``v`` is at most ``stall_rtol`` times ``reference`` (the
-    length of the vector that was projected; 0: only a vanishing v) or when ``clamp`` cancels
-    its step.
-    ``off(G, Δ)`` is the part of a step Δ outside the distribution followed; its relative
-    size is recorded as the residual. Bookkeeping (indices, status, lengths) lives on the
-    CPU; points and probabilities stay on the model's device.
+    ``direction(G, x_a, idx)`` is the vector v to follow at the running points ``x_a`` (rows
+    ``idx`` of the batch); ``distance(x)`` the recorded distance (n,); ``reference(x_a, idx)``
+    the length of the vector that was projected, against which a vanishing v is judged;
+    ``off(G, Δ)`` the part of a step Δ outside the distribution followed.
     """
-    check_choice(model_output, MODEL_OUTPUTS, "model_output")
-    check_independent_samples(model)
-    if step_size <= 0:
-        raise ValueError(f"step_size must be > 0, got {step_size}")
-    if max_steps < 0:
-        raise ValueError(f"the number of steps must be >= 0, got {max_steps}")
-    if clamp is not None and not clamp[0] < clamp[1]:
-        raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {clamp}")
-    n = x0.shape[0]
-    if stall_rtol is None:
-        stall_rtol = max(1e-6, 100 * torch.finfo(x0.dtype).eps) if cap else 0.0
-    rec = _Recorder(record_every)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
-    loaded = _load_state(ckpt) if ckpt is not None else None
-    if loaded is not None:
-        t, meta = loaded
+    kind: str
+    direction: Callable[[LocalDataMatrix, torch.Tensor, torch.Tensor], torch.Tensor]
+    distance: Callable[[torch.Tensor], torch.Tensor]
+    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    off: Callable[[LocalDataMatrix, torch.Tensor], torch.Tensor]
+    step_size: float
+    max_steps: int
+    tol: float | None
+    clamp: tuple[float, float] | None
+    cap: bool
+    stall_rtol: float
+    model_output: str
+
+
+class _PathState:
+    """Positions, per-path bookkeeping and records of a batch of paths: everything a resumed
+    call needs, saved and loaded as a whole. Bookkeeping (status, steps, lengths) lives on the
+    CPU; points and probabilities stay on the model's device."""
+
+    def __init__(self, x: torch.Tensor, rec: _Recorder) -> None:
+        n = x.shape[0]
+        self.x = x
+        self.x_prev = x.clone()
+        self.steps = torch.zeros(n, dtype=torch.long)
+        self.length = torch.zeros(n, dtype=torch.float64)
+        self.last_len = torch.zeros(n, dtype=torch.float64)
+        self.last_probs = torch.empty(0)
+        self.last_resid = torch.zeros(n, dtype=torch.float64)
+        self.status = [RUNNING] * n
+        self.step, self.pending = 0, False
+        self.rec = rec
+
+    _TENSORS = ("x", "x_prev", "steps", "length", "last_len", "last_probs", "last_resid")
+
+    @classmethod
+    def start(cls, model: nn.Module, x0: torch.Tensor, walk: _Walk,
+              record_every: int) -> _PathState:
+        st = cls(x0.detach().clone(), _Recorder(record_every))
+        st.last_probs = predict_probs(model, st.x, walk.model_output)  # validates the points
+        dist = walk.distance(st.x)
+        if walk.tol is not None:
+            st.status = [REACHED if float(d) < walk.tol else RUNNING for d in dist]
+        st.record(dist)
+        return st
+
+    @classmethod
+    def load(cls, path: Path, config: dict[str, Any], x0: torch.Tensor,
+             record_every: int) -> _PathState | None:
+        """The state saved in ``path`` (None if there is none); refused if it was saved by a
+        call with other settings."""
+        if not (path / "state.json").exists():
+            return None
+        t = load_file(str(path / "state.safetensors"))
+        meta = json.loads((path / "state.json").read_text())
         if meta.get("config") != config:
             raise ValueError(
-                f"{ckpt} holds the state of a different {kind} path (its settings differ); "
-                "use another checkpoint directory or delete that one"
+                f"{path} holds the state of a different {config['kind']} path (its settings "
+                "differ); use another checkpoint directory or delete that one"
             )
-        x, x_prev = t["x"].to(x0), t["x_prev"].to(x0)
-        steps, length, last_len = t["steps"], t["length"], t["last_len"]
-        last_probs, last_resid = t["last_probs"].to(x0), t["last_resid"]
-        status, step, pending = meta["status"], meta["step"], meta["pending"]
-        rec.load(t)
-    else:
-        x = x0.detach().clone()
-        x_prev = x.clone()
-        steps = torch.zeros(n, dtype=torch.long)
-        length = torch.zeros(n, dtype=torch.float64)
-        last_len = torch.zeros(n, dtype=torch.float64)
-        status = [RUNNING] * n
-        step, pending = 0, False
-        last_probs = predict_probs(model, x, model_output)  # validates the starting points
-        last_resid = torch.zeros(n, dtype=torch.float64)
-        dist = distance_fn(x)
-        if tol is not None:
-            status = [REACHED if float(d) < tol else RUNNING for d in dist]
-        rec.add(0, x, dist, last_probs, last_resid)
+        st = cls(t["x"].to(x0), _Recorder(record_every))
+        for name in cls._TENSORS:
+            value = t[name]
+            setattr(st, name, value.to(x0) if name in ("x", "x_prev", "last_probs") else value)
+        st.status, st.step, st.pending = meta["status"], meta["step"], meta["pending"]
+        st.rec.load(t)
+        return st
 
-    def stop_nonfinite(rows: torch.Tensor) -> None:
+    def save(self, path: Path, config: dict[str, Any]) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {**{k: getattr(self, k) for k in self._TENSORS}, **self.rec.state()}
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"config": config, "status": self.status, "step": self.step,
+                "pending": self.pending}
+        write_atomic(path / "state.safetensors", lambda tmp: save_file(flat, str(tmp)))
+        write_atomic(path / "state.json", lambda tmp: tmp.write_text(json.dumps(meta)))
+
+    def running(self) -> torch.Tensor:
+        return torch.tensor([i for i, s in enumerate(self.status) if s == RUNNING],
+                            dtype=torch.long)
+
+    def record(self, dist: torch.Tensor) -> None:
+        self.rec.add(self.step, self.x, dist, self.last_probs, self.last_resid)
+
+    def stop_nonfinite(self, rows: torch.Tensor) -> None:
+        """Undo the last step of ``rows`` (it led where the model breaks) and stop them."""
         for i in rows.tolist():
-            x[i] = x_prev[i]
-            length[i] -= last_len[i]
-            steps[i] = max(int(steps[i]) - (1 if last_len[i] > 0 else 0), 0)
-            last_len[i] = 0
-            status[i] = NONFINITE
+            self.x[i] = self.x_prev[i]
+            self.length[i] -= self.last_len[i]
+            self.steps[i] = max(int(self.steps[i]) - (1 if self.last_len[i] > 0 else 0), 0)
+            self.last_len[i] = 0
+            self.status[i] = NONFINITE
 
-    def refresh(rows: torch.Tensor) -> None:
+    def refresh(self, model: nn.Module, rows: torch.Tensor, model_output: str) -> None:
         """Probabilities at the current points of ``rows`` by a forward pass alone."""
         with torch.no_grad():
-            sc = to_scores(model(x[rows]), model_output)
+            sc = to_scores(model(self.x[rows]), model_output)
         bad = (~torch.isfinite(sc).all(1)).cpu()
-        stop_nonfinite(rows[bad])
-        last_probs[rows[~bad]] = torch.softmax(sc[~bad], 1)
+        self.stop_nonfinite(rows[bad])
+        self.last_probs[rows[~bad]] = torch.softmax(sc[~bad], 1)
 
-    def save() -> None:
-        _save_state(ckpt, {"x": x, "x_prev": x_prev, "steps": steps, "length": length,
-                           "last_len": last_len, "last_probs": last_probs,
-                           "last_resid": last_resid, **rec.state()},
-                    {"config": config, "status": status, "step": step, "pending": pending})
+    def result(self) -> PathResult:
+        rec = self.rec.state()
+        return PathResult(
+            points=rec["rec_points"], distances=rec["rec_dist"], probs=rec["rec_probs"],
+            steps=self.steps, reached=torch.tensor([s == REACHED for s in self.status]),
+            status=self.status, length=self.length, record_steps=rec["rec_steps"],
+            residuals=rec["rec_resid"],
+        )
 
-    bar = progress_bar(enabled=progress, total=max_steps, initial=step, desc=kind, unit="step",
-                       mininterval=0.5)
+
+def _evaluate(model: nn.Module, st: _PathState, idx: torch.Tensor, walk: _Walk):
+    """G and p at the running points ``idx`` from one pass of C − 1 vector–Jacobian products;
+    points where the model's output or Jacobian is not finite are stopped (their last step
+    undone). Returns ``(idx, x_a, G)`` of the points that remain (G None if none remain)."""
+    xa = st.x[idx]
+    jac_s, scores = score_jacobian(model, xa, model_output=walk.model_output,
+                                   check_output=False, relative=True)
+    ok = (torch.isfinite(scores).all(1)
+          & torch.isfinite(jac_s.reshape(len(idx), -1)).all(1)).cpu()
+    if not ok.all():
+        st.stop_nonfinite(idx[~ok])
+        idx, xa, jac_s, scores = idx[ok], xa[ok], jac_s[ok], scores[ok]
+    probs = torch.softmax(scores, dim=1)
+    st.last_probs[idx] = probs
+    if len(idx) == 0:
+        return idx, xa, None
+    return idx, xa, LocalDataMatrix(transform_jacobian(jac_s, scores, "log_softmax"), probs)
+
+
+def _advance(st: _PathState, idx: torch.Tensor, xa: torch.Tensor, G: LocalDataMatrix,
+             walk: _Walk) -> torch.Tensor:
+    """One step ``x ← x + α v/‖v‖`` (``min(α, ‖v‖)`` when capped) of the running points,
+    clamped to the domain if asked; sets the status of paths that stall or break. Returns the
+    rows that moved."""
+    v = walk.direction(G, xa, idx)
+    norm = _flat_norm(v)
+    tiny = torch.finfo(v.dtype).tiny
+    finite = torch.isfinite(v.reshape(len(idx), -1)).all(1) & torch.isfinite(norm)
+    stalled = finite & ((norm <= walk.stall_rtol * walk.reference(xa, idx)) | (norm <= tiny))
+    move = finite & ~stalled
+    alpha = (torch.minimum(norm, torch.full_like(norm, walk.step_size)) if walk.cap
+             else walk.step_size)
+    scale = torch.where(move, alpha / norm.clamp_min(tiny), 0)
+    new = xa + scale.view(-1, *[1] * (st.x.ndim - 1)) * torch.nan_to_num(v)
+    if walk.clamp is not None:
+        new = new.clamp(*walk.clamp)
+    delta = new - xa
+    disp = _flat_norm(delta)
+    if walk.clamp is not None:  # the clamp cancelled the step: the path cannot go on
+        blocked = move & (disp <= 1e-3 * alpha)
+        stalled, move = stalled | blocked, move & ~blocked
+    good = (torch.isfinite(new.reshape(len(idx), -1)).all(1) & move).cpu()
+    finite, stalled, move = finite.cpu(), stalled.cpu(), move.cpu()
+    moved = idx[good]
+    resid = (_flat_norm(walk.off(G, delta)) / disp.clamp_min(1e-300)).double().cpu()
+    st.x_prev[moved] = xa[good]
+    st.last_len[moved] = disp[good].double().cpu()
+    st.length[moved] += st.last_len[moved]
+    st.x[moved] = new[good]
+    st.steps[moved] += 1
+    st.last_resid[moved] = resid[good]
+    for j, i in enumerate(idx.tolist()):
+        if not bool(finite[j]) or (bool(move[j]) and not bool(good[j])):
+            st.status[i] = NONFINITE
+        elif bool(stalled[j]):
+            st.status[i] = STALLED
+    return moved
+
+
+def _walk(model: nn.Module, x0: torch.Tensor, walk: _Walk, *, record_every: int,
+          checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, progress: bool,
+          config: dict[str, Any]) -> PathResult:
+    """The stepping loop of both path kinds.
+
+    A point where the model's output or Jacobian is not finite is replaced by the path's
+    previous point and that path stops ("nonfinite"). A path stalls when its direction ``v``
+    is at most ``stall_rtol`` times the length of the vector that was projected (0: only a
+    vanishing v) or when ``clamp`` cancels its step. The relative size of each step's part
+    outside the distribution followed is recorded as the residual.
+    """
+    check_choice(walk.model_output, MODEL_OUTPUTS, "model_output")
+    check_independent_samples(model)
+    if walk.step_size <= 0:
+        raise ValueError(f"step_size must be > 0, got {walk.step_size}")
+    if walk.max_steps < 0:
+        raise ValueError(f"the number of steps must be >= 0, got {walk.max_steps}")
+    if walk.clamp is not None and not walk.clamp[0] < walk.clamp[1]:
+        raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {walk.clamp}")
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    st = _PathState.load(ckpt, config, x0, record_every) if ckpt is not None else None
+    if st is None:
+        st = _PathState.start(model, x0, walk, record_every)
+    bar = progress_bar(enabled=progress, total=walk.max_steps, initial=st.step, desc=walk.kind,
+                       unit="step", mininterval=0.5)
     try:
         while True:
-            idx = torch.tensor([i for i, st in enumerate(status) if st == RUNNING],
-                               dtype=torch.long)
-            if len(idx) and step >= max_steps and pending:  # the last record: forward only
-                refresh(idx)
+            idx = st.running()
+            if len(idx) and st.step >= walk.max_steps and st.pending:  # last record: forward
+                st.refresh(model, idx, walk.model_output)
                 idx = idx[:0]
             if len(idx):
-                xa = x[idx]
-                jac_s, scores = score_jacobian(model, xa, model_output=model_output,
-                                               check_output=False, relative=True)
-                ok = (torch.isfinite(scores).all(1)
-                      & torch.isfinite(jac_s.reshape(len(idx), -1)).all(1)).cpu()
-                if not ok.all():  # the last step led where the model breaks: undo, stop
-                    stop_nonfinite(idx[~ok])
-                    idx, xa, jac_s, scores = idx[ok], xa[ok], jac_s[ok], scores[ok]
-                probs = torch.softmax(scores, dim=1)
-                last_probs[idx] = probs
-            if pending:
-                rec.add(step, x, distance_fn(x), last_probs, last_resid)
-                pending = False
-            if step >= max_steps or len(idx) == 0:
+                idx, xa, G = _evaluate(model, st, idx, walk)
+            if st.pending:
+                st.record(walk.distance(st.x))
+                st.pending = False
+            if st.step >= walk.max_steps or len(idx) == 0:
                 break
-            G = LocalDataMatrix(transform_jacobian(jac_s, scores, "log_softmax"), probs)
-            v = direction_fn(G, xa, idx)
-            norm = _flat_norm(v)
-            finite = torch.isfinite(v.reshape(len(idx), -1)).all(1) & torch.isfinite(norm)
-            stalled = finite & ((norm <= stall_rtol * reference(xa, idx))
-                                | (norm <= torch.finfo(v.dtype).tiny))
-            move = finite & ~stalled
-            alpha = torch.minimum(norm, torch.full_like(norm, step_size)) if cap else step_size
-            scale = torch.where(move, alpha / norm.clamp_min(torch.finfo(v.dtype).tiny), 0)
-            new = xa + scale.view(-1, *[1] * (x.ndim - 1)) * torch.nan_to_num(v)
-            if clamp is not None:
-                new = new.clamp(*clamp)
-            delta = new - xa
-            disp = _flat_norm(delta)
-            if clamp is not None:  # the clamp cancelled the step: the path cannot go on
-                blocked = move & (disp <= 1e-3 * alpha)
-                stalled, move = stalled | blocked, move & ~blocked
-            good = (torch.isfinite(new.reshape(len(idx), -1)).all(1) & move).cpu()
-            finite, stalled, move = finite.cpu(), stalled.cpu(), move.cpu()
-            moved = idx[good]
-            resid = (_flat_norm(off(G, delta)) / disp.clamp_min(1e-300)).double().cpu()
-            x_prev[moved] = xa[good]
-            last_len[moved] = disp[good].double().cpu()
-            length[moved] += last_len[moved]
-            x[moved] = new[good]
-            steps[moved] += 1
-            last_resid[moved] = resid[good]
-            for j, i in enumerate(idx.tolist()):
-                if not bool(finite[j]) or (bool(move[j]) and not bool(good[j])):
-                    status[i] = NONFINITE
-                elif bool(stalled[j]):
-                    status[i] = STALLED
-            step += 1
-            if tol is not None:
-                dist = distance_fn(x).cpu()
-                done = [i for i in moved.tolist() if status[i] == RUNNING and dist[i] < tol]
+            moved = _advance(st, idx, xa, G, walk)
+            st.step += 1
+            if walk.tol is not None:
+                dist = walk.distance(st.x).cpu()
+                done = [i for i in moved.tolist()
+                        if st.status[i] == RUNNING and dist[i] < walk.tol]
                 if done:  # evaluate the model where these paths stop (for the records)
                     for i in done:
-                        status[i] = REACHED
-                    refresh(torch.tensor(done))
-            pending = step % rec.every == 0 or step == max_steps
-            if ckpt is not None and checkpoint_every and step % checkpoint_every == 0:
-                save()
+                        st.status[i] = REACHED
+                    st.refresh(model, torch.tensor(done), walk.model_output)
+            st.pending = st.step % st.rec.every == 0 or st.step == walk.max_steps
+            if ckpt is not None and checkpoint_every and st.step % checkpoint_every == 0:
+                st.save(ckpt, config)
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    if rec.steps[-1] != step:
-        rec.add(step, x, distance_fn(x), last_probs, last_resid)
-    status = [MAX_STEPS if st == RUNNING else st for st in status]
+    if st.rec.steps[-1] != st.step:
+        st.record(walk.distance(st.x))
+    st.status = [MAX_STEPS if s == RUNNING else s for s in st.status]
     if ckpt is not None:
-        save()
-    st = rec.state()
-    return PathResult(
-        points=st["rec_points"], distances=st["rec_dist"], probs=st["rec_probs"], steps=steps,
-        reached=torch.tensor([s_ == REACHED for s_ in status]), status=status, length=length,
-        record_steps=st["rec_steps"], residuals=st["rec_resid"],
-    )
+        st.save(ckpt, config)
+    return st.result()
 
 
 def _config(kind: str, **kw: Any) -> dict[str, Any]:
@@ -396,13 +440,15 @@ def horizontal_path(
     config = _config("horizontal", source=source, target=target, step_size=step_size,
                      max_steps=max_steps, tol=tol, clamp=clamp, record_every=record_every,
                      model_output=model_output, rtol=rtol)
-    return _walk(model, source, direction, distance, kind="horizontal", step_size=step_size,
-                 max_steps=max_steps, tol=tol, clamp=clamp, record_every=record_every,
-                 model_output=model_output, checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=checkpoint_every, progress=progress, config=config,
+    if stall_rtol is None:
+        stall_rtol = max(1e-6, 100 * torch.finfo(source.dtype).eps) if capped else 0.0
+    walk = _Walk("horizontal", direction, distance,
                  reference=lambda xa, idx: _flat_norm(target[idx] - xa),
-                 off=lambda G, d: G.project_kernel(d, rtol), cap=capped,
-                 stall_rtol=stall_rtol)
+                 off=lambda G, d: G.project_kernel(d, rtol), step_size=step_size,
+                 max_steps=max_steps, tol=tol, clamp=clamp, cap=capped, stall_rtol=stall_rtol,
+                 model_output=model_output)
+    return _walk(model, source, walk, record_every=record_every, checkpoint_dir=checkpoint_dir,
+                 checkpoint_every=checkpoint_every, progress=progress, config=config)
 
 
 def leaf_crossing_path(
@@ -447,12 +493,11 @@ def leaf_crossing_path(
     config = _config("leaf_crossing", x=x, direction=r, steps=steps, step_size=step_size,
                      clamp=clamp, record_every=record_every, model_output=model_output,
                      rtol=rtol)
-    return _walk(model, x, direction_fn, distance, kind="across", step_size=step_size,
-                 max_steps=steps, tol=None, clamp=clamp, record_every=record_every,
-                 model_output=model_output, checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=checkpoint_every, progress=progress, config=config,
-                 reference=lambda xa, idx: _flat_norm(r[idx]),
-                 off=lambda G, d: G.project(d, rtol), cap=False, stall_rtol=0.0)
+    walk = _Walk("across", direction_fn, distance, reference=lambda xa, idx: _flat_norm(r[idx]),
+                 off=lambda G, d: G.project(d, rtol), step_size=step_size, max_steps=steps,
+                 tol=None, clamp=clamp, cap=False, stall_rtol=0.0, model_output=model_output)
+    return _walk(model, x, walk, record_every=record_every, checkpoint_dir=checkpoint_dir,
+                 checkpoint_every=checkpoint_every, progress=progress, config=config)
 
 
 @dataclass
