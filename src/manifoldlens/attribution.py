@@ -19,10 +19,11 @@ Every attribution is signed (no absolute values) and has the shape, dtype and de
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,32 +39,23 @@ from ._checks import (
 )
 from ._utils import chunks, scores_with_graph, to_scores
 
-__all__ = ["METHODS", "QUADRATURES", "explain", "TangentFraction"]
+__all__ = [
+    "ATTRIBUTIONS",
+    "METHODS",
+    "QUADRATURES",
+    "Method",
+    "TangentFraction",
+    "explain",
+    "gradient",
+    "input_x_gradient",
+    "integrated_gradients",
+    "method_options",
+    "smoothgrad",
+]
 
-METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
 QUADRATURES = (
     "gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
 )
-
-# options of each method and their defaults
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gradient": {},
-    "input_x_gradient": {},
-    "integrated_gradients": {
-        "baseline": 0.0,
-        "steps": 50,
-        "multiply_by_inputs": False,
-        "quadrature": "gausslegendre",
-        "internal_batch_size": None,
-    },
-    "smoothgrad": {
-        "noise_level": 0.02,
-        "samples": 25,
-        "samples_batch_size": None,
-        "seed": None,
-    },
-}
-
 
 # --------------------------------------------------------------------------------------
 # Validation
@@ -82,47 +74,59 @@ def _check_positive_int(v: Any, name: str, allow_none: bool = False) -> None:
                          f"got {v!r}")
 
 
-def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``options`` for ``method`` and fill in the defaults."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    defaults = _DEFAULTS[method]
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        valid = tuple(defaults) or "none"
-        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: "
-                        f"{valid}")
-    opts = {**defaults, **options}
-    if method == "integrated_gradients":
-        check_choice(opts["quadrature"], QUADRATURES, "quadrature")
-        _check_positive_int(opts["steps"], "steps")
-        if opts["quadrature"] != "gausslegendre" and opts["steps"] < 2:
-            raise ValueError(f"quadrature {opts['quadrature']!r} needs steps >= 2, "
-                             f"got {opts['steps']}")
-        _check_positive_int(opts["internal_batch_size"], "internal_batch_size", True)
-        if not isinstance(opts["multiply_by_inputs"], bool):
-            raise TypeError("multiply_by_inputs must be a bool, got "
-                            f"{type(opts['multiply_by_inputs']).__name__}")
-        b = opts["baseline"]
-        if isinstance(b, bool) or not isinstance(b, (numbers.Real, torch.Tensor, np.ndarray)):
-            raise TypeError(f"baseline must be a float or a tensor, got {type(b).__name__}")
-        if isinstance(b, numbers.Real) and not math.isfinite(b):
-            raise ValueError(f"baseline must be finite, got {b}")
-    elif method == "smoothgrad":
-        nl = opts["noise_level"]
-        if isinstance(nl, bool) or not isinstance(nl, numbers.Real) or not (
-            math.isfinite(nl) and nl >= 0
-        ):
-            raise ValueError(f"noise_level must be a finite float >= 0, got {nl!r}")
-        _check_positive_int(opts["samples"], "samples")
-        _check_positive_int(opts["samples_batch_size"], "samples_batch_size", True)
-        seed = opts["seed"]
-        if seed is not None and not isinstance(seed, torch.Generator) and not (
-            _is_int(seed) and seed >= 0
-        ):
-            raise TypeError(f"seed must be a non-negative int, a torch.Generator or None, "
-                            f"got {seed!r}")
-    return opts
+def _check_ig_options(baseline: Any, steps: Any, multiply_by_inputs: Any, quadrature: Any,
+                      internal_batch_size: Any) -> None:
+    check_choice(quadrature, QUADRATURES, "quadrature")
+    _check_positive_int(steps, "steps")
+    if quadrature != "gausslegendre" and steps < 2:
+        raise ValueError(f"quadrature {quadrature!r} needs steps >= 2, got {steps}")
+    _check_positive_int(internal_batch_size, "internal_batch_size", True)
+    if not isinstance(multiply_by_inputs, bool):
+        raise TypeError("multiply_by_inputs must be a bool, got "
+                        f"{type(multiply_by_inputs).__name__}")
+    if isinstance(baseline, bool) or not isinstance(
+            baseline, (numbers.Real, torch.Tensor, np.ndarray)):
+        raise TypeError(f"baseline must be a float or a tensor, got {type(baseline).__name__}")
+    if isinstance(baseline, numbers.Real) and not math.isfinite(baseline):
+        raise ValueError(f"baseline must be finite, got {baseline}")
+
+
+def _check_smoothgrad_options(noise_level: Any, samples: Any, samples_batch_size: Any,
+                              seed: Any) -> None:
+    if isinstance(noise_level, bool) or not isinstance(noise_level, numbers.Real) or not (
+        math.isfinite(noise_level) and noise_level >= 0
+    ):
+        raise ValueError(f"noise_level must be a finite float >= 0, got {noise_level!r}")
+    _check_positive_int(samples, "samples")
+    _check_positive_int(samples_batch_size, "samples_batch_size", True)
+    if seed is not None and not isinstance(seed, torch.Generator) and not (
+        _is_int(seed) and seed >= 0
+    ):
+        raise TypeError(f"seed must be a non-negative int, a torch.Generator or None, "
+                        f"got {seed!r}")
+
+
+def _check_call(model: Any, x: torch.Tensor, model_output: str, batch_size: Any) -> None:
+    """The checks every method makes before any work."""
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_batch(x)
+    _check_positive_int(batch_size, "batch_size", allow_none=True)
+    if isinstance(model, nn.Module):
+        check_independent_samples(model)
+
+
+def _in_chunks(x: torch.Tensor, target: Any, batch_size: int | None,
+               attribute: Callable[[torch.Tensor, torch.Tensor | None, slice], torch.Tensor]
+               ) -> torch.Tensor:
+    """``attribute(x_chunk, target_chunk, rows)`` over chunks of ``batch_size`` samples,
+    concatenated, detached, in the dtype and device of x."""
+    n = x.shape[0]
+    t_all = _prepare_target(target, n, x.device)
+    x = x.detach()
+    parts = [attribute(x[sl], None if t_all is None else t_all[sl], sl).detach()
+             for sl in chunks(n, batch_size or n)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.to(dtype=x.dtype, device=x.device)
 
 
 def _prepare_target(target: Any, n: int, device: torch.device) -> torch.Tensor | None:
@@ -172,7 +176,7 @@ def _prepare_baseline(b: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Methods on one chunk of samples
+# Pieces shared by the methods
 # --------------------------------------------------------------------------------------
 
 
@@ -204,26 +208,6 @@ def _predicted(
     return _resolve_target(target, to_scores(out, model_output), offset)
 
 
-def _integrated_gradients(
-    model: Callable, x: torch.Tensor, target: torch.Tensor | None, model_output: str,
-    offset: int, baseline: torch.Tensor, opts: dict[str, Any],
-) -> torch.Tensor:
-    from captum.attr import IntegratedGradients  # lazy: captum takes ~1 s to import
-
-    t = _predicted(model, x, target, model_output, offset)
-
-    def scores(z: torch.Tensor) -> torch.Tensor:
-        return to_scores(model(z), model_output)
-
-    ig = IntegratedGradients(scores, multiply_by_inputs=opts["multiply_by_inputs"])
-    with torch.enable_grad():
-        a = ig.attribute(
-            x.detach(), baselines=baseline, target=t, n_steps=opts["steps"],
-            method=opts["quadrature"], internal_batch_size=opts["internal_batch_size"],
-        )
-    return a.detach()
-
-
 _MASK63 = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 
@@ -244,58 +228,221 @@ def _base_seed(seed: int | torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,)))  # the global RNG: torch.manual_seed applies
 
 
-def _smoothgrad(
-    model: Callable, x: torch.Tensor, target: torch.Tensor | None, model_output: str,
-    offset: int, base_seed: int, opts: dict[str, Any],
+# --------------------------------------------------------------------------------------
+# The methods: one function each
+# --------------------------------------------------------------------------------------
+
+
+def gradient(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    target: int | torch.Tensor | None = None,
+    *,
+    model_output: str = "logits",
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Mean gradient over ``samples`` noisy copies of each input.
+    """``E = ∂s_c/∂x``, signed, for the class c of ``target`` (None: the predicted class).
 
-    Sample i (global index) draws its noise from its own generator seeded with
-    (base_seed, i), so the result does not depend on ``batch_size`` or
-    ``samples_batch_size``. Noise for a chunk is drawn at once: O(chunk · samples · d) memory.
+    One forward and one backward pass per chunk of ``batch_size`` samples.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> torch.allclose(gradient(model, x, 1), model.weight[1].expand(4, 3))
+    True
     """
-    t = _predicted(model, x, target, model_output, offset)  # the class predicted at x itself
-    n, shape = x.shape[0], x.shape[1:]
-    samples = opts["samples"]
-    flat = x.reshape(n, -1)
-    sigma = opts["noise_level"] * (flat.amax(1) - flat.amin(1))
-    sigma = sigma.reshape(n, 1, *([1] * len(shape)))
-    noise = torch.zeros((n, samples, *shape), dtype=x.dtype, device=x.device)
-    if opts["noise_level"] > 0:
-        gen = torch.Generator(device=x.device)
-        for i in range(n):
-            gen.manual_seed(_sample_seed(base_seed, offset + i))
-            noise[i] = torch.randn((samples, *shape), generator=gen, dtype=x.dtype,
-                                   device=x.device)
-    total = torch.zeros_like(x)
-    for sl in chunks(samples, opts["samples_batch_size"]):
-        k = sl.stop - sl.start
-        noisy = (x.unsqueeze(1) + sigma * noise[:, sl]).reshape(n * k, *shape)
-        g = _gradient(model, noisy, t.repeat_interleave(k), model_output, check=False)
-        total += g.reshape(n, k, *shape).sum(1)
-    return total / samples
+    _check_call(model, x, model_output, batch_size)
+    return _in_chunks(x, target, batch_size, lambda xc, tc, sl: _gradient(
+        model, xc, tc, model_output, sl.start))
 
 
-# --------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------
+def input_x_gradient(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    target: int | torch.Tensor | None = None,
+    *,
+    model_output: str = "logits",
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """``E = x ⊙ ∂s_c/∂x`` (Shrikumar et al. 2016).
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> torch.allclose(input_x_gradient(model, x, 1), x * model.weight[1])
+    True
+    """
+    _check_call(model, x, model_output, batch_size)
+    return _in_chunks(x, target, batch_size, lambda xc, tc, sl: xc * _gradient(
+        model, xc, tc, model_output, sl.start))
+
+
+def integrated_gradients(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    target: int | torch.Tensor | None = None,
+    *,
+    baseline: float | torch.Tensor = 0.0,
+    steps: int = 50,
+    multiply_by_inputs: bool = False,
+    quadrature: str = "gausslegendre",
+    internal_batch_size: int | None = None,
+    model_output: str = "logits",
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """``E = ∫₀¹ ∂s_c/∂x (x' + α(x − x')) dα`` from the baseline x' (Sundararajan et al. 2017),
+    times ``(x − x')`` when ``multiply_by_inputs`` (the attributions then sum to
+    ``s_c(x) − s_c(x')``: completeness). Captum's ``IntegratedGradients`` underneath.
+
+    ``baseline``: a float, one input shaped ``x.shape[1:]`` or one per sample. ``quadrature``:
+    ``"gausslegendre"`` or ``"riemann_left|right|middle|trapezoid"`` with ``steps`` nodes.
+    ``internal_batch_size``: at most this many interpolated inputs per forward pass, so a
+    large ``steps`` never runs out of memory. The default ``multiply_by_inputs=False`` is what
+    Bordt et al.'s code computed (``IntegratedGradients(model, multiply_by_inputs=False)``
+    with Captum's defaults: zero baseline, 50 Gauss–Legendre steps;
+    tml-tuebingen/explanations-manifold, ``replicate-paper/mnist/util.py``).
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> torch.allclose(integrated_gradients(model, x, 1, multiply_by_inputs=True),
+    ...                x * model.weight[1])
+    True
+    """
+    _check_ig_options(baseline, steps, multiply_by_inputs, quadrature, internal_batch_size)
+    _check_call(model, x, model_output, batch_size)
+    from captum.attr import IntegratedGradients  # lazy: captum takes ~1 s to import
+
+    base = _prepare_baseline(baseline, x.detach())
+    if internal_batch_size is not None:  # Captum needs one interpolated input per sample
+        batch_size = min(batch_size or x.shape[0], internal_batch_size)
+
+    def scores(z: torch.Tensor) -> torch.Tensor:
+        return to_scores(model(z), model_output)
+
+    ig = IntegratedGradients(scores, multiply_by_inputs=multiply_by_inputs)
+
+    def attribute(xc: torch.Tensor, tc: torch.Tensor | None, sl: slice) -> torch.Tensor:
+        t = _predicted(model, xc, tc, model_output, sl.start)
+        with torch.enable_grad():
+            return ig.attribute(xc, baselines=base[sl], target=t, n_steps=steps,
+                                method=quadrature, internal_batch_size=internal_batch_size)
+
+    return _in_chunks(x, target, batch_size, attribute)
+
+
+def smoothgrad(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    target: int | torch.Tensor | None = None,
+    *,
+    noise_level: float = 0.02,
+    samples: int = 25,
+    samples_batch_size: int | None = None,
+    seed: int | torch.Generator | None = None,
+    model_output: str = "logits",
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """``E = (1/N) Σ_j ∂s_c/∂x (x + ε_j)``, ``ε_j ~ N(0, σ²I)`` (Smilkov et al. 2017), signed
+    (no absolute values), c the class predicted at x itself.
+
+    ``σ = noise_level · (max x − min x)`` per sample (the SmoothGrad paper's noise level; for
+    images spanning [0, 1] it equals Captum's absolute ``stdevs``). The defaults are Bordt et
+    al.'s: Captum ``NoiseTunnel(Saliency)`` with ``stdevs=0.02``, 25 samples, ``abs=False`` on
+    images in [0, 1] (``replicate-paper/mnist/mnist-32-compute.ipynb``; the paper does not
+    state them). ``samples_batch_size``: noisy copies of each input per forward pass (the noise
+    of a chunk, ``batch_size · samples · d`` numbers, is drawn at once). ``seed``: an int or a
+    ``torch.Generator`` (None: the global RNG). Each sample's noise comes from its own
+    generator seeded by (seed, sample index): results do not depend on ``batch_size`` or
+    ``samples_batch_size``.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> torch.allclose(smoothgrad(model, x, 1, samples=8, seed=0), model.weight[1].expand(4, 3))
+    True
+    """
+    _check_smoothgrad_options(noise_level, samples, samples_batch_size, seed)
+    _check_call(model, x, model_output, batch_size)
+    base_seed = _base_seed(seed)
+
+    def attribute(xc: torch.Tensor, tc: torch.Tensor | None, sl: slice) -> torch.Tensor:
+        t = _predicted(model, xc, tc, model_output, sl.start)  # the class predicted at x
+        n, shape = xc.shape[0], xc.shape[1:]
+        flat = xc.reshape(n, -1)
+        sigma = (noise_level * (flat.amax(1) - flat.amin(1))).reshape(n, 1, *([1] * len(shape)))
+        noise = torch.zeros((n, samples, *shape), dtype=xc.dtype, device=xc.device)
+        if noise_level > 0:
+            gen = torch.Generator(device=xc.device)
+            for i in range(n):
+                gen.manual_seed(_sample_seed(base_seed, sl.start + i))
+                noise[i] = torch.randn((samples, *shape), generator=gen, dtype=xc.dtype,
+                                       device=xc.device)
+        total = torch.zeros_like(xc)
+        for part in chunks(samples, samples_batch_size):
+            k = part.stop - part.start
+            noisy = (xc.unsqueeze(1) + sigma * noise[:, part]).reshape(n * k, *shape)
+            g = _gradient(model, noisy, t.repeat_interleave(k), model_output, check=False)
+            total += g.reshape(n, k, *shape).sum(1)
+        return total / samples
+
+    return _in_chunks(x, target, batch_size, attribute)
+
+
+#: The attribution methods :func:`explain` dispatches to, by name.
+Method = Literal["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"]
+ATTRIBUTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "gradient": gradient,
+    "input_x_gradient": input_x_gradient,
+    "integrated_gradients": integrated_gradients,
+    "smoothgrad": smoothgrad,
+}
+METHODS = tuple(ATTRIBUTIONS)
+_COMMON = ("model_output", "batch_size")
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """The options of ``method`` beyond ``model_output`` and ``batch_size``, with defaults."""
+    if method not in ATTRIBUTIONS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    params = inspect.signature(ATTRIBUTIONS[method]).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON}
+
+
+def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of ``method`` validated, defaults filled in (before any work)."""
+    defaults = method_options(method)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: "
+                        f"{tuple(defaults) or 'none'}")
+    opts = {**defaults, **options}
+    if method == "integrated_gradients":
+        _check_ig_options(**opts)
+    elif method == "smoothgrad":
+        _check_smoothgrad_options(**opts)
+    return opts
 
 
 def explain(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
-    method: str,
+    method: Method,
     target: int | torch.Tensor | None = None,
     *,
     model_output: str = "logits",
     batch_size: int | None = None,
     **options: Any,
 ) -> torch.Tensor:
-    """Attributions of the target class score, shaped like ``x`` (seed 004, §3.2).
+    """Attributions of the target class score by ``method``, shaped like ``x``.
 
-    The score is ``s_c``: the logit of class c, as in seed 004 ("before the softmax"). For
-    models declared ``model_output="log_probs"`` or ``"probs"`` the logits cannot be
-    recovered and the score is ``log p_c`` (its gradient is ``∇s_c − E_p[∇s]``).
+    Dispatches to :func:`gradient`, :func:`input_x_gradient`, :func:`integrated_gradients` or
+    :func:`smoothgrad` (table :data:`ATTRIBUTIONS`); ``options`` are that function's keyword
+    options (unknown ones raise ``TypeError``). The score is ``s_c``, the logit of class c,
+    as in Bordt et al. §3.2 ("before the softmax"); for models declared
+    ``model_output="log_probs"`` or ``"probs"`` the logits cannot be recovered and the score is
+    ``log p_c`` (its gradient is ``∇s_c − E_p[∇s]``).
 
     Parameters
     ----------
@@ -305,34 +452,6 @@ def explain(
     x : Tensor ``(n, *shape)``
         Finite inputs, any floating dtype and device.
     method : {"gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"}
-        * ``"gradient"``: ``∂s_c/∂x`` (signed).
-        * ``"input_x_gradient"``: ``x ⊙ ∂s_c/∂x``.
-        * ``"integrated_gradients"`` (Captum's ``IntegratedGradients``):
-          ``∫₀¹ ∂s_c/∂x (x' + α(x − x')) dα`` by ``quadrature`` with ``steps`` nodes,
-          times ``(x − x')`` when ``multiply_by_inputs=True`` (then the attributions sum to
-          ``s_c(x) − s_c(x')``, completeness). Options: ``baseline`` x' (float, one input
-          shaped ``x.shape[1:]``, or one per sample; default 0), ``steps=50``,
-          ``multiply_by_inputs=False``, ``quadrature="gausslegendre"`` (or
-          ``"riemann_left|right|middle|trapezoid"``), ``internal_batch_size`` (at most this
-          many interpolated inputs per forward pass, so large ``steps`` never run out of
-          memory). The default ``multiply_by_inputs=False`` is what seed 004's code computed
-          (``IntegratedGradients(model, multiply_by_inputs=False)`` with Captum's defaults:
-          zero baseline, 50 Gauss–Legendre steps; tml-tuebingen/explanations-manifold,
-          ``replicate-paper/mnist/util.py``).
-        * ``"smoothgrad"``: ``(1/N) Σ_j ∂s_c/∂x (x + ε_j)``, ``ε_j ~ N(0, σ²I)``, signed
-          (no absolute values), ``c`` the class predicted at x itself. ``σ = noise_level ·
-          (max x − min x)`` per sample (the SmoothGrad paper's noise level; for images
-          spanning [0, 1] it equals Captum's absolute ``stdevs``). Options:
-          ``noise_level=0.02``, ``samples=25``,
-          ``samples_batch_size`` (noisy copies of each input per forward pass; the noise
-          of a chunk, ``batch_size · samples · d`` numbers, is drawn at once), ``seed`` (int or
-          ``torch.Generator``; None draws from the global RNG). The default noise level is
-          seed 004's: Captum ``NoiseTunnel(Saliency)`` with ``stdevs=0.02``, ``abs=False``
-          on images in [0, 1] (``smooth_grad(model, img, 0.02, 25)`` in
-          ``replicate-paper/mnist/mnist-32-compute.ipynb``; the paper does not state it).
-          Each sample's noise comes from its own generator seeded by (seed, sample index):
-          results do not depend on ``batch_size`` or ``samples_batch_size``, and the same
-          seed gives the same noise on the same kind of device.
     target : int or LongTensor ``(n,)``, optional
         The class to explain; None: the class each sample's model predicts.
     model_output : {"logits", "log_probs", "probs"}
@@ -354,50 +473,14 @@ def explain(
     >>> g = explain(model, x, "gradient", target=1)
     >>> torch.allclose(g, model.weight[1].expand(4, 3))
     True
-    >>> torch.allclose(explain(model, x, "input_x_gradient", 1), x * model.weight[1])
-    True
     >>> ig = explain(model, x, "integrated_gradients", 1, multiply_by_inputs=True)
     >>> torch.allclose(ig, x * model.weight[1])
     True
-    >>> torch.allclose(explain(model, x, "smoothgrad", 1, samples=8, seed=0), g)
-    True
     """
     opts = _check_options(method, options)
-    check_choice(model_output, MODEL_OUTPUTS, "model_output")
-    check_batch(x)
-    _check_positive_int(batch_size, "batch_size", allow_none=True)
-    if isinstance(model, nn.Module):
-        check_independent_samples(model)
-    n = x.shape[0]
-    t_all = _prepare_target(target, n, x.device)
-    x = x.detach()
+    return ATTRIBUTIONS[method](model, x, target, model_output=model_output,
+                                batch_size=batch_size, **opts)
 
-    step = batch_size or n
-    extra: dict[str, Any] = {}
-    if method == "integrated_gradients":
-        extra["baseline"] = _prepare_baseline(opts["baseline"], x)
-        if opts["internal_batch_size"] is not None:
-            # Captum needs at least one interpolated input per sample in each pass
-            step = min(step, opts["internal_batch_size"])
-    elif method == "smoothgrad":
-        extra["base_seed"] = _base_seed(opts["seed"])
-
-    parts = []
-    for sl in chunks(n, step):
-        xc = x[sl]
-        tc = None if t_all is None else t_all[sl]
-        if method == "gradient":
-            a = _gradient(model, xc, tc, model_output, sl.start)
-        elif method == "input_x_gradient":
-            a = xc * _gradient(model, xc, tc, model_output, sl.start)
-        elif method == "integrated_gradients":
-            a = _integrated_gradients(model, xc, tc, model_output, sl.start,
-                                      extra["baseline"][sl], opts)
-        else:
-            a = _smoothgrad(model, xc, tc, model_output, sl.start, extra["base_seed"], opts)
-        parts.append(a.detach())
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return out.to(dtype=x.dtype, device=x.device)
 
 
 # --------------------------------------------------------------------------------------
