@@ -120,11 +120,11 @@ def test_checkerboard_split_is_the_checkerboard_mask(parity):
     """The half-resolution split conditions on exactly the pixels the mask keeps."""
     layer = L.AdditiveCoupling(nn.Identity(), split="checkerboard", parity=parity)
     x = torch.arange(2 * 4 * 6, dtype=DT).reshape(1, 2, 4, 6)
-    a, b = layer._halves(x)
+    a, b = layer.layout.split(x)
     m = L.checkerboard_mask(4, 6, parity).bool().expand(1, 2, 4, 6)
     assert torch.equal(a.sort(-1).values.flatten().sort().values, x[m].sort().values)
     assert torch.equal(b.flatten().sort().values, x[~m].sort().values)
-    torch.testing.assert_close(layer._join(a, b), x)
+    torch.testing.assert_close(layer.layout.merge(a, b), x)
 
 
 @pytest.mark.parametrize("d", [5, 6])
@@ -133,12 +133,12 @@ def test_alternating_split_is_the_alternating_mask(d, parity):
     """The vector split conditions on exactly the features the mask keeps, in order."""
     layer = L.AdditiveCoupling(nn.Identity(), split="alternating", parity=parity)
     x = torch.arange(2 * d, dtype=DT).reshape(2, d)
-    a, b = layer._halves(x)
+    a, b = layer.layout.split(x)
     m = L.alternating_mask(d, parity).bool()
     assert torch.equal(a, x[:, m]) and torch.equal(b, x[:, ~m])
-    assert torch.equal(layer._join(a, b), x)
+    assert torch.equal(layer.layout.merge(a, b), x)
     with pytest.raises(ValueError, match="vectors"):
-        layer._halves(x.reshape(2, 1, d))
+        layer.layout.split(x.reshape(2, 1, d))
 
 
 def test_nice_alternating_equals_the_masked_layout_with_the_same_weights():

@@ -8,6 +8,7 @@ the run starts and rewritten when it ends, also when it fails, so nothing comput
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -39,12 +40,14 @@ def environment(device: Any = None) -> dict[str, Any]:
     """Package versions and the machine, for ``run.json``."""
     import torch
 
-    from . import __version__
-
+    try:
+        version = importlib.metadata.version("manifoldlens")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        version = "unknown"
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "manifoldlens": __version__,
+        "manifoldlens": version,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "threads": torch.get_num_threads(),
@@ -174,9 +177,8 @@ class Run:
         """Save a matplotlib figure as ``<name>.png`` (closed after if pyplot manages it)."""
         path = self.file(name if name.endswith(".png") else name + ".png")
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
-        if getattr(fig.canvas, "manager", None) is not None:
-            import matplotlib.pyplot as plt
-
+        plt = sys.modules.get("matplotlib.pyplot")  # loaded already if pyplot made the figure
+        if plt is not None and getattr(fig.canvas, "manager", None) is not None:
             plt.close(fig)
         return path
 

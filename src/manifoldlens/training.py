@@ -373,6 +373,26 @@ def _schedule(n: int, batch_size: int, epochs: float | None, steps: int | None
     return per_epoch, total
 
 
+def _warm_up(opt: torch.optim.Optimizer, base_lrs: list[float], ramp: float) -> None:
+    for g, base in zip(opt.param_groups, base_lrs, strict=True):
+        g["lr"] = base * ramp
+
+
+def _show(bar: Any, state: TrainState) -> None:
+    bar.set_postfix({"loss": f"{state.loss:.3f}",
+                     **{k: f"{v:.3f}" for k, v in state.metrics.items()}}, refresh=False)
+
+
+def _nonfinite(what: str, value: float, step: int, opt: torch.optim.Optimizer,
+               clip_grad_norm: float | None, last: Path | None) -> FloatingPointError:
+    where = f"; last good checkpoint: {last}" if last else ""
+    lrs = ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups)
+    return FloatingPointError(
+        f"{what} became {value} at step {step} (lr={lrs}); lower the learning "
+        f"rate{' or clip gradients' if clip_grad_norm is None else ''}{where}"
+    )
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -405,11 +425,10 @@ def fit(
     linearly from 0 (stateless, so resuming needs nothing more); ``clip_grad_norm`` clips the
     gradient's global norm. A NaN/Inf loss or gradient stops with ``FloatingPointError``
     naming the last good checkpoint. ``evaluate_fn()`` returns test metrics, logged every
-    ``eval_every`` steps and at the end.
-    """
+    ``eval_every`` steps and at the end."""
     check_batch(x, "train_data")
     options = RunOptions.of(run)
-    run = options.run
+    run = options.run  # the directory; options hold the checkpoint settings
     n = x.shape[0]
     per_epoch, total = _schedule(n, batch_size, epochs, steps)
     device = torch.device(device)
@@ -429,18 +448,11 @@ def fit(
             run.log(eval=rec)
 
     def stop(what: str, value: float) -> None:
-        where = f"; last good checkpoint: {ckpts.last}" if ckpts.last else ""
-        lrs = ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups)
-        raise FloatingPointError(
-            f"{what} became {value} at step {state.step + 1} (lr={lrs}); lower the learning "
-            f"rate{' or clip gradients' if clip_grad_norm is None else ''}{where}"
-        )
+        raise _nonfinite(what, value, state.step + 1, opt, clip_grad_norm, ckpts.last)
 
     def train_step(xb: torch.Tensor, yb: torch.Tensor | None) -> None:
         if warmup_steps:
-            ramp = min(1.0, (state.step + 1) / warmup_steps)
-            for g, base in zip(opt.param_groups, base_lrs, strict=True):
-                g["lr"] = base * ramp
+            _warm_up(opt, base_lrs, min(1.0, (state.step + 1) / warmup_steps))
         opt.zero_grad(set_to_none=True)
         loss = step_loss(xb, yb, state.step)
         if not torch.isfinite(loss):
@@ -468,9 +480,7 @@ def fit(
         if bar is not None:
             bar.update(1)
             if state.step % 10 == 0 or state.step == total:
-                bar.set_postfix({"loss": f"{state.loss:.3f}",
-                                 **{k: f"{v:.3f}" for k, v in state.metrics.items()}},
-                                refresh=False)
+                _show(bar, state)
 
     model.train()
     for cb in callbacks:

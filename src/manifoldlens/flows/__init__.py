@@ -1,19 +1,33 @@
-"""Normalizing flows (seeds 002–003): NICE, RealNVP and Glow with exact likelihood.
+"""Normalizing flows: NICE [1]_, RealNVP [2]_ and Glow [3]_ with exact likelihood.
+
+The three models are architectures of :mod:`manifoldlens.models` (``"nice"``, ``"realnvp"``,
+``"glow"``), registered where :mod:`manifoldlens.flows.models` defines them.
 
 >>> import torch
 >>> from manifoldlens import flows
 >>> flow = flows.RealNVP((2,), couplings=4, hidden=16)
 >>> flow.log_prob(torch.randn(3, 2)).shape
 torch.Size([3])
+
+References
+----------
+.. [1] L. Dinh, D. Krueger, Y. Bengio, "NICE: Non-linear Independent Components Estimation",
+   2014. arXiv:1410.8516
+.. [2] L. Dinh, J. Sohl-Dickstein, S. Bengio, "Density estimation using Real NVP",
+   ICLR 2017. arXiv:1605.08803
+.. [3] D. P. Kingma, P. Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
+   NeurIPS 2018. arXiv:1807.03039
+.. [4] L. Theis, A. van den Oord, M. Bethge, "A note on the evaluation of generative models",
+   ICLR 2016. arXiv:1511.01844 (dequantization, bits per dimension)
 """
 
-from ..models import ARCHITECTURES
-from . import layers
+from . import layers, layouts
 from .bpd import bits_per_dim, dequantize
 from .layers import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    Coupling,
     DiagonalScaling,
     InvertibleConv1x1,
     Logit,
@@ -23,12 +37,18 @@ from .layers import (
     StandardLogistic,
     StandardNormal,
 )
+from .layouts import (
+    AlternatingLayout,
+    ChannelLayout,
+    CheckerboardLayout,
+    Layout,
+    MaskLayout,
+)
 from .models import NICE, Flow, Glow, RealNVP, Reshape, initialize, interpolate
-
-ARCHITECTURES.update({"nice": NICE, "realnvp": RealNVP, "glow": Glow})
 
 __all__ = [
     "layers",
+    "layouts",
     "Flow",
     "NICE",
     "RealNVP",
@@ -37,6 +57,7 @@ __all__ = [
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
+    "Coupling",
     "DiagonalScaling",
     "InvertibleConv1x1",
     "Logit",
@@ -45,6 +66,11 @@ __all__ = [
     "Squeeze",
     "StandardLogistic",
     "StandardNormal",
+    "Layout",
+    "MaskLayout",
+    "AlternatingLayout",
+    "ChannelLayout",
+    "CheckerboardLayout",
     "bits_per_dim",
     "dequantize",
     "initialize",

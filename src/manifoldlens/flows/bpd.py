@@ -1,9 +1,14 @@
-"""Dequantization and bits per dimension (DESIGN §2).
+"""Dequantization and bits per dimension [1]_.
 
 Discrete data x ∈ {0, …, B − 1}^D scaled to [0, 1] are made continuous by uniform noise,
 ``y = (k + u) / B`` with ``u ~ U[0, 1)^D``; then ``log P(x) ≥ E_u log p(y) − D log B`` and
 
     bits/dim = (−log p(y) + D · log B) / (D · ln 2).
+
+References
+----------
+.. [1] L. Theis, A. van den Oord, M. Bethge, "A note on the evaluation of generative models",
+   ICLR 2016. arXiv:1511.01844
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bijections of the flows, one per class (seeds 002–003).
+"""Bijections of the flows, one per class.
 
 Every layer maps data towards the latent space: ``forward(x) → (y, log|det ∂y/∂x|)`` with the
 log-determinant per sample, shape (n,); ``inverse(y) → x``. Layers are batched on the first
@@ -6,7 +6,18 @@ axis and follow the dtype and device of their input and parameters.
 
 A flow ``f = f_K ∘ … ∘ f_1`` gives ``log p_X(x) = log p_Z(f(x)) + Σ_k log|det ∂f_k|``
 (lecture slides, "composition of flows").
-"""
+
+The couplings take their layout (which part of the input conditions, which is transformed)
+from :mod:`~manifoldlens.flows.layouts`; the masks are defined there and re-exported here.
+
+References
+----------
+.. [1] L. Dinh, D. Krueger, Y. Bengio, "NICE: Non-linear Independent Components Estimation",
+   2014. arXiv:1410.8516
+.. [2] L. Dinh, J. Sohl-Dickstein, S. Bengio, "Density estimation using Real NVP",
+   ICLR 2017. arXiv:1605.08803
+.. [3] D. P. Kingma, P. Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
+   NeurIPS 2018. arXiv:1807.03039"""
 
 from __future__ import annotations
 
@@ -17,8 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layouts import Layout, alternating_mask, channel_mask, checkerboard_mask, make_layout
+
 __all__ = [
     "Bijection",
+    "Coupling",
     "AdditiveCoupling",
     "AffineCoupling",
     "DiagonalScaling",
@@ -57,29 +71,6 @@ class Bijection(nn.Module):
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of one output sample for an input sample of ``shape``."""
         return tuple(shape)
-
-
-# ----------------------------------------------------------------------------- masks
-
-
-def alternating_mask(dim: int, parity: int = 0) -> torch.Tensor:
-    """Vector mask (dim,) with ones on the indices i with ``i % 2 == parity`` (NICE)."""
-    return (torch.arange(dim) % 2 == parity).float()
-
-
-def checkerboard_mask(height: int, width: int, parity: int = 0) -> torch.Tensor:
-    """Image mask (1, H, W): ones where ``(i + j) % 2 == parity`` (RealNVP)."""
-    i = torch.arange(height).view(-1, 1)
-    j = torch.arange(width).view(1, -1)
-    return ((i + j) % 2 == parity).float().unsqueeze(0)
-
-
-def channel_mask(channels: int, parity: int = 0) -> torch.Tensor:
-    """Image mask (C, 1, 1): ones on the first half of the channels (parity 0) or the second."""
-    m = (torch.arange(channels) < channels // 2).float()
-    if parity:
-        m = 1 - m
-    return m.view(-1, 1, 1)
 
 
 # ----------------------------------------------------------------------------- networks
@@ -195,82 +186,101 @@ class ResNetCoupling(nn.Module):
 # ----------------------------------------------------------------------------- couplings
 
 
-class _Coupling(Bijection):
-    """Common part of the couplings: the identity on the masked part ``x_a = m ⊙ x``, a
-    transformation of the rest ``x_b`` conditioned on ``x_a``.
+class Coupling(Bijection):
+    """A coupling layer: the identity on one part of the input, ``x_a``, and an element-wise
+    invertible map of the other part, ``x_b``, whose parameters ``net`` computes from ``x_a``.
 
-    ``mask`` (broadcastable to one sample) selects ``x_a``. With ``split="channel"`` the
-    input is instead cut into its first and second half of channels (``parity`` 1 swaps
-    them), and the network sees only the conditioning half (Glow) — half the compute of a
-    mask. ``split="checkerboard"`` gathers the two colours of a checkerboard (``parity``
-    picks which conditions) into half-width images (n, C, H, W/2), so the network runs at
-    half resolution on the conditioning pixels only (as normflows does) instead of on a
-    masked full image. ``split="alternating"`` (vectors (n, d)) conditions on the features
-    ``i % 2 == parity`` and transforms the others, with a network R^{⌈d/2⌉} → R^{⌊d/2⌋} or
-    the reverse (NICE's m: R^{D/2} → R^{D/2}, Dinh et al. 2015 eq. 6) — the same partition as
-    :func:`alternating_mask`, without the wasted half of a masked network's inputs and outputs.
+    Where the two parts lie is the coupling's :attr:`layout`
+    (:mod:`~manifoldlens.flows.layouts`), split once per call: ``split`` is a
+    :class:`~manifoldlens.flows.layouts.Layout` or the name of one — ``"mask"`` with ``mask``
+    (broadcastable to one sample; its ones select ``x_a``), or ``"channel"``,
+    ``"checkerboard"``, ``"alternating"`` with ``parity`` (1 swaps which half conditions).
+    ``pass_mask`` calls ``net(x_a, mask)`` (the masked layout's mask, None for the others).
+
+    A subclass defines only its map: :meth:`map_params` (the network's output → the map's
+    parameters), :meth:`transform` (``x_b → (y_b, log|det|)``) and :meth:`inverse_transform`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifoldlens.flows.layouts import ChannelLayout
+    >>> layer = AdditiveCoupling(mlp(2, 2, 8, 1, zero_init=False), split=ChannelLayout(1))
+    >>> x = torch.randn(3, 4)
+    >>> bool(torch.allclose(layer.inverse(layer(x)[0]), x, atol=1e-6))
+    True
+    >>> list(AdditiveCoupling(mlp(4, 4, 8, 1), alternating_mask(4)).state_dict())[0]
+    'mask'
     """
 
     def __init__(self, net: nn.Module, mask: torch.Tensor | None = None, *,
-                 split: str = "mask", parity: int = 0, pass_mask: bool = False):
+                 split: str | Layout = "mask", parity: int = 0, pass_mask: bool = False):
         super().__init__()
-        if split not in ("mask", "channel", "checkerboard", "alternating"):
-            raise ValueError("split must be 'mask', 'channel', 'checkerboard' or "
-                             f"'alternating', got {split!r}")
-        if split == "mask" and mask is None:
-            raise ValueError("a mask coupling needs a mask")
-        if parity not in (0, 1):
-            raise ValueError(f"parity must be 0 or 1, got {parity!r}")
         self.net = net
-        self.split = split
-        self.parity = parity
+        self.layout = make_layout(split, mask, parity)
         self.pass_mask = pass_mask
-        if mask is not None:
-            self.register_buffer("mask", mask.clone())
-        else:
-            self.mask = None
 
-    def _cond(self, xa: torch.Tensor) -> torch.Tensor:
-        if self.pass_mask:
-            return self.net(xa, self.mask)
-        return self.net(xa)
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The mask of a masked layout (its ones select ``x_a``); None for the others."""
+        return getattr(self.layout, "mask", None)
 
-    def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.split == "alternating":
-            if x.ndim != 2:
-                raise ValueError(f"an alternating split takes vectors (n, d), got {tuple(x.shape)}")
-            return x[:, self.parity::2], x[:, 1 - self.parity::2]
-        if self.split == "checkerboard":
-            n, c, h, w = x.shape
-            if w % 2:
-                raise ValueError(f"a checkerboard split needs an even width, got {w}")
-            pairs = x.reshape(n, c, h, w // 2, 2)
-            odd = (torch.arange(h, device=x.device) % 2 == 1).view(1, 1, h, 1)
-            first, second = pairs[..., 0], pairs[..., 1]  # colour (i + j) % 2 == 0 is
-            even_colour = torch.where(odd, second, first)  # at j = 2m on even rows, 2m+1 on odd
-            odd_colour = torch.where(odd, first, second)
-            return (odd_colour, even_colour) if self.parity else (even_colour, odd_colour)
-        a, b = x.chunk(2, dim=1)
-        return (b, a) if self.parity else (a, b)
+    def map_params(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The parameters of the map of ``x_b`` from the network output h: h itself."""
+        return (h,)
 
-    def _join(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.split == "alternating":
-            even, odd = (b, a) if self.parity else (a, b)
-            n, m = a.shape[0], odd.shape[1]
-            pairs = torch.stack([even[:, :m], odd], dim=2).reshape(n, 2 * m)
-            return pairs if even.shape[1] == m else torch.cat([pairs, even[:, m:]], dim=1)
-        if self.split == "checkerboard":
-            even_colour, odd_colour = (b, a) if self.parity else (a, b)
-            n, c, h, w2 = a.shape
-            odd = (torch.arange(h, device=a.device) % 2 == 1).view(1, 1, h, 1)
-            first = torch.where(odd, odd_colour, even_colour)
-            second = torch.where(odd, even_colour, odd_colour)
-            return torch.stack([first, second], dim=-1).reshape(n, c, h, 2 * w2)
-        return torch.cat((b, a) if self.parity else (a, b), dim=1)
+    def transform(self, x_b: torch.Tensor, *params: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """``(y_b, log|det ∂y_b/∂x_b| (n,))``."""
+        raise NotImplementedError
+
+    def inverse_transform(self, y_b: torch.Tensor, *params: torch.Tensor
+                          ) -> torch.Tensor:  # pragma: no cover
+        """``x_b`` from ``y_b``."""
+        raise NotImplementedError
+
+    def _params(self, x_a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.net(x_a, self.mask) if self.pass_mask else self.net(x_a)
+        return tuple(self.layout.restrict(p) for p in self.map_params(h))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_a, x_b = self.layout.split(x)
+        y_b, logdet = self.transform(x_b, *self._params(x_a))
+        return self.layout.merge(x_a, y_b), logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y_a, y_b = self.layout.split(y)
+        return self.layout.merge(y_a, self.inverse_transform(y_b, *self._params(y_a)))
+
+    # A layout's tensors (a mask) are saved under the coupling's own names, ``<coupling>.mask``:
+    # the keys of checkpoints written while the mask was a buffer of the coupling itself.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in self.layout.named_buffers():
+            destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name, t in self.layout.named_buffers():
+            key = prefix + name
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)
+            if value.shape != t.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(value.shape)} from checkpoint, the shape in current "
+                                  f"model is {tuple(t.shape)}.")
+                continue
+            with torch.no_grad():
+                t.copy_(value)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
-class AdditiveCoupling(_Coupling):
-    """NICE's additive coupling: ``y_a = x_a``, ``y_b = x_b + t(x_a)``; log|det| = 0.
+class AdditiveCoupling(Coupling):
+    """NICE's additive coupling (Dinh et al. 2014): ``y_a = x_a``, ``y_b = x_b + m(x_a)``;
+    log|det| = 0.
 
     Examples
     --------
@@ -282,24 +292,15 @@ class AdditiveCoupling(_Coupling):
     (True, [0.0, 0.0, 0.0])
     """
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.split != "mask":
-            a, b = self._halves(x)
-            return self._join(a, b + self._cond(a)), x.new_zeros(x.shape[0])
-        m = self.mask.to(x)
-        t = self._cond(x * m)
-        return x + (1 - m) * t, x.new_zeros(x.shape[0])
+    def transform(self, x_b: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x_b + t, x_b.new_zeros(x_b.shape[0])
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        if self.split != "mask":
-            a, b = self._halves(y)
-            return self._join(a, b - self._cond(a))
-        m = self.mask.to(y)
-        return y - (1 - m) * self._cond(y * m)
+    def inverse_transform(self, y_b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return y_b - t
 
 
-class AffineCoupling(_Coupling):
-    """RealNVP's affine coupling (seed 002): ``y_b = x_b ⊙ exp(s(x_a)) + t(x_a)``,
+class AffineCoupling(Coupling):
+    """RealNVP's affine coupling (Dinh et al. 2017): ``y_b = x_b ⊙ exp(s(x_a)) + t(x_a)``,
     ``log|det| = Σ s``.
 
     The network returns ``(h_s, t)`` stacked on the feature axis; the log-scale is bounded:
@@ -321,7 +322,7 @@ class AffineCoupling(_Coupling):
     """
 
     def __init__(self, net: nn.Module, mask: torch.Tensor | None = None, *,
-                 features: int | Sequence[int] | None = None, split: str = "mask",
+                 features: int | Sequence[int] | None = None, split: str | Layout = "mask",
                  parity: int = 0, scale: str = "tanh", pass_mask: bool = False):
         super().__init__(net, mask, split=split, parity=parity, pass_mask=pass_mask)
         if scale not in ("tanh", "sigmoid"):
@@ -333,8 +334,8 @@ class AffineCoupling(_Coupling):
             shape = (features,) if isinstance(features, int) else tuple(features)
             self.scale_factor = nn.Parameter(torch.ones(shape))
 
-    def _st(self, xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self._cond(xa)
+    def map_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, t)``: the bounded log-scale and the shift."""
         h_s, t = h.chunk(2, dim=1)
         if self.scale == "sigmoid":
             return F.logsigmoid(h_s + 2.0), t
@@ -343,26 +344,13 @@ class AffineCoupling(_Coupling):
             c = c.view(-1, 1, 1)
         return c * torch.tanh(h_s), t
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.split != "mask":
-            a, b = self._halves(x)
-            s, t = self._st(a)
-            return self._join(a, b * torch.exp(s) + t), _sum_per_sample(s)
-        m = self.mask.to(x)
-        s, t = self._st(x * m)
-        s, t = (1 - m) * s, (1 - m) * t
-        return x * torch.exp(s) + t, _sum_per_sample(s)
+    def transform(self, x_b: torch.Tensor, s: torch.Tensor, t: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        return x_b * torch.exp(s) + t, _sum_per_sample(s)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        if self.split != "mask":
-            a, b = self._halves(y)
-            s, t = self._st(a)
-            return self._join(a, (b - t) * torch.exp(-s))
-        m = self.mask.to(y)
-        s, t = self._st(y * m)
-        s, t = (1 - m) * s, (1 - m) * t
-        return (y - t) * torch.exp(-s)
-
+    def inverse_transform(self, y_b: torch.Tensor, s: torch.Tensor,
+                          t: torch.Tensor) -> torch.Tensor:
+        return (y_b - t) * torch.exp(-s)
 
 # ----------------------------------------------------------------------------- scalings
 
@@ -559,7 +547,7 @@ class Shift(Bijection):
 
 
 class Split(nn.Module):
-    """Multi-scale split with a learned conditional prior (RealNVP §3.6, Glow).
+    """Multi-scale split with a learned conditional prior (Dinh et al. 2017 §3.6; Glow).
 
     Half of the channels, ``z₂``, leave the flow; their prior is a location–scale family
     conditioned on the kept half: ``z₂ = μ(z₁) + σ(z₁) ⊙ ε`` with ε from the flow's base

@@ -1,4 +1,4 @@
-"""Flow models: NICE, RealNVP and Glow, with exact likelihood (seeds 002–003).
+"""Flow models: NICE [1]_, RealNVP [2]_ and Glow [3]_, with exact likelihood.
 
 Every model maps data x to a latent z in its base distribution's own space:
 ``model(x) → (z (n, D), log|det ∂z/∂x| (n,))`` and
@@ -8,6 +8,18 @@ Every model maps data x to a latent z in its base distribution's own space:
 holds exactly — with multi-scale splits, z concatenates the standardized latents of every
 scale, so the learned split priors are part of the map. ``decode(T · ε)`` with ε from the base
 is sampling at temperature T.
+
+The three classes are registered architectures (``"nice"``, ``"realnvp"``, ``"glow"``, with
+:func:`~manifoldlens.models.register_architecture`), so their checkpoints load by name.
+
+References
+----------
+.. [1] L. Dinh, D. Krueger, Y. Bengio, "NICE: Non-linear Independent Components Estimation",
+   2014. arXiv:1410.8516
+.. [2] L. Dinh, J. Sohl-Dickstein, S. Bengio, "Density estimation using Real NVP",
+   ICLR 2017. arXiv:1605.08803
+.. [3] D. P. Kingma, P. Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
+   NeurIPS 2018. arXiv:1807.03039
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import torch
 from torch import nn
 
 from .._checks import check_batch
+from ..models import register_architecture
 from .layers import (
     ActNorm,
     AdditiveCoupling,
@@ -174,8 +187,9 @@ class Flow(nn.Module):
 # ----------------------------------------------------------------------------- NICE
 
 
+@register_architecture("nice")
 class NICE(Flow):
-    """NICE (Dinh et al. 2015): additive couplings, a diagonal scaling, a logistic prior.
+    """NICE (Dinh et al. 2014): additive couplings, a diagonal scaling, a logistic prior.
 
     The defaults are the paper's MNIST set-up: 4 coupling layers with alternating partitions,
     each a ReLU MLP of ``depth = 5`` hidden layers of ``hidden = 1000`` units. Images are
@@ -229,6 +243,7 @@ class NICE(Flow):
 # ----------------------------------------------------------------------------- RealNVP
 
 
+@register_architecture("realnvp")
 class RealNVP(Flow):
     """RealNVP (Dinh et al. 2017): affine couplings with a bounded scale.
 
@@ -303,6 +318,7 @@ class RealNVP(Flow):
 # ----------------------------------------------------------------------------- Glow
 
 
+@register_architecture("glow")
 class Glow(Flow):
     """Glow (Kingma & Dhariwal 2018): ``levels`` levels of squeeze → ``depth`` steps of
     (ActNorm → invertible 1×1 convolution (LU) → affine coupling) → split with a learned

@@ -1,0 +1,244 @@
+"""What the command modules share: options whose defaults are read from the ``run_*``
+function they feed, the options every command has, list parsers, the dataset of a
+checkpoint, and the choice of test images and pairs used by ``leaf`` and ``demo``.
+
+Defaults live in one place, the signature of the function a command calls. :func:`option`
+adds an argparse option whose default is that of a parameter of the function (read with
+:func:`inspect.signature`), and :class:`HelpFormatter` writes every option's default into its
+help, so ``--help`` and the function cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils import predict_probs
+from ..data import ImageDataset, load_dataset
+
+__all__ = [
+    "DEVICE",
+    "SEED",
+    "HelpFormatter",
+    "add_checkpoint_data",
+    "add_command",
+    "add_common",
+    "add_data",
+    "add_resume",
+    "checkpoint_data",
+    "dataset_for",
+    "default_of",
+    "floats",
+    "ints",
+    "interpolation",
+    "names",
+    "option",
+    "pick",
+    "pick_pairs",
+    "progress",
+]
+
+#: ``--device`` and ``--seed`` of a command whose function takes no such parameter.
+DEVICE = "cpu"
+SEED = 0
+
+Handler = Callable[[argparse.Namespace, Any], Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse: defaults from signatures, shown in the help
+# ---------------------------------------------------------------------------------------------
+
+
+def _shown(value: Any, nargs: Any = None) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        if not value:
+            return "none"
+        return (" " if isinstance(nargs, int) else ",").join(_shown(v) for v in value)
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Writes ``(default: …)`` after the help of every option whose help does not speak of
+    its default already; tuples are shown as they are typed (``0.5,0.7`` or ``0 1``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default is argparse.SUPPRESS
+                or "default" in text):
+            return text
+        shown = _shown(action.default, action.nargs).replace("%", "%%")
+        return f"{text} (default: {shown})".lstrip()
+
+
+def default_of(fn: Callable[..., Any], param: str) -> Any:
+    """The default of ``fn``'s parameter ``param``; a ``ValueError`` if it has none."""
+    p = inspect.signature(fn).parameters.get(param)
+    if p is None or p.default is inspect.Parameter.empty:
+        raise ValueError(f"{fn.__qualname__} has no parameter {param!r} with a default")
+    return p.default
+
+
+def option(parser: Any, flag: str, fn: Callable[..., Any], param: str | None = None,
+           **kwargs: Any) -> argparse.Action:
+    """``parser.add_argument(flag, …)`` with the default of ``fn``'s parameter ``param``
+    (default: the flag's name, ``--batch-size`` → ``batch_size``). ``parser`` may be a
+    mutually exclusive group. The option keeps its own ``dest`` (the flag's name)."""
+    param = param or flag.lstrip("-").replace("-", "_")
+    default = default_of(fn, param)
+    if kwargs.get("action") == "append":
+        default = list(default)  # argparse appends to the default in place
+    return parser.add_argument(flag, default=default, **kwargs)
+
+
+def add_command(subparsers: Any, name: str, handler: Handler, help: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose parsed arguments are handled by ``handler(args, run)``."""
+    p = subparsers.add_parser(name, help=help, description=description or help,
+                              formatter_class=HelpFormatter)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _first_default(fns: Iterable[Callable[..., Any]], param: str, fallback: Any) -> Any:
+    for fn in fns:
+        p = inspect.signature(fn).parameters.get(param)
+        if p is not None and p.default is not inspect.Parameter.empty:
+            return p.default
+    return fallback
+
+
+def add_common(p: argparse.ArgumentParser, *fns: Callable[..., Any],
+               seed_help: str = "random seed") -> None:
+    """``--out``, ``--device``, ``--seed``, ``--no-progress``; ``--device`` and ``--seed``
+    default to the first of ``fns`` that has such a parameter, else :data:`DEVICE` and
+    :data:`SEED`."""
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<command>-<time>)")
+    p.add_argument("--device", default=_first_default(fns, "device", DEVICE),
+                   help="torch device (cpu, cuda, cuda:1 ...)")
+    p.add_argument("--seed", type=int, default=_first_default(fns, "seed", SEED),
+                   help=seed_help)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_resume(p: argparse.ArgumentParser, fn: Callable[..., Any] | None = None) -> None:
+    """``--resume``: continue the run in ``--out`` (the default of ``fn``'s ``resume``)."""
+    p.add_argument("--resume", action="store_true",
+                   default=default_of(fn, "resume") if fn is not None else False,
+                   help="continue the run in --out")
+
+
+def add_data(p: argparse.ArgumentParser, fn: Callable[..., Any],
+             help: str = "digits, fashion-mnist, mnist, kmnist or an IDX directory") -> None:
+    """``--data`` and ``--root`` with the defaults of ``fn``'s ``data`` and ``root``."""
+    option(p, "--data", fn, help=help)
+    option(p, "--root", fn, help="directory holding the dataset's IDX files")
+
+
+def progress(args: argparse.Namespace) -> bool:
+    """Whether to show progress bars (``--no-progress`` not given)."""
+    return not args.no_progress
+
+
+def _split(text: str) -> list[str]:
+    return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def ints(text: str) -> tuple[int, ...]:
+    """``"128,128"`` → ``(128, 128)``."""
+    return tuple(int(t) for t in _split(text))
+
+
+def floats(text: str) -> tuple[float, ...]:
+    """``"0.5,0.7"`` → ``(0.5, 0.7)``."""
+    return tuple(float(t) for t in _split(text))
+
+
+def names(text: str) -> tuple[str, ...]:
+    """``"gradient,smoothgrad"`` → ``("gradient", "smoothgrad")``."""
+    return tuple(_split(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+def dataset_for(meta: dict[str, Any], data: str | None = None, split: str = "test",
+                root: str | None = None, limit: int | None = None,
+                seed: int = 0) -> ImageDataset:
+    """The split of the dataset a checkpoint was trained on (or ``data``), optionally a
+    stratified subset of ``limit`` points."""
+    name = data or meta.get("data")
+    if name is None:
+        raise ValueError("the checkpoint does not record its dataset: pass --data")
+    ds = load_dataset(name, split, root)
+    return ds.subset(limit, seed=seed) if limit and limit < len(ds) else ds
+
+
+def add_checkpoint_data(p: argparse.ArgumentParser, fn: Callable[..., Any],
+                        limit: bool = False) -> None:
+    """``--data``, ``--root``, ``--split`` (and ``--limit``) of :func:`dataset_for`, and
+    ``--model-output`` of ``fn``: the arguments of :func:`checkpoint_data`."""
+    add_data(p, dataset_for)
+    option(p, "--split", dataset_for, choices=["train", "test"], help="the dataset's split")
+    if limit:
+        option(p, "--limit", dataset_for, type=int,
+               help="a stratified subset of this many points")
+    option(p, "--model-output", fn, choices=["logits", "log_probs", "probs"],
+           help="what the model returns")
+
+
+def checkpoint_data(args: argparse.Namespace) -> tuple[nn.Module, ImageDataset]:
+    """The model of ``args.checkpoint`` on ``args.device`` and the split of its dataset
+    chosen by ``--data``/``--root``/``--split``/``--limit``/``--seed``."""
+    from ..models import load_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
+    ds = dataset_for(meta, args.data, args.split, args.root, getattr(args, "limit", None),
+                     args.seed)
+    return model, ds.to(args.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# test images and pairs (leaf, demo)
+# ---------------------------------------------------------------------------------------------
+
+
+def pick(dataset: ImageDataset, n: int, seed: int) -> torch.Tensor:
+    """``n`` distinct indices of ``dataset``, drawn with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(len(dataset), generator=g)[:n]
+
+
+def pick_pairs(dataset: ImageDataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` (source, target) index pairs with different labels."""
+    g = torch.Generator().manual_seed(seed)
+    src, tgt = [], []
+    while len(src) < n:
+        i, j = torch.randint(len(dataset), (2,), generator=g).tolist()
+        if dataset.labels[i] != dataset.labels[j]:
+            src.append(i)
+            tgt.append(j)
+    return torch.tensor(src), torch.tensor(tgt)
+
+
+def interpolation(model: nn.Module, src: torch.Tensor, tgt: torch.Tensor, steps: int,
+                  model_output: str) -> SimpleNamespace:
+    """Straight segments between the endpoints, as a path-like record (``points``,
+    ``probs``, ``record_steps``)."""
+    t = torch.linspace(0, 1, steps).to(src)
+    pts = src[None] + t.view(-1, *[1] * src.ndim) * (tgt - src)[None]
+    probs = torch.stack([predict_probs(model, p, model_output) for p in pts])
+    return SimpleNamespace(points=pts, probs=probs, record_steps=torch.arange(steps))

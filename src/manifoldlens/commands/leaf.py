@@ -1,0 +1,369 @@
+"""``manifoldlens leaf train|across|horizontal|mirror|noisy|involutivity``: the experiments of
+Grementieri & Fioresi (2022) §4 on the foliation a classifier induces on its input space.
+
+- ``train`` (Figure 2): their CNN with SGD, batch 60, learning rate 0.01, following the trace
+  of G; the step-10000 checkpoint is kept for the other experiments;
+- ``across`` (Figure 3): steps across the leaves (on ker G) from test images;
+- ``horizontal`` (Figure 4) and ``mirror`` (Figure 5): horizontal paths (Algorithm 1) between
+  test images, or towards mirrored ones, beside the straight lines;
+- ``noisy`` (Figure 6): from a noisy image towards a valid one;
+- ``involutivity`` (Theorem 3.1): Lie-bracket residuals outside D_x.
+
+References
+----------
+Grementieri, L. & Fioresi, R. (2022). Model-centric data manifold: the data through the eyes
+of the model. arXiv:2104.13289.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import viz
+from ..data import ImageDataset
+from ..foliation import horizontal_path, involutivity_residual, leaf_crossing_path
+from ..runs import Run
+from .classifier import run_train
+from .common import (
+    add_checkpoint_data,
+    add_command,
+    add_common,
+    add_data,
+    add_resume,
+    checkpoint_data,
+    interpolation,
+    option,
+    pick,
+    pick_pairs,
+    progress,
+)
+
+__all__ = [
+    "add_arguments",
+    "run_leaf_across",
+    "run_leaf_horizontal",
+    "run_leaf_involutivity",
+    "run_leaf_mirror",
+    "run_leaf_noisy",
+    "run_leaf_train",
+]
+
+CITE = "Grementieri & Fioresi 2022"
+
+
+def run_leaf_train(run: Run, *, data: str = "fashion-mnist", root: str | None = None,
+                   steps: int = 10000, trace_every: int = 100, seed: int = 0,
+                   resume: bool = False, progress: bool = True,
+                   device: str = "cpu") -> dict[str, Any]:
+    """Figure 2 of Grementieri & Fioresi (2022): their CNN (``seed001_cnn``) trained with SGD,
+    batch 60, learning rate 0.01 for ``steps`` steps, following the trace of G on 60 test
+    images; checkpoints every 1000 steps, the step-10000 one kept for the other
+    experiments."""
+    return run_train(
+        run, data=data, root=root, arch="seed001_cnn", trace_every=trace_every, probe_size=60,
+        resume=resume, progress=progress, optimizer="sgd", lr=0.01, batch_size=60, steps=steps,
+        seed=seed, eval_every=1000, checkpoint_every=1000, keep_checkpoints=(10000,),
+        device=device,
+    )
+
+
+def _path_metrics(res, start_class: torch.Tensor) -> dict[str, Any]:
+    pred = res.probs.argmax(-1)
+    return {
+        "record_steps": res.record_steps,
+        "mean_distance": res.distances.mean(1),
+        "agreement_with_start": (pred == start_class).double().mean(1),
+        "mean_max_prob": res.probs.max(-1).values.mean(1),
+    }
+
+
+def _class_changes(probs: torch.Tensor) -> torch.Tensor:
+    pred = probs.argmax(-1)  # (T, n)
+    return (pred[1:] != pred[:-1]).sum(0)
+
+
+def run_leaf_across(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 8, steps: int = 1000,
+    step_size: float = 0.1, seed: int = 0, record_every: int = 10,
+    clamp: tuple[float, float] | None = (0.0, 1.0), model_output: str = "logits",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Figure 3 of Grementieri & Fioresi (2022): from ``n`` test images, ``steps`` steps across
+    the leaves (on ker G), kept in the data domain ``clamp`` (None: not clamped)."""
+    idx = pick(dataset, n, seed)
+    x = dataset.images[idx]
+    res = leaf_crossing_path(model, x, steps=steps, step_size=step_size, seed=seed,
+                             record_every=record_every, clamp=clamp, model_output=model_output,
+                             checkpoint_dir=run.path / "state", progress=progress)
+    start = res.probs[0].argmax(-1)
+    m = _path_metrics(res, start)
+    run.save_arrays("across", indices=idx, points=res.points, probs=res.probs,
+                    distances=res.distances, record_steps=res.record_steps)
+    run.save_figure("across_strips", viz.plot_path_grid(
+        [(res, i, f"test #{int(idx[i])}") for i in range(min(n, 6))], frames=9,
+        classes=dataset.classes, title=f"Across the leaves ({CITE}, Fig. 3)"))
+    run.save_figure("across_curves", viz.plot_curves(res.record_steps, {
+        "distance from start": res.distances, "prediction = start class": m[
+            "agreement_with_start"], "max probability": res.probs.max(-1).values}))
+    out = {
+        "n": n, "steps": steps, "step_size": step_size,
+        "final_mean_distance": float(res.distances[-1].mean()),
+        "final_agreement_with_start": float(m["agreement_with_start"][-1]),
+        "min_agreement_with_start": float(m["agreement_with_start"].min()),
+        "final_mean_max_prob": float(m["mean_max_prob"][-1]),
+        "start_mean_max_prob": float(m["mean_max_prob"][0]),
+        "status": res.status,
+        "curve": {k: v.tolist() for k, v in m.items()},
+    }
+    run.save_json("results", out)
+    run.metrics["across"] = {k: v for k, v in out.items() if k != "curve"}
+    return out
+
+
+def run_leaf_horizontal(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, pairs: int = 20,
+    steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
+    record_every: int = 50, clamp: tuple[float, float] | None = (0.0, 1.0),
+    mirror: bool = False, model_output: str = "logits", progress: bool = True,
+    name: str = "horizontal", capped: bool = False,
+) -> dict[str, Any]:
+    """Figure 4 of Grementieri & Fioresi (2022) (and Figure 5 with ``mirror=True``: targets
+    flipped left–right): horizontal paths between test images beside the straight line
+    between them."""
+    si, ti = pick_pairs(dataset, pairs, seed)
+    src, tgt = dataset.images[si], dataset.images[ti]
+    if mirror:
+        tgt = tgt.flip(-1)
+    res = horizontal_path(model, src, tgt, step_size=step_size, max_steps=steps, tol=tol,
+                          record_every=record_every, clamp=clamp, model_output=model_output,
+                          checkpoint_dir=run.path / "state", progress=progress, capped=capped)
+    lin = interpolation(model, src, tgt, 33, model_output)
+    straight = (tgt - src).reshape(pairs, -1).norm(dim=1)
+    reached = res.reached
+    run.save_arrays(name, sources=si, targets=ti, points=res.points, probs=res.probs,
+                    distances=res.distances, steps=res.steps, reached=reached,
+                    length=res.length, record_steps=res.record_steps)
+    rows = []
+    for i in range(min(pairs, 4)):
+        rows.append((res, i, f"path {i}"))
+        rows.append((lin, i, f"line {i}"))
+    label = f"mirrored targets ({CITE}, Fig. 5)" if mirror else f"{CITE}, Fig. 4"
+    run.save_figure(f"{name}_strips", viz.plot_path_grid(
+        rows, frames=9, classes=dataset.classes,
+        title=f"Horizontal paths vs straight lines, {label}"))
+    run.save_figure(f"{name}_distance", viz.plot_curves(
+        res.record_steps, {"distance to target": res.distances}, logy=("distance to target",)))
+    steps_reached = res.steps[reached].double()
+    out = {
+        "pairs": pairs, "max_steps": steps, "step_size": step_size, "tol": tol,
+        "mirror": mirror, "capped": capped, "clamp": clamp,
+        "reached_share": float(reached.double().mean()),
+        "steps_to_reach_median": float(steps_reached.median()) if reached.any() else None,
+        "steps_to_reach_max": int(steps_reached.max()) if reached.any() else None,
+        "final_distance_median": float(res.distances[-1].median()),
+        "start_distance_median": float(res.distances[0].median()),
+        "path_length_over_straight_median": float((res.length / straight.double()).median()),
+        "class_changes_path_mean": float(_class_changes(res.probs).double().mean()),
+        "class_changes_line_mean": float(_class_changes(lin.probs).double().mean()),
+        "min_max_prob_path_mean": float(res.probs.max(-1).values.min(0).values.mean()),
+        "min_max_prob_line_mean": float(lin.probs.max(-1).values.min(0).values.mean()),
+        "status_counts": {s: res.status.count(s) for s in set(res.status)},
+    }
+    run.save_json("results", out)
+    run.metrics[name] = out
+    return out
+
+
+def run_leaf_mirror(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, pairs: int = 8,
+    steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
+    record_every: int = 50, clamp: tuple[float, float] | None = (0.0, 1.0),
+    model_output: str = "logits", progress: bool = True, capped: bool = False,
+) -> dict[str, Any]:
+    """Figure 5 of Grementieri & Fioresi (2022): horizontal paths from test images towards
+    other test images flipped left–right (:func:`run_leaf_horizontal` with ``mirror=True``;
+    results under the name ``mirror``)."""
+    return run_leaf_horizontal(
+        run, model, dataset, pairs=pairs, steps=steps, step_size=step_size, tol=tol, seed=seed,
+        record_every=record_every, clamp=clamp, mirror=True, model_output=model_output,
+        progress=progress, name="mirror", capped=capped,
+    )
+
+
+def run_leaf_noisy(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 8, noise_steps: int = 250,
+    steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
+    record_every: int = 50, clamp: tuple[float, float] | None = (0.0, 1.0),
+    model_output: str = "logits", progress: bool = True, capped: bool = False,
+) -> dict[str, Any]:
+    """Figure 6 of Grementieri & Fioresi (2022): move a valid image ``noise_steps`` across the
+    leaves, then try to reach another valid image by a horizontal path; the noise persists."""
+    si, ti = pick_pairs(dataset, n, seed)
+    x0, tgt = dataset.images[si], dataset.images[ti]
+    noisy = leaf_crossing_path(model, x0, steps=noise_steps, step_size=step_size, seed=seed,
+                               record_every=noise_steps, model_output=model_output, clamp=clamp,
+                               checkpoint_dir=run.path / "state_noise", progress=progress).final
+    res = horizontal_path(model, noisy, tgt, step_size=step_size, max_steps=steps, tol=tol,
+                          record_every=record_every, model_output=model_output, clamp=clamp,
+                          checkpoint_dir=run.path / "state", progress=progress, capped=capped)
+    noise = (noisy - x0).reshape(n, -1)
+    residual = (res.final - tgt).reshape(n, -1)
+    cos = torch.nn.functional.cosine_similarity(noise, residual, dim=1)
+    run.save_arrays("noisy", sources=si, targets=ti, noisy=noisy, points=res.points,
+                    probs=res.probs, distances=res.distances, record_steps=res.record_steps)
+    run.save_figure("noisy_strips", viz.plot_path_grid(
+        [(res, i, f"pair {i}") for i in range(min(n, 6))], frames=9, classes=dataset.classes,
+        title=f"Noisy start → valid image ({CITE}, Fig. 6)"))
+    run.save_figure("noisy_distance", viz.plot_curves(
+        res.record_steps, {"distance to target": res.distances}, logy=("distance to target",)))
+    out = {
+        "n": n, "noise_steps": noise_steps, "steps": steps, "tol": tol, "capped": capped,
+        "clamp": clamp,
+        "noise_norm_median": float(noise.norm(dim=1).median()),
+        "final_distance_median": float(residual.norm(dim=1).median()),
+        "reached_share": float(res.reached.double().mean()),
+        "residual_noise_cosine_median": float(cos.median()),
+        "status_counts": {s: res.status.count(s) for s in set(res.status)},
+    }
+    run.save_json("results", out)
+    run.metrics["noisy"] = out
+    return out
+
+
+def run_leaf_involutivity(
+    run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 8, seed: int = 0,
+    model_output: str = "logits",
+) -> dict[str, Any]:
+    """Theorem 3.1 of Grementieri & Fioresi (2022) checked numerically: Lie-bracket residuals
+    outside D_x on ``n`` test images (float64)."""
+    idx = pick(dataset, n, seed)
+    x = dataset.images[idx].double()
+    res = involutivity_residual(model.double(), x, model_output=model_output)
+    model.float()
+    run.save_arrays("involutivity", indices=idx, residual=res.residual,
+                    bracket_norm=res.bracket_norm, pairs=torch.tensor(res.pairs))
+    run.save_figure("involutivity", viz.plot_residual_histogram(res.residual))
+    r = res.residual[torch.isfinite(res.residual)]
+    out = {"n": n, "pairs": len(res.pairs), "median": float(r.median()), "max": float(r.max()),
+           "dtype": "float64"}
+    run.save_json("results", out)
+    run.metrics["involutivity"] = out
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace, run: Run) -> None:
+    run_leaf_train(run, data=args.data, root=args.root, steps=args.steps,
+                   trace_every=args.trace_every, seed=args.seed, resume=args.resume,
+                   progress=progress(args), device=args.device)
+
+
+def _path_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options every path experiment shares, ``--no-clamp`` turned into ``clamp=None``."""
+    return {"steps": args.steps, "step_size": args.step_size, "record_every": args.record_every,
+            "clamp": None if args.no_clamp else tuple(args.clamp), "seed": args.seed,
+            "model_output": args.model_output, "progress": progress(args)}
+
+
+def _across(args: argparse.Namespace, run: Run) -> None:
+    model, ds = checkpoint_data(args)
+    run_leaf_across(run, model, ds, n=args.n, **_path_options(args))
+
+
+def _horizontal(args: argparse.Namespace, run: Run) -> None:
+    model, ds = checkpoint_data(args)
+    run_leaf_horizontal(run, model, ds, pairs=args.n, tol=args.tol, capped=args.capped,
+                        **_path_options(args))
+
+
+def _mirror(args: argparse.Namespace, run: Run) -> None:
+    model, ds = checkpoint_data(args)
+    run_leaf_mirror(run, model, ds, pairs=args.n, tol=args.tol, capped=args.capped,
+                    **_path_options(args))
+
+
+def _noisy(args: argparse.Namespace, run: Run) -> None:
+    model, ds = checkpoint_data(args)
+    run_leaf_noisy(run, model, ds, n=args.n, tol=args.tol, capped=args.capped,
+                   noise_steps=args.noise_steps, **_path_options(args))
+
+
+def _involutivity(args: argparse.Namespace, run: Run) -> None:
+    model, ds = checkpoint_data(args)
+    run_leaf_involutivity(run, model, ds, n=args.n, seed=args.seed,
+                          model_output=args.model_output)
+
+
+def _add_train(sub: Any) -> None:
+    p = add_command(sub, "train", _train,
+                    f"Fig. 2: the CNN of {CITE} (seed001_cnn), SGD 60/0.01, trace of G; keeps "
+                    "the step-10000 checkpoint")
+    add_common(p, run_leaf_train)
+    add_data(p, run_leaf_train)
+    option(p, "--steps", run_leaf_train, type=int, help="training steps")
+    option(p, "--trace-every", run_leaf_train, type=int, help="steps between Tr G probes")
+    add_resume(p, run_leaf_train)
+
+
+def _add_experiment(sub: Any, name: str, handler: Any, fn: Any, help: str,
+                    n: str = "n") -> argparse.ArgumentParser:
+    p = add_command(sub, name, handler, help)
+    p.add_argument("checkpoint", help="model checkpoint (.json) e.g. from `leaf train`")
+    add_common(p, fn)
+    add_checkpoint_data(p, fn)
+    option(p, "--n", fn, n, type=int, help="pairs" if n == "pairs" else "test images")
+    return p
+
+
+def _add_path(sub: Any, name: str, handler: Any, fn: Any, help: str,
+              n: str = "n") -> argparse.ArgumentParser:
+    """A path experiment: steps, step size, recording, clamping, resume (and the tolerance
+    and step rule of horizontal paths when ``fn`` takes them)."""
+    p = _add_experiment(sub, name, handler, fn, help, n)
+    option(p, "--steps", fn, type=int, help="steps of the path")
+    option(p, "--step-size", fn, type=float, help="step length α")
+    option(p, "--record-every", fn, type=int, help="steps between recorded points")
+    add_resume(p)
+    if "tol" in _params(fn):
+        option(p, "--tol", fn, type=float, help="distance to the target that counts as reached")
+        option(p, "--capped", fn, action="store_true",
+               help="steps of min(α, ‖v‖): stop at the leaf's point nearest the target "
+                    "instead of stepping α as Algorithm 1 does")
+    if "noise_steps" in _params(fn):
+        option(p, "--noise-steps", fn, type=int, help="steps across the leaves that add noise")
+    option(p, "--clamp", fn, type=float, nargs=2, metavar=("LO", "HI"),
+           help="keep points in the data domain, as the code of Grementieri & Fioresi does")
+    p.add_argument("--no-clamp", action="store_true", help="do not clamp")
+    return p
+
+
+def _params(fn: Any) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def add_arguments(sub: Any) -> None:
+    """Register ``leaf`` and its experiments on the top-level ``sub``-parsers."""
+    leaf = sub.add_parser("leaf", help=f"{CITE}: the foliation of a classifier",
+                          description=f"The experiments of {CITE} on the foliation of a "
+                                      "classifier.")
+    lsub = leaf.add_subparsers(dest="experiment", required=True)
+    _add_train(lsub)
+    _add_path(lsub, "across", _across, run_leaf_across,
+              "Fig. 3: steps across the leaves from test images")
+    _add_path(lsub, "horizontal", _horizontal, run_leaf_horizontal,
+              "Fig. 4: horizontal paths between test images", n="pairs")
+    _add_path(lsub, "mirror", _mirror, run_leaf_mirror,
+              "Fig. 5: horizontal paths towards mirrored images", n="pairs")
+    _add_path(lsub, "noisy", _noisy, run_leaf_noisy,
+              "Fig. 6: from a noisy image towards a valid one")
+    _add_experiment(lsub, "involutivity", _involutivity, run_leaf_involutivity,
+                    "Theorem 3.1: Lie-bracket residuals outside D_x")
