@@ -1,8 +1,7 @@
 """Gradient-based attributions and their fraction in the tangent space of the data manifold.
 
-Seed 004 (Bordt et al., "The Manifold Hypothesis for Gradient-Based Explanations", §3.2)
-compares four explanations E ∈ ℝ^d of the class c a classifier predicts, all computed from
-the score s_c *before* the softmax:
+Bordt et al. (§3.2) compare four explanations E ∈ ℝ^d of the class c a classifier predicts,
+all computed from the score s_c *before* the softmax:
 
 * ``"gradient"``: ``E = ∂s_c/∂x``
 * ``"input_x_gradient"``: ``E = x ⊙ ∂s_c/∂x``
@@ -11,10 +10,25 @@ the score s_c *before* the softmax:
 * ``"smoothgrad"``: ``E = E_ε[∂s_c/∂x (x + ε)]``, ε ~ N(0, σ²I)
 
 and measures how well each lies in the tangent space T_x of the data manifold with the
-fraction ``‖P_T E‖ / ‖E‖`` (seed 004, eq. 1; a random vector scores ≈ √(k/d)):
+fraction ``‖P_T E‖ / ‖E‖`` (Bordt et al., eq. 1; a random vector scores ≈ √(k/d)):
 :class:`TangentFraction`.
 
 Every attribution is signed (no absolute values) and has the shape, dtype and device of x.
+
+References
+----------
+S. Bordt, U. Upadhyay, Z. Akata, U. von Luxburg. "The Manifold Hypothesis for Gradient-Based
+Explanations." CVPR Workshops 2023. arXiv:2206.07387. §3.2, eq. 1.
+
+A. Shrikumar, P. Greenside, A. Shcherbina, A. Kundaje. "Not Just a Black Box: Learning
+Important Features Through Propagating Activation Differences." Preprint, 2016.
+arXiv:1605.01713.
+
+M. Sundararajan, A. Taly, Q. Yan. "Axiomatic Attribution for Deep Networks." ICML 2017.
+arXiv:1703.01365.
+
+D. Smilkov, N. Thorat, B. Kim, F. Viégas, M. Wattenberg. "SmoothGrad: removing noise by adding
+noise." Preprint, 2017. arXiv:1706.03825.
 """
 
 from __future__ import annotations
@@ -484,7 +498,7 @@ def explain(
 
 
 # --------------------------------------------------------------------------------------
-# Alignment with the data manifold (seed 004, eq. 1)
+# Alignment with the data manifold (Bordt et al., eq. 1)
 # --------------------------------------------------------------------------------------
 
 
@@ -497,7 +511,7 @@ def _model_dtype_device(model: Any) -> tuple[torch.dtype | None, torch.device | 
 
 
 class TangentFraction:
-    """Fraction of each attribution in the tangent space: ``‖P_T a‖ / ‖a‖`` (seed 004, eq. 1).
+    """Fraction of each attribution in the tangent space: ``‖P_T a‖ / ‖a‖`` (Bordt et al., eq. 1).
 
     A Quantus-style metric: ``metric(model, x_batch, y_batch, a_batch)`` returns a numpy
     array ``(n,)`` with values in [0, 1] (1: the attribution lies in T_x; a random vector

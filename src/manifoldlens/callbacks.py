@@ -62,14 +62,15 @@ class Periodic(Callback):
 class TraceOfG(Periodic):
     """Mean trace and numerical rank of G(x, w) on a fixed probe batch during training.
 
-    Seed 001 Figure 2: the mean trace (the soft rank, eq. 11) and its exponential moving
-    average ``ema_t = β ema_{t−1} + (1 − β) trace_t``. Records go to ``metrics.jsonl`` under
-    ``"trace_of_g"`` and a figure ``trace_of_g.png`` is written at the end of training.
+    Grementieri & Fioresi, Figure 2: the mean trace (the soft rank, eq. 11) and its
+    exponential moving average ``ema_t = β ema_{t−1} + (1 − β) trace_t``. Records go to
+    ``metrics.jsonl`` under ``"trace_of_g"`` and a figure ``trace_of_g.png`` is written at the
+    end of training.
 
     Parameters
     ----------
     probe : Tensor (n, *shape)
-        The fixed batch (seed 001 uses one batch of images).
+        The fixed batch (Grementieri & Fioresi use one batch of images).
     every : int
         Steps between measurements (also at step 0, before training).
     beta : float
@@ -118,7 +119,7 @@ class TraceOfG(Periodic):
 
 
 class TangentFractionDuringTraining(Periodic):
-    """Seed 004 Figure 6: the fraction of the model's gradient (or another attribution) in
+    """Bordt et al., Figure 6: the fraction of the model's gradient (or another attribution) in
     the data's tangent space, on a fixed probe batch, over the course of training.
 
     Records mean, median and the 5 %/95 % quantiles of ``tangent.fraction(explain(...))``

@@ -1,4 +1,4 @@
-"""Moving along and across the foliation that G(x) induces (seed 001 §3–4).
+"""Moving along and across the foliation that G(x) induces (Grementieri & Fioresi, §3–4).
 
 ``D_x = (ker G(x))^⊥`` is the tangent space of the leaf through x (Theorem 3.1).
 
@@ -10,6 +10,12 @@
 
 Paths are batched: n points advance together, each stops on its own (target reached,
 NaN/Inf, or no admissible direction left).
+
+References
+----------
+L. Grementieri, R. Fioresi. "Model-centric Data Manifold: the Data Through the Eyes of the
+Model." SIAM Journal on Imaging Sciences 15(3), 2022. arXiv:2104.13289.
+§3–4, Theorem 3.1, Algorithm 1, App. B.
 """
 
 from __future__ import annotations
@@ -396,7 +402,8 @@ def horizontal_path(
     capped: bool = False,
     stall_rtol: float | None = None,
 ) -> PathResult:
-    """Algorithm 1 of seed 001, batched: move each source along its leaf towards its target.
+    """Grementieri & Fioresi, Algorithm 1, batched: move each source along its leaf towards
+    its target.
 
     ``x_t = x_{t−1} + α v/‖v‖`` with ``v = P_{D_{x_{t−1}}}(target − x_{t−1})``, the projection
     through an orthonormal basis of ``D_x = (ker G)^⊥`` (never a d × d matrix), as published.
@@ -467,9 +474,9 @@ def leaf_crossing_path(
     checkpoint_every: int = 500,
     progress: bool = False,
 ) -> PathResult:
-    """Move across the leaves (seed 001 §4.2): ``x_t = x_{t−1} + α v/‖v‖`` with
-    ``v = P_{ker G(x_{t−1})} r`` for a fixed direction r (random normal from ``seed`` unless
-    given; one per point). The prediction is constant to second order along the way
+    """Move across the leaves (Grementieri & Fioresi, §4.2): ``x_t = x_{t−1} + α v/‖v‖``
+    with ``v = P_{ker G(x_{t−1})} r`` for a fixed direction r (random normal from ``seed``
+    unless given; one per point). The prediction is constant to second order along the way
     (``vᵀGv = 0``); :attr:`PathResult.distances` is the distance from the start.
 
     :attr:`PathResult.residuals` holds ``‖P_D v‖/‖v‖`` of the step taken (0 up to rounding).
@@ -523,7 +530,7 @@ def involutivity_residual(
     model_output: ModelOutput = "logits",
     rtol: float | None = None,
 ) -> InvolutivityResult:
-    """Numerical Frobenius check: is ``x ↦ D_x`` involutive (seed 001 §3, App. B)?
+    """Numerical Frobenius check: is ``x ↦ D_x`` involutive (Grementieri & Fioresi, §3, App. B)?
 
     For the fields ``X_i = ∇_x log p_i`` the bracket ``[X_i, X_j] = H_j X_i − H_i X_j`` (H_i the
     Hessian of log p_i, by Hessian-vector products) must lie in ``D_x = span{X_c}`` for the

@@ -1,17 +1,30 @@
-"""Generative models of the data manifold and datasets whose manifold is known (seed 004).
+"""Generative models of the data manifold and datasets whose manifold is known (Bordt et al.).
 
 - :class:`VAE`: Gaussian encoder q(z|x) = N(μ(x), diag σ²(x)), Bernoulli or Gaussian decoder,
   loss = reconstruction + β·KL(q(z|x) ‖ N(0, I)) (β = 1: the ELBO).
 - :class:`BetaTCVAE` (Chen et al. 2018): the KL split into index-code mutual information,
   total correlation and dimension-wise KL, weighted α, β, γ, with q(z) estimated by
-  minibatch-weighted sampling. Seed 004 used α = γ = 1, β = 6, k = 10.
+  minibatch-weighted sampling. Bordt et al. used α = γ = 1, β = 6, k = 10.
 - :class:`AutoEncoder`: a plain convolutional autoencoder (the reconstructive approach).
 
-:func:`generative_dataset` is seed 004's Algorithm 1 (appendix): decode latents drawn from the
-prior, label them with a labelling function trained on (latent, reconstruction) → label,
+:func:`generative_dataset` is Bordt et al., Algorithm 1 (appendix): decode latents drawn from
+the prior, label them with a labelling function trained on (latent, reconstruction) → label,
 accept each with probability p_max², and keep the decoder's tangent space at every image.
 :func:`reconstructive_dataset` keeps autoencoder reconstructions of real images with their
 labels and tangent spaces. Tangent spaces come from :meth:`TangentSpace.from_decoder`.
+
+References
+----------
+S. Bordt, U. Upadhyay, Z. Akata, U. von Luxburg. "The Manifold Hypothesis for Gradient-Based
+Explanations." CVPR Workshops 2023. arXiv:2206.07387. §4, Algorithm 1 and appendix A.
+
+D. P. Kingma, M. Welling. "Auto-Encoding Variational Bayes." ICLR 2014. arXiv:1312.6114.
+
+C. P. Burgess, I. Higgins, A. Pal, L. Matthey, N. Watters, G. Desjardins, A. Lerchner.
+"Understanding disentangling in β-VAE." Preprint, 2018. arXiv:1804.03599.
+
+R. T. Q. Chen, X. Li, R. Grosse, D. Duvenaud. "Isolating Sources of Disentanglement in
+Variational Autoencoders." NeurIPS 2018. arXiv:1802.04942.
 """
 
 from __future__ import annotations
@@ -57,15 +70,16 @@ def _conv_sizes(shape: Sequence[int]) -> tuple[int, int]:
     if h != w or h < 16 or h & (h - 1):
         raise ValueError(
             f"the convolutional encoder needs square images with a power-of-two side >= 16 "
-            f"(e.g. 32 × 32, as seed 004's MNIST32), got {h} × {w}; resize the images or use "
+            f"(e.g. 32 × 32, as Bordt et al.'s MNIST32), got {h} × {w}; resize the images or use "
             "network='mlp'"
         )
     return c, int(math.log2(h)) - 2  # down to 4 × 4
 
 
 class _Encoder(nn.Module):
-    """Burgess et al. (2018) encoder (seed 004 used it through disentangling-vae): stride-2
-    4×4 convolutions of 32 channels down to 4×4, two 256-unit layers, then the outputs."""
+    """Burgess et al. (2018) encoder (Bordt et al. used it through disentangling-vae):
+    stride-2 4×4 convolutions of 32 channels down to 4×4, two 256-unit layers, then the
+    outputs."""
 
     def __init__(self, shape: Sequence[int], out: int, network: str, hidden: int = 256):
         super().__init__()
@@ -121,7 +135,7 @@ def _check_images(x: torch.Tensor, shape: tuple[int, ...], name: str = "x") -> N
 
 @register_architecture("vae")
 class VAE(nn.Module):
-    """Variational autoencoder with a Gaussian encoder (seed 004 §4, appendix A).
+    """Variational autoencoder with a Gaussian encoder (Bordt et al., §4, appendix A).
 
     ``decode(z)`` returns the decoder's mean image (sigmoid of the logits for the Bernoulli
     decoder): the map whose Jacobian spans the tangent space of the learned manifold.
@@ -204,7 +218,7 @@ class BetaTCVAE(VAE):
 
     and log q(z), log q(z_j) are estimated by minibatch-weighted sampling over the batch
     (``log q(z_i) ≈ logsumexp_m log q(z_i | x_m) − log(N·M)``, N the dataset size, M the batch
-    size). Seed 004: α = γ = 1, β = 6, k = 10.
+    size). Bordt et al. use α = γ = 1, β = 6, k = 10.
     """
 
     def __init__(self, shape: Sequence[int] = (1, 32, 32), latent_dim: int = 10,
@@ -243,7 +257,7 @@ class BetaTCVAE(VAE):
 
 @register_architecture("autoencoder")
 class AutoEncoder(nn.Module):
-    """A deterministic convolutional autoencoder (seed 004's reconstructive approach).
+    """A deterministic convolutional autoencoder (the reconstructive approach of Bordt et al.).
 
     >>> import torch
     >>> ae = AutoEncoder((1, 8, 8), latent_dim=4, network="mlp", hidden=16)
@@ -439,7 +453,7 @@ class ManifoldDataset:
 
 def _train_labeller(model, images, labels, num_classes, *, steps, batch_size, seed, progress):
     """The labelling function, trained on 90 % of the encoded data; its accuracy is measured
-    on the held-out 10 % (seed 004 reports 96 % on MNIST's test images)."""
+    on the held-out 10 % (Bordt et al. report 96 % on MNIST's test images)."""
     device = next(model.parameters()).device
     with torch.no_grad():
         mu = torch.cat([model.encode(images[i:i + 512].to(device))[0]
@@ -472,15 +486,15 @@ def generative_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Ten
                        labeller_steps: int = 2000, batch_size: int = 256, seed: int = 0,
                        progress: bool = True,
                        labeller: Callable | None = None) -> tuple[ManifoldDataset, dict]:
-    """Seed 004, Algorithm 1 (appendix): a dataset with a completely known manifold.
+    """Bordt et al., Algorithm 1 (appendix): a dataset with a completely known manifold.
 
     1. pass the dataset through the trained (β-TC)VAE ``model``: ẑ = μ(x), x̂ = dec(ẑ);
     2. train a labelling function c(ẑ, x̂) → y (:class:`Labeller`);
     3. draw z ~ N(0, I), decode x = dec(z), label y = argmax c(z, x) and accept with
-       probability p_max² (rejection sampling, as in seed 004 A.1), until n are accepted;
+       probability p_max² (rejection sampling, as in Bordt et al., A.1), until n are accepted;
     4. keep the tangent space span ∂dec/∂z at each accepted z (forward mode).
 
-    ``upsample=S`` appends a differentiable bilinear upsampling to S × S (seed 004's MNIST256).
+    ``upsample=S`` appends a differentiable bilinear upsampling to S × S (Bordt et al.'s MNIST256).
     Returns the dataset and statistics (labeller accuracy, acceptance rate).
     """
     model.eval()
@@ -522,8 +536,8 @@ def generative_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Ten
 def reconstructive_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                            classes: Sequence[str] | None = None,
                            upsample: int | None = None) -> ManifoldDataset:
-    """Seed 004's reconstructive approach: autoencoder reconstructions of real images, with
-    the original labels and the decoder's tangent space at each code."""
+    """The reconstructive approach of Bordt et al.: autoencoder reconstructions of real images,
+    with the original labels and the decoder's tangent space at each code."""
     model.eval()
     with torch.no_grad():
         z = torch.cat([latent_code(model, images[i:i + 512])

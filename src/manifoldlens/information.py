@@ -1,12 +1,19 @@
-"""The local data matrix G(x) and the local Fisher matrix F(x, w) (seed 001 §2), factored.
+"""The local data matrix G(x) and the local Fisher matrix F(x, w), factored.
 
-``G(x) = Σ_c p_c ∇_x log p_c ∇_x log p_cᵀ = AᵀA`` with ``A = diag(√p) J_logp`` (C × d),
-seed 001 eq. (6). Everything is computed from A and its C × C Gram ``AAᵀ``: eigenpairs at
-O(C²d), never O(d³), and no d × d matrix unless :meth:`LocalDataMatrix.dense` is asked for.
+Grementieri & Fioresi, §2: ``G(x) = Σ_c p_c ∇_x log p_c ∇_x log p_cᵀ = AᵀA`` with
+``A = diag(√p) J_logp`` (C × d), eq. (6). Everything is computed from A and its C × C Gram
+``AAᵀ``: eigenpairs at O(C²d), never O(d³), and no d × d matrix unless
+:meth:`LocalDataMatrix.dense` is asked for.
 
 Properties (Proposition 2.1): G is PSD, ``ker G = (span{∇log p_c})^⊥`` and
 ``rank G ≤ C − 1`` because ``Σ_c p_c ∇log p_c = 0``. ``Tr G = ‖A‖_F² = E_{y∼p} ‖∇log p_y‖²``
 (eq. 11). ``KL(p(x+δ) ‖ p(x)) = ½ δᵀG δ + O(‖δ‖³)``.
+
+References
+----------
+L. Grementieri, R. Fioresi. "Model-centric Data Manifold: the Data Through the Eyes of the
+Model." SIAM Journal on Imaging Sciences 15(3), 2022. arXiv:2104.13289.
+§2, eqs. 6 and 11, Proposition 2.1.
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ class _FactoredPSD:
 
     @cached_property
     def trace(self) -> torch.Tensor:
-        """``Tr = ‖A‖_F²`` (n,), the soft rank (seed 001 eq. 11)."""
+        """``Tr = ‖A‖_F²`` (n,), the soft rank (Grementieri & Fioresi, eq. 11)."""
         return self.gram.diagonal(dim1=-2, dim2=-1).sum(-1)
 
     def _tol(self, rtol: float | None) -> torch.Tensor:
@@ -262,10 +269,11 @@ def local_data_matrix(
     strategy: Strategy = "auto",
     chunk_size: int | None = None,
 ) -> LocalDataMatrix:
-    """The local data matrix ``G(x) = Σ_c p_c ∇log p_c ∇log p_cᵀ`` (seed 001 eq. 6), batched.
+    """The local data matrix ``G(x) = Σ_c p_c ∇log p_c ∇log p_cᵀ``, batched.
 
-    One set of C − 1 vector–Jacobian products per batch (see :func:`manifoldlens.jacobian`); the
-    result is factored (:class:`LocalDataMatrix`).
+    Defined in Grementieri & Fioresi, eq. 6. One set of C − 1 vector–Jacobian products per
+    batch (see :func:`manifoldlens.jacobian`); the result is factored
+    (:class:`LocalDataMatrix`).
     """
     jac_s, scores = score_jacobian(
         model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size,
@@ -276,11 +284,12 @@ def local_data_matrix(
 
 
 class LocalFisherMatrix(_FactoredPSD):
-    """The local Fisher matrix ``F(x, w) = Σ_c p_c ∇_w log p_c ∇_w log p_cᵀ`` (seed 001 §2).
+    """The local Fisher matrix ``F(x, w) = Σ_c p_c ∇_w log p_c ∇_w log p_cᵀ``.
 
-    Held through its C × C Gram (n, C, C) — same nonzero spectrum — and, when built with
-    ``keep_factor=True``, the factor ``B = diag(√p) J_w log p`` (n, C, #params) for
-    :meth:`quadratic_form` and the eigenvectors in parameter space.
+    Defined in Grementieri & Fioresi, §2. Held through its C × C Gram (n, C, C) — same
+    nonzero spectrum — and, when built with ``keep_factor=True``, the factor
+    ``B = diag(√p) J_w log p`` (n, C, #params) for :meth:`quadratic_form` and the
+    eigenvectors in parameter space.
     """
 
 
@@ -292,7 +301,7 @@ def local_fisher_matrix(
     chunk_size: int = 8,
     keep_factor: bool = False,
 ) -> LocalFisherMatrix:
-    """The local Fisher matrix F(x, w) in parameter space, factored (seed 001 §2).
+    """The local Fisher matrix F(x, w) in parameter space, factored (Grementieri & Fioresi, §2).
 
     Per-sample parameter Jacobians come from ``torch.func.vmap(jacrev)`` over
     ``functional_call``, ``chunk_size`` samples at a time; only the C × C Grams are kept unless

@@ -1,6 +1,6 @@
 """Input Jacobians of a classifier, batched, and the dataset Jacobian correlation matrix.
 
-Notation (DESIGN §2): scores s(x) ∈ ℝ^C, p = softmax(s), x ∈ ℝ^d.
+Notation: scores s(x) ∈ ℝ^C, p = softmax(s), x ∈ ℝ^d.
 
 * ``J_s = ∂s/∂x`` (C × d) — ``output="logits"``
 * ``J_logp = (I − 1pᵀ) J_s`` — ``output="log_softmax"``
@@ -9,8 +9,16 @@ Notation (DESIGN §2): scores s(x) ∈ ℝ^C, p = softmax(s), x ∈ ℝ^d.
 One set of C vector–Jacobian products through the network gives ``J_s``; the chain rule
 above gives the other two at O(C·d) cost per sample.
 
-The dataset Jacobian matrix of seed 000 stacks ``flatten(J(x_i))`` as rows of 𝒥 (n × C·d);
-its correlation matrix is ``M = 𝒥𝒥ᵀ`` (seed 000, eq. 6), computed block by block.
+Shin's dataset Jacobian matrix stacks ``flatten(J(x_i))`` as rows of 𝒥 (n × C·d); its
+correlation matrix is ``M = 𝒥𝒥ᵀ`` (Shin, eq. 6), computed block by block.
+
+References
+----------
+J. Y. Shin. "Correlation of the Jacobian and Probability Flow." Technical note, New York
+University. Eq. 6.
+
+L. Grementieri, R. Fioresi. "Model-centric Data Manifold: the Data Through the Eyes of the
+Model." SIAM Journal on Imaging Sciences 15(3), 2022. arXiv:2104.13289.
 """
 
 from __future__ import annotations
@@ -134,7 +142,7 @@ def select_strategy(model: nn.Module, x: torch.Tensor, num_classes: int | None =
     Rule (measured in ``bench/jacobian.py``, see ``docs/benchmarks.md``): forward mode when the
     input has fewer dimensions than the model has outputs (d < C: d JVPs beat C VJPs);
     otherwise C summed VJPs over the batch, which reuse one batched forward pass and run
-    batched kernels: on the seed-001 CNN (2-core CPU) they are 2.1× faster than
+    batched kernels: on Grementieri & Fioresi's CNN (2-core CPU) they are 2.1× faster than
     ``vmap(jacrev)`` and within 1 % of a hand-written loop of C ``autograd.grad`` calls. GPUs
     have not been measured yet; pass ``strategy=`` explicitly to override.
     """
@@ -188,7 +196,7 @@ def score_jacobian(
 
 
 def transform_jacobian(jac_s: torch.Tensor, scores: torch.Tensor, output: Output) -> torch.Tensor:
-    """Chain rule from ``J_s`` to the Jacobian of ``output`` (DESIGN §2).
+    """Chain rule from ``J_s`` to the Jacobian of ``output``, with ``p = softmax(s)``.
 
     ``J_logp = J_s − 1 (pᵀ J_s)`` and ``J_p = diag(p) J_logp``.
     """
@@ -225,7 +233,8 @@ def jacobian(
     output : {"logits", "softmax", "log_softmax"}
         Which function of x to differentiate.
     model_output : {"logits", "log_probs", "probs"}
-        What the model returns (the seed-001 CNN ends in ``LogSoftmax``: ``"log_probs"``).
+        What the model returns (Grementieri & Fioresi's CNN ends in ``LogSoftmax``:
+        ``"log_probs"``).
         Outputs that contradict the declaration raise ``ValueError``. For models returning
         log-probabilities or probabilities, ``output="logits"`` differentiates log p.
     strategy : {"auto", "vjp", "vmap", "forward"}
@@ -261,7 +270,7 @@ def jacobian(
 
 
 # --------------------------------------------------------------------------------------
-# Dataset Jacobian matrix and its correlation matrix (seed 000)
+# Dataset Jacobian matrix and its correlation matrix (Shin)
 # --------------------------------------------------------------------------------------
 
 
@@ -285,10 +294,10 @@ def jacobian_gram(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Correlation matrix of the dataset Jacobian matrix, ``M = 𝒥𝒥ᵀ`` (seed 000, eq. 6).
+    """Correlation matrix of the dataset Jacobian matrix, ``M = 𝒥𝒥ᵀ`` (Shin, eq. 6).
 
     ``M_ij = Σ_c ⟨∇f_c(x_i), ∇f_c(x_j)⟩`` with f the chosen ``output`` (softmax by default,
-    as in seed 000). With ``normalize=True`` the cosine ``M_ij / √(M_ii M_jj)`` (0 for
+    as Shin does). With ``normalize=True`` the cosine ``M_ij / √(M_ii M_jj)`` (0 for
     samples whose Jacobian vanishes).
 
     Memory: the Jacobians of ``batch_size`` samples are computed at a time. When 𝒥 (n·C·d

@@ -14,6 +14,11 @@ manifest (spec, user metadata, sha256 of the weights, torch version), and option
 torch.Size([5, 3])
 >>> build_model(m.spec).spec == m.spec
 True
+
+References
+----------
+L. Grementieri, R. Fioresi. "Model-centric Data Manifold: the Data Through the Eyes of the
+Model." SIAM Journal on Imaging Sciences 15(3), 2022. arXiv:2104.13289.
 """
 
 from __future__ import annotations

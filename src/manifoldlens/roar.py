@@ -25,7 +25,7 @@ __all__ = ["remove_features", "roar", "tangent_importance"]
 
 
 def tangent_importance(tangent) -> torch.Tensor:
-    """The tangent space's own feature importance (seed 004 §4.4): ‖P_T e_i‖ per pixel, the
+    """The tangent space's own feature importance (Bordt et al., §4.4): ‖P_T e_i‖ per pixel, the
     norm of the i-th column of the orthonormal basis, shaped (n, *input_shape)."""
     b = tangent.basis
     return b.pow(2).sum(1).sqrt().reshape(b.shape[0], *tangent.input_shape)
@@ -71,12 +71,12 @@ def roar(
     done: dict[str, dict[float, float]] | None = None,
     on_result: Callable[[str, float, float], None] | None = None,
 ) -> dict[str, list[float]]:
-    """RemOve And Retrain (Hooker et al. 2019; seed 004 Figure 5).
+    """RemOve And Retrain (Hooker et al. 2019; Bordt et al., Figure 5).
 
     For every ranking in ``scores`` (name → (train scores, test scores), shaped like the
     images — attributions of each method, the tangent space's :func:`tangent_importance`,
     random noise as the baseline) and every fraction q: replace the top (or bottom) q of each
-    image's pixels by 0 (``fill="zero"``, as seed 004's code, ``removed_pixel_value = 0``) or
+    image's pixels by 0 (``fill="zero"``, as Bordt et al.'s code, ``removed_pixel_value = 0``) or
     by the training set's per-pixel mean (``"mean"``, as Hooker et al.), train a fresh
     ``make_model()`` on the
     modified training set and record its accuracy on the modified test set. A better feature

@@ -1,15 +1,23 @@
-"""Tangent spaces of the data manifold (seed 004 §3.3), batched: projections, the fraction of a
-vector in tangent space, principal angles, and the random baseline.
+"""Tangent spaces of the data manifold (Bordt et al., §3.3), batched: projections, the fraction
+of a vector in tangent space, principal angles, and the random baseline.
 
 A :class:`TangentSpace` holds, for each of n points, an orthonormal basis of a k-dimensional
 subspace T ⊂ ℝ^d as ROWS (n, k, d) — the convention of :meth:`LocalDataMatrix.basis` — and a
 mask (n, k) for per-point dimensions. Never a d × d projector: ``P_T v = Bᵀ(B v)`` costs O(kd).
 
-* ``fraction(E) = ‖P_T E‖ / ‖E‖ ∈ [0, 1]`` (seed 004 eq. 1).
+* ``fraction(E) = ‖P_T E‖ / ‖E‖ ∈ [0, 1]`` (Bordt et al., eq. 1).
 * A random direction has fraction ``E[√Beta(k/2, (d−k)/2)] ≈ √(k/d)``
   (:func:`random_fraction_baseline`).
 * Tangent spaces come from a decoder (span of ∂dec/∂z, forward mode: k JVPs, k ≪ d), from the
-  classifier itself (``D_x = (ker G)^⊥``, seed 001) or from data (local PCA).
+  classifier itself (``D_x = (ker G)^⊥``, Grementieri & Fioresi) or from data (local PCA).
+
+References
+----------
+S. Bordt, U. Upadhyay, Z. Akata, U. von Luxburg. "The Manifold Hypothesis for Gradient-Based
+Explanations." CVPR Workshops 2023. arXiv:2206.07387. §3.3, eq. 1.
+
+L. Grementieri, R. Fioresi. "Model-centric Data Manifold: the Data Through the Eyes of the
+Model." SIAM Journal on Imaging Sciences 15(3), 2022. arXiv:2104.13289. §2.
 """
 
 from __future__ import annotations
@@ -187,7 +195,7 @@ class TangentSpace:
         return v - self.project(v)
 
     def fraction(self, v: torch.Tensor) -> torch.Tensor:
-        """Fraction in tangent space ``‖P_T v‖ / ‖v‖ ∈ [0, 1]`` (n,), seed 004 eq. (1).
+        """Fraction in tangent space ``‖P_T v‖ / ‖v‖ ∈ [0, 1]`` (n,), Bordt et al., eq. (1).
 
         ``‖P_T v‖ = ‖B v‖`` (orthonormal rows). Each v is first scaled by its largest entry, so
         tiny or huge vectors neither underflow nor overflow. A zero vector has no direction:
@@ -317,7 +325,8 @@ class TangentSpace:
         """The classifier's own distribution ``D_x = (ker G)^⊥ = span{∇_x log p_c}``.
 
         From :func:`manifoldlens.information.local_data_matrix` and
-        :meth:`LocalDataMatrix.basis` (``rtol``): at most C − 1 dimensions (seed 001 §2).
+        :meth:`LocalDataMatrix.basis` (``rtol``): at most C − 1 dimensions (Grementieri &
+        Fioresi, §2).
         """
         G = local_data_matrix(model, x, model_output=model_output, chunk_size=chunk_size)
         vecs, mask = G.basis(rtol)
@@ -431,7 +440,7 @@ def random_fraction_baseline(k: int, d: int) -> float:
 
     ``E[‖P v‖ / ‖v‖] = E[√Beta(k/2, (d−k)/2)] = Γ((k+1)/2) Γ(d/2) / (Γ(k/2) Γ((d+1)/2))``
 
-    (through ``math.lgamma``). Seed 004 §3.3 quotes ≈ √(k/d), the root of the mean
+    (through ``math.lgamma``). Bordt et al. (§3.3) quote ≈ √(k/d), the root of the mean
     ``E‖P v‖²/‖v‖² = k/d``; by Jensen the exact mean is below it, ≈ √(k/d) (1 − 1/(4k)) for
     k ≪ d (2.4 % below at k = 10, d = 1024). An explanation is related to the manifold only
     if its mean fraction is clearly above this baseline.

@@ -1,8 +1,19 @@
 """Classifier training with callbacks, deterministic seeding, checkpoints and resume.
 
-Seed 001 trains the PyTorch-MNIST-example CNN with SGD, batch 60, learning rate 0.01
-(:data:`SEED001_DEFAULTS`) and follows the mean trace of G on a batch during training
+Grementieri & Fioresi train the PyTorch-MNIST-example CNN with SGD, batch 60, learning rate
+0.01 (:data:`SEED001_DEFAULTS`) and follow the mean trace of G on a batch during training
 (Figure 2): :class:`TraceOfG`.
+
+References
+----------
+L. Grementieri, R. Fioresi. "Model-centric Data Manifold: the Data Through the Eyes of the
+Model." SIAM Journal on Imaging Sciences 15(3), 2022. arXiv:2104.13289. §4, Figure 2.
+
+S. Bordt, U. Upadhyay, Z. Akata, U. von Luxburg. "The Manifold Hypothesis for Gradient-Based
+Explanations." CVPR Workshops 2023. arXiv:2206.07387. Appendix A.
+
+A. Madry, A. Makelov, L. Schmidt, D. Tsipras, A. Vladu. "Towards Deep Learning Models Resistant
+to Adversarial Attacks." ICLR 2018. arXiv:1706.06083.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ __all__ = [
     "train_classifier",
 ]
 
-#: Seed 001 §4: SGD, batch size 60, fixed learning rate 0.01.
+#: Grementieri & Fioresi, §4: SGD, batch size 60, fixed learning rate 0.01.
 SEED001_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "batch_size": 60, "momentum": 0.0}
 
 
@@ -62,11 +73,11 @@ def pgd_l2(
     clamp: tuple[float, float] | None = (0.0, 1.0),
     model_output: ModelOutput = "logits",
 ) -> torch.Tensor:
-    """ℓ2 projected gradient ascent on the cross-entropy (Madry et al.; seed 004 appendix A).
+    """ℓ2 projected gradient ascent on the cross-entropy (Madry et al.; Bordt et al., appendix A).
 
     ``δ ← Π_{‖δ‖₂ ≤ ε}(δ + α g/‖g‖₂)``, g = ∇_x CE(model(x + δ), y), α = ``step_size``
-    (default 2.5 ε / steps, as in seed 004), then x + δ clamped to the data domain. ``eps``
-    may be a float or one radius per sample (n,). Returns the adversarial inputs (detached).
+    (default 2.5 ε / steps, as in Bordt et al.), then x + δ clamped to the data domain.
+    ``eps`` may be a float or one radius per sample (n,). Returns the adversarial inputs (detached).
     """
     check_batch(x, "x")
     n = x.shape[0]
@@ -238,10 +249,11 @@ def train_classifier(
     progress: bool = True,
     adversarial: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train a classifier by minimising cross-entropy; seed-001 defaults (SGD, 60, 0.01).
+    """Train a classifier by minimising cross-entropy; defaults (SGD, 60, 0.01) as in
+    Grementieri & Fioresi.
 
     ``adversarial={"eps": (1, 4, 8), "steps": 100}`` trains on ℓ2-PGD adversarial examples
-    (:func:`pgd_l2`; seed 004: ε drawn from {1, 4, 8} at every step, 100 iterations of
+    (:func:`pgd_l2`; Bordt et al.: ε drawn from {1, 4, 8} at every step, 100 iterations of
     2.5 ε/100; fewer iterations are the CPU knob), with ``"clamp"`` (default (0, 1)).
 
     Deterministic: epoch e visits the training set in the order of
