@@ -246,23 +246,23 @@ def _base_seed(seed: int | torch.Generator | None) -> int:
 # The methods: one function each
 # --------------------------------------------------------------------------------------
 
+#: A classifier: maps inputs (n, *shape) to class scores (n, C).
+Model = Callable[[torch.Tensor], torch.Tensor]
+#: The class to explain: one for all samples, one per sample (n,), or None (the predicted).
+Target = int | torch.Tensor | None
 
-def gradient(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    target: int | torch.Tensor | None = None,
-    *,
-    model_output: str = "logits",
-    batch_size: int | None = None,
-) -> torch.Tensor:
+
+def gradient(model: Model, x: torch.Tensor, target: Target = None, *,
+             model_output: str = "logits", batch_size: int | None = None) -> torch.Tensor:
     """``E = ∂s_c/∂x``, signed, for the class c of ``target`` (None: the predicted class).
 
-    One forward and one backward pass per chunk of ``batch_size`` samples.
+    One forward and one backward pass per chunk of ``batch_size`` samples. For a linear model
+    s = Wx + b the gradient of class c is the row W_c:
 
     >>> import torch
-    >>> model = torch.nn.Linear(3, 2).double()
-    >>> x = torch.randn(4, 3, dtype=torch.float64)
-    >>> torch.allclose(gradient(model, x, 1), model.weight[1].expand(4, 3))
+    >>> linear = torch.nn.Linear(3, 2).double()
+    >>> g = gradient(linear, torch.randn(4, 3, dtype=torch.float64), target=1)
+    >>> torch.allclose(g, linear.weight[1].expand(4, 3))
     True
     """
     _check_call(model, x, model_output, batch_size)
@@ -270,20 +270,15 @@ def gradient(
         model, xc, tc, model_output, sl.start))
 
 
-def input_x_gradient(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    target: int | torch.Tensor | None = None,
-    *,
-    model_output: str = "logits",
-    batch_size: int | None = None,
-) -> torch.Tensor:
-    """``E = x ⊙ ∂s_c/∂x`` (Shrikumar et al. 2016).
+def input_x_gradient(model: Model, x: torch.Tensor, target: Target = None, *,
+                     model_output: str = "logits", batch_size: int | None = None
+                     ) -> torch.Tensor:
+    """``E = x ⊙ ∂s_c/∂x`` (Shrikumar et al. 2016): the gradient weighted by the input.
 
     >>> import torch
-    >>> model = torch.nn.Linear(3, 2).double()
-    >>> x = torch.randn(4, 3, dtype=torch.float64)
-    >>> torch.allclose(input_x_gradient(model, x, 1), x * model.weight[1])
+    >>> net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> x = torch.rand(2, 5)
+    >>> torch.equal(input_x_gradient(net, x), x * gradient(net, x))
     True
     """
     _check_call(model, x, model_output, batch_size)
@@ -292,9 +287,9 @@ def input_x_gradient(
 
 
 def integrated_gradients(
-    model: Callable[[torch.Tensor], torch.Tensor],
+    model: Model,
     x: torch.Tensor,
-    target: int | torch.Tensor | None = None,
+    target: Target = None,
     *,
     baseline: float | torch.Tensor = 0.0,
     steps: int = 50,
@@ -346,9 +341,9 @@ def integrated_gradients(
 
 
 def smoothgrad(
-    model: Callable[[torch.Tensor], torch.Tensor],
+    model: Model,
     x: torch.Tensor,
-    target: int | torch.Tensor | None = None,
+    target: Target = None,
     *,
     noise_level: float = 0.02,
     samples: int = 25,

@@ -12,12 +12,8 @@ from :mod:`~manifoldlens.flows.layouts`; the masks are defined there and re-expo
 
 References
 ----------
-.. [1] L. Dinh, D. Krueger, Y. Bengio, "NICE: Non-linear Independent Components Estimation",
-   2014. arXiv:1410.8516
-.. [2] L. Dinh, J. Sohl-Dickstein, S. Bengio, "Density estimation using Real NVP",
-   ICLR 2017. arXiv:1605.08803
-.. [3] D. P. Kingma, P. Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
-   NeurIPS 2018. arXiv:1807.03039"""
+[1]–[3]: NICE (Dinh et al. 2014), RealNVP (Dinh et al. 2017), Glow (Kingma & Dhariwal 2018),
+cited in full in :mod:`manifoldlens.flows`."""
 
 from __future__ import annotations
 

@@ -8,29 +8,31 @@ correlation matrix, training curves, paths), :mod:`.flows` (normalizing flows) a
 
 from __future__ import annotations
 
-from .attribution import (
-    plot_attribution_decomposition,
-    plot_fraction_by_method,
-    plot_fraction_over_training,
-    plot_principal_angles,
-    plot_roar,
-)
-from .flows import flow_density_2d, flow_volume_change, interpolation_strips, sample_grid
-from .information import (
-    plot_curves,
-    plot_eigenvectors,
-    plot_gram,
-    plot_gram_spectrum,
-    plot_path_grid,
-    plot_path_strip,
-    plot_rank_counts,
-    plot_residual_histogram,
-    plot_spectra,
-    plot_trace_histogram,
-    plot_trace_of_g,
-    plot_training,
-    save_path_gif,
-)
+from . import attribution, flows, information
+
+# re-exported (``as`` marks them public); __all__ gathers the modules' own lists
+from .attribution import plot_attribution_decomposition as plot_attribution_decomposition
+from .attribution import plot_fraction_by_method as plot_fraction_by_method
+from .attribution import plot_fraction_over_training as plot_fraction_over_training
+from .attribution import plot_principal_angles as plot_principal_angles
+from .attribution import plot_roar as plot_roar
+from .flows import flow_density_2d as flow_density_2d
+from .flows import flow_volume_change as flow_volume_change
+from .flows import interpolation_strips as interpolation_strips
+from .flows import sample_grid as sample_grid
+from .information import plot_curves as plot_curves
+from .information import plot_eigenvectors as plot_eigenvectors
+from .information import plot_gram as plot_gram
+from .information import plot_gram_spectrum as plot_gram_spectrum
+from .information import plot_path_grid as plot_path_grid
+from .information import plot_path_strip as plot_path_strip
+from .information import plot_rank_counts as plot_rank_counts
+from .information import plot_residual_histogram as plot_residual_histogram
+from .information import plot_spectra as plot_spectra
+from .information import plot_trace_histogram as plot_trace_histogram
+from .information import plot_trace_of_g as plot_trace_of_g
+from .information import plot_training as plot_training
+from .information import save_path_gif as save_path_gif
 
 # the colours stay importable from manifoldlens.viz, as before the split (outside __all__)
 from .style import BLUE as BLUE
@@ -38,27 +40,4 @@ from .style import GREY as GREY
 from .style import PURPLE as PURPLE
 from .style import RED as RED
 
-__all__ = [
-    "plot_trace_of_g",
-    "plot_trace_histogram",
-    "plot_spectra",
-    "plot_rank_counts",
-    "plot_gram",
-    "plot_gram_spectrum",
-    "plot_eigenvectors",
-    "plot_training",
-    "plot_path_strip",
-    "save_path_gif",
-    "plot_path_grid",
-    "plot_curves",
-    "plot_residual_histogram",
-    "flow_density_2d",
-    "flow_volume_change",
-    "sample_grid",
-    "interpolation_strips",
-    "plot_attribution_decomposition",
-    "plot_fraction_by_method",
-    "plot_fraction_over_training",
-    "plot_roar",
-    "plot_principal_angles",
-]
+__all__ = [*information.__all__, *flows.__all__, *attribution.__all__]
