@@ -130,3 +130,64 @@ def test_leaf_train_preset(tmp_path):
     assert ckpt["spec"]["arch"] == "seed001_cnn"
     assert ckpt["metadata"]["train_config"]["lr"] == 0.01
     assert ckpt["metadata"]["train_config"]["batch_size"] == 60
+
+
+def _leaves(parser, prefix=()):
+    """``(command words, parser)`` of every subcommand that runs something."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a.choices, dict) and a.choices
+            and all(isinstance(p, argparse.ArgumentParser) for p in a.choices.values())]
+    if not subs:
+        yield prefix, parser
+        return
+    for action in subs:
+        for name, p in action.choices.items():
+            yield from _leaves(p, (*prefix, name))
+
+
+def test_every_subcommand_has_help_with_every_default(capsys):
+    from manifoldlens.cli import build_parser
+    from manifoldlens.commands.common import HelpFormatter
+
+    leaves = list(_leaves(build_parser()))
+    assert len(leaves) == 19
+    for words, parser in leaves:
+        with pytest.raises(SystemExit) as e:
+            main([*words, "--help"])
+        assert e.value.code == 0 and "usage: manifoldlens " + " ".join(words) in \
+            capsys.readouterr().out
+        fmt = HelpFormatter(parser.prog)
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert "default" in fmt._get_help_string(action), (words, action.dest)
+
+
+def test_defaults_are_the_run_functions_defaults(capsys):
+    import inspect
+
+    from manifoldlens.cli import build_parser
+    from manifoldlens.commands import flow, leaf
+
+    parser = build_parser()
+
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+    args = parser.parse_args(["leaf", "horizontal", "ck.json"])
+    assert (args.steps, args.record_every, args.n) == (10000, 50, 20)
+    d = defaults(leaf.run_leaf_horizontal)
+    assert (d["steps"], d["record_every"], d["pairs"], d["clamp"]) == (10000, 50, 20, (0.0, 1.0))
+    args = parser.parse_args(["leaf", "across", "ck.json"])
+    assert (args.steps, args.record_every, args.n) == (1000, 10, 8)
+    assert parser.parse_args(["leaf", "mirror", "ck.json"]).n == defaults(
+        leaf.run_leaf_mirror)["pairs"] == 8
+    assert parser.parse_args(["flow", "eval", "ck.json"]).seed is None
+    args = parser.parse_args(["flow", "train"])
+    d = defaults(flow.run_flow_train)
+    assert (args.warmup, args.clip, args.lr) == (d["warmup_steps"], d["clip_grad_norm"], d["lr"])
+    with pytest.raises(SystemExit):
+        main(["leaf", "horizontal", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 10000)", "(default: 50)", "(default: 20)", "(default: 0.0 1.0)"):
+        assert text in out

@@ -259,7 +259,7 @@ def _add_train(sub: Any) -> None:
     option(p, "--batch-size", run_train, type=int, help="batch size")
     length = p.add_mutually_exclusive_group()
     option(length, "--epochs", run_train, type=float,
-           help="training length in epochs (10 when neither --epochs nor --steps is given)")
+           help="training length in epochs (default: 10 when --steps is not given)")
     option(length, "--steps", run_train, type=int, help="training length in steps")
     option(p, "--limit", run_train, type=int, help="train on a stratified subset of this size")
     option(p, "--trace-every", run_train, type=int, help="steps between Tr G probes")

@@ -24,7 +24,9 @@ from .._utils import predict_probs
 from ..data import ImageDataset, load_dataset
 
 __all__ = [
+    "DATA_HELP",
     "DEVICE",
+    "ROOT_HELP",
     "SEED",
     "HelpFormatter",
     "add_checkpoint_data",
@@ -139,11 +141,15 @@ def add_resume(p: argparse.ArgumentParser, fn: Callable[..., Any] | None = None)
                    help="continue the run in --out")
 
 
-def add_data(p: argparse.ArgumentParser, fn: Callable[..., Any],
-             help: str = "digits, fashion-mnist, mnist, kmnist or an IDX directory") -> None:
+DATA_HELP = "digits, fashion-mnist, mnist, kmnist or an IDX directory"
+ROOT_HELP = ("directory holding the dataset's IDX files (default: $MANIFOLDLENS_DATA, else "
+             "/usr/share/datasets/<name>)")
+
+
+def add_data(p: argparse.ArgumentParser, fn: Callable[..., Any], help: str = DATA_HELP) -> None:
     """``--data`` and ``--root`` with the defaults of ``fn``'s ``data`` and ``root``."""
     option(p, "--data", fn, help=help)
-    option(p, "--root", fn, help="directory holding the dataset's IDX files")
+    option(p, "--root", fn, help=ROOT_HELP)
 
 
 def progress(args: argparse.Namespace) -> bool:
@@ -191,7 +197,7 @@ def add_checkpoint_data(p: argparse.ArgumentParser, fn: Callable[..., Any],
                         limit: bool = False) -> None:
     """``--data``, ``--root``, ``--split`` (and ``--limit``) of :func:`dataset_for`, and
     ``--model-output`` of ``fn``: the arguments of :func:`checkpoint_data`."""
-    add_data(p, dataset_for)
+    add_data(p, dataset_for, help=f"{DATA_HELP} (default: the dataset the checkpoint records)")
     option(p, "--split", dataset_for, choices=["train", "test"], help="the dataset's split")
     if limit:
         option(p, "--limit", dataset_for, type=int,

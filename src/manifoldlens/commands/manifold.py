@@ -1,7 +1,8 @@
-"""Seed 004's experiments as library functions over a run directory (``manifoldlens manifold``).
+"""``manifoldlens manifold vae|dataset|train|fraction|roar``: explanations against the data
+manifold, after Bordt et al. (2023).
 
 1. ``vae``: a (β-TC)VAE or autoencoder of a dataset, images resized to a square power-of-two
-   side (seed 004: MNIST at 32 × 32), with reconstructions and latent traversals;
+   side (Bordt et al.: MNIST at 32 × 32), with reconstructions and latent traversals;
 2. ``dataset``: a dataset on a known manifold (generative approach, Algorithm 1, or the
    reconstructive approach), optionally upsampled;
 3. ``train``: a classifier on it, standard or ℓ2-adversarial, following the fraction of its
@@ -11,10 +12,16 @@
    classifier's own D_x against the data's tangent space (principal angles);
 5. ``roar``: remove-and-retrain for every method and the tangent space's feature importance
    (Figure 5).
+
+References
+----------
+Bordt, S., Upadhyay, U., Akata, Z. & von Luxburg, U. (2023). The Manifold Hypothesis for
+Gradient-Based Explanations. arXiv:2206.07387.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -23,11 +30,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import viz
-from .attribution import METHODS, explain
-from .callbacks import TangentFractionDuringTraining
-from .data import load_dataset
-from .generative import (
+from .. import viz
+from .._utils import write_atomic
+from ..attribution import METHODS, explain
+from ..callbacks import TangentFractionDuringTraining
+from ..data import load_dataset
+from ..generative import (
     VAE,
     AutoEncoder,
     BetaTCVAE,
@@ -38,13 +46,15 @@ from .generative import (
     reconstructive_dataset,
     train_generative,
 )
-from .models import count_parameters, create_model, load_checkpoint, save_checkpoint
-from .roar import roar, tangent_importance
-from .runs import Run, write_atomic
-from .tangent import TangentSpace, principal_angles, random_fraction_baseline
-from .training import RunOptions, evaluate, train_classifier
+from ..models import count_parameters, create_model, load_checkpoint, save_checkpoint
+from ..roar import roar, tangent_importance
+from ..runs import Run
+from ..tangent import TangentSpace, principal_angles, random_fraction_baseline
+from ..training import RunOptions, evaluate, train_classifier
+from .common import add_command, add_common, add_data, add_resume, floats, names, option, progress
 
 __all__ = [
+    "add_arguments",
     "resize_images",
     "run_manifold_vae",
     "run_manifold_dataset",
@@ -58,7 +68,7 @@ KINDS = {"betatcvae": BetaTCVAE, "vae": VAE, "autoencoder": AutoEncoder}
 
 
 def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize to size × size, kept in [0, 1] (seed 004 used MNIST at 32 × 32)."""
+    """Bilinear resize to size × size, kept in [0, 1] (Bordt et al. used MNIST at 32 × 32)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -72,8 +82,11 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
                      checkpoint_every: int | None = 500, resume: bool = False,
                      progress: bool = True, device: str = "cpu", seed: int = 0
                      ) -> dict[str, Any]:
-    """Train the generative model of the data manifold (seed 004: β-TCVAE, α = γ = 1, β = 6,
-    k = 10); write ``model.json``, reconstructions and latent traversals."""
+    """Train the generative model of the data manifold (Bordt et al.: β-TCVAE, α = γ = 1,
+    β = 6, k = 10); write ``model.json``, reconstructions and latent traversals. Training
+    length: ``steps`` or ``epochs``; 10 epochs when neither is given."""
+    if steps is None and epochs is None:
+        epochs = 10.0
     if kind not in KINDS:
         raise ValueError(f"unknown model {kind!r}; known: {sorted(KINDS)}")
     train = load_dataset(data, "train", root)
@@ -124,7 +137,7 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
                          approach: str = "generative", upsample: int | None = None,
                          labeller_steps: int = 2000, root: str | None = None,
                          progress: bool = True, seed: int = 0) -> dict[str, Any]:
-    """A dataset on a known manifold from a trained (β-TC)VAE or autoencoder (seed 004
+    """A dataset on a known manifold from a trained (β-TC)VAE or autoencoder (Bordt et al.,
     Algorithm 1, or the reconstructive approach): ``train`` and ``test`` splits with labels,
     latent codes and tangent bases, a figure of samples, and k/d with the random baseline."""
     model, meta = load_checkpoint(checkpoint)
@@ -168,15 +181,24 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
 
 def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
                        epochs: float = 5.0, lr: float = 1e-3, batch_size: int = 64,
-                       adversarial: dict[str, Any] | None = None, probe: int = 200,
+                       adversarial: bool | dict[str, Any] | None = False,
+                       eps: tuple[float, ...] = (1.0, 4.0, 8.0), pgd_steps: int = 100,
+                       probe: int = 200,
                        fraction_every: int = 100, checkpoint_every: int | None = 500,
                        resume: bool = False, progress: bool = True, device: str = "cpu",
                        seed: int = 0) -> dict[str, Any]:
-    """Train a classifier on a manifold dataset with Adam (seed 004: lr 1e-4 decayed 10× every
-    10 epochs for 50 epochs; the CPU default here is lr 1e-3 for 5 epochs), standard or
-    ℓ2-adversarial,
-    recording the fraction of its gradient in tangent space on ``probe`` test images every
-    ``fraction_every`` steps (Figure 6)."""
+    """Train a classifier on a manifold dataset with Adam (Bordt et al.: lr 1e-4 decayed 10×
+    every 10 epochs for 50 epochs; the CPU default here is lr 1e-3 for 5 epochs), standard or
+    ℓ2-adversarial, recording the fraction of its gradient in tangent space on ``probe`` test
+    images every ``fraction_every`` steps (Figure 6).
+
+    ``adversarial=True``: ℓ2-PGD training with a radius drawn from ``eps`` at every step and
+    ``pgd_steps`` iterations (Bordt et al.: ε ∈ {1, 4, 8}, 100 iterations); a dict is passed
+    to :func:`~manifoldlens.training.train_classifier` as it is.
+    """
+    if adversarial is True:
+        adversarial = {"eps": tuple(float(e) for e in eps), "steps": pgd_steps}
+    adversarial = adversarial or None
     tr = load_manifold_dataset(dataset_dir, "train")
     te = load_manifold_dataset(dataset_dir, "test")
     torch.manual_seed(seed)
@@ -362,3 +384,143 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
     run.save_json("results", res)
     run.metrics.update({"roar": res, "n_train": len(tr), "epochs": epochs})
     return run.metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------
+
+ARCHS = ["seed001_cnn", "small_cnn", "mlp"]
+
+
+def _vae(args: argparse.Namespace, run: Run) -> None:
+    run_manifold_vae(run, data=args.data, root=args.root, kind=args.model, size=args.size,
+                     latent_dim=args.latent, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                     limit=args.limit, steps=args.steps, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, resume=args.resume,
+                     progress=progress(args), device=args.device, seed=args.seed)
+
+
+def _dataset(args: argparse.Namespace, run: Run) -> None:
+    run_manifold_dataset(run, args.checkpoint, n_train=args.n_train, n_test=args.n_test,
+                         approach=args.approach, upsample=args.upsample,
+                         labeller_steps=args.labeller_steps, root=args.root,
+                         progress=progress(args), seed=args.seed)
+
+
+def _train(args: argparse.Namespace, run: Run) -> None:
+    run_manifold_train(run, args.dataset, arch=args.arch, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, adversarial=args.adversarial, eps=args.eps,
+                       pgd_steps=args.pgd_steps, fraction_every=args.fraction_every,
+                       resume=args.resume, progress=progress(args), device=args.device,
+                       seed=args.seed)
+
+
+def _fraction(args: argparse.Namespace, run: Run) -> None:
+    run_manifold_fraction(run, args.checkpoints, args.dataset, methods=args.methods, n=args.n,
+                          names=list(args.names) if args.names else None, device=args.device,
+                          seed=args.seed)
+
+
+def _roar(args: argparse.Namespace, run: Run) -> None:
+    run_manifold_roar(run, args.checkpoint, args.dataset, methods=args.methods,
+                      fractions=args.fractions, n_train=args.n_train, arch=args.arch,
+                      epochs=args.epochs, remove=args.remove, progress=progress(args),
+                      resume=args.resume, device=args.device, seed=args.seed)
+
+
+def _add_vae(sub: Any) -> None:
+    fn = run_manifold_vae
+    p = add_command(sub, "vae", _vae, "a (β-TC)VAE or autoencoder of the data manifold")
+    add_common(p, fn)
+    add_data(p, fn)
+    option(p, "--model", fn, "kind", choices=list(KINDS), help="the generative model")
+    option(p, "--size", fn, type=int, help="images resized to size × size")
+    option(p, "--latent", fn, "latent_dim", type=int, help="latent dimension k")
+    option(p, "--alpha", fn, type=float, help="β-TCVAE weight of the index-code MI")
+    option(p, "--beta", fn, type=float, help="β-TCVAE weight of the total correlation")
+    option(p, "--gamma", fn, type=float, help="β-TCVAE weight of the dimension-wise KL")
+    option(p, "--limit", fn, type=int, help="train on a stratified subset of this size")
+    length = p.add_mutually_exclusive_group()
+    option(length, "--epochs", fn, type=float,
+           help="training length in epochs (default: 10 when --steps is not given)")
+    option(length, "--steps", fn, type=int, help="training length in steps")
+    option(p, "--lr", fn, type=float, help="Adam learning rate")
+    option(p, "--batch-size", fn, type=int, help="batch size")
+    add_resume(p, fn)
+
+
+def _add_dataset(sub: Any) -> None:
+    fn = run_manifold_dataset
+    p = add_command(sub, "dataset", _dataset, "a dataset on a known manifold (Algorithm 1)")
+    p.add_argument("checkpoint", help="<run>/model.json of `manifold vae`")
+    add_common(p, fn)
+    option(p, "--root", fn, help="directory of the source dataset's IDX files (default: "
+           "$MANIFOLDLENS_DATA, else /usr/share/datasets/<name>)")
+    option(p, "--approach", fn, choices=["generative", "reconstructive"],
+           help="decode latents and label them (generative) or reconstruct real images")
+    option(p, "--n-train", fn, type=int, help="training images")
+    option(p, "--n-test", fn, type=int, help="test images")
+    option(p, "--upsample", fn, type=int, help="bilinear upsampling to this side (MNIST256)")
+    option(p, "--labeller-steps", fn, type=int, help="training steps of the labelling function")
+
+
+def _add_train(sub: Any) -> None:
+    fn = run_manifold_train
+    p = add_command(sub, "train", _train, "a classifier on a manifold dataset (Figure 6)")
+    p.add_argument("dataset", help="run directory of `manifold dataset`")
+    add_common(p, fn)
+    option(p, "--arch", fn, choices=ARCHS, help="architecture")
+    option(p, "--epochs", fn, type=float, help="training epochs")
+    option(p, "--lr", fn, type=float, help="Adam learning rate")
+    option(p, "--batch-size", fn, type=int, help="batch size")
+    option(p, "--adversarial", fn, action="store_true", help="ℓ2-PGD adversarial training")
+    option(p, "--eps", fn, type=floats,
+           help="comma-separated ℓ2 radii, one drawn at every step (Bordt et al.: 1,4,8)")
+    option(p, "--pgd-steps", fn, type=int, help="PGD iterations (Bordt et al.: 100)")
+    option(p, "--fraction-every", fn, type=int,
+           help="steps between measurements of the gradient's fraction in tangent space")
+    add_resume(p, fn)
+
+
+def _add_fraction(sub: Any) -> None:
+    fn = run_manifold_fraction
+    p = add_command(sub, "fraction", _fraction,
+                    "attributions in tangent space (Figures 2, 3, 7)")
+    p.add_argument("dataset", help="run directory of `manifold dataset`")
+    p.add_argument("checkpoints", nargs="+", help="classifiers (<run>/model.json)")
+    add_common(p, fn)
+    option(p, "--names", fn, type=names,
+           help="comma-separated names of the classifiers (default: their run directories)")
+    option(p, "--methods", fn, type=names, help="comma-separated attribution methods")
+    option(p, "--n", fn, type=int, help="test images")
+
+
+def _add_roar(sub: Any) -> None:
+    fn = run_manifold_roar
+    p = add_command(sub, "roar", _roar, "remove and retrain (Figure 5)")
+    p.add_argument("dataset", help="run directory of `manifold dataset`")
+    p.add_argument("checkpoint", help="the classifier whose attributions rank the pixels")
+    add_common(p, fn)
+    option(p, "--methods", fn, type=names, help="comma-separated attribution methods")
+    option(p, "--fractions", fn, type=floats, help="comma-separated fractions of pixels removed")
+    option(p, "--remove", fn, choices=["top", "bottom"],
+           help="remove the most (top) or least (bottom) important pixels")
+    option(p, "--n-train", fn, type=int, help="retrain on the first n training images "
+           "(default: all)")
+    option(p, "--epochs", fn, type=float, help="training epochs of every retrained classifier")
+    option(p, "--arch", fn, choices=ARCHS, help="architecture of the retrained classifiers")
+    add_resume(p, fn)
+
+
+def add_arguments(sub: Any) -> None:
+    """Register ``manifold`` and its subcommands on the top-level ``sub``-parsers."""
+    man = sub.add_parser("manifold", help="Bordt et al. 2023: explanations against the data "
+                         "manifold", description="Explanations against the data manifold, "
+                         "after Bordt et al. (2023).")
+    msub = man.add_subparsers(dest="experiment", required=True)
+    _add_vae(msub)
+    _add_dataset(msub)
+    _add_train(msub)
+    _add_fraction(msub)
+    _add_roar(msub)
