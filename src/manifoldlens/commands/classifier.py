@@ -41,6 +41,7 @@ from .common import (
     add_command,
     add_common,
     add_data,
+    add_length,
     add_resume,
     checkpoint_data,
     dataset_for,
@@ -257,10 +258,7 @@ def _add_train(sub: Any) -> None:
     option(p, "--momentum", run_train, type=float, help="SGD momentum")
     option(p, "--weight-decay", run_train, type=float, help="weight decay")
     option(p, "--batch-size", run_train, type=int, help="batch size")
-    length = p.add_mutually_exclusive_group()
-    option(length, "--epochs", run_train, type=float,
-           help="training length in epochs (default: 10 when --steps is not given)")
-    option(length, "--steps", run_train, type=int, help="training length in steps")
+    add_length(p, run_train, epochs="10 when --steps is not given")
     option(p, "--limit", run_train, type=int, help="train on a stratified subset of this size")
     option(p, "--trace-every", run_train, type=int, help="steps between Tr G probes")
     option(p, "--probe-size", run_train, type=int, help="test images in the Tr G probe")

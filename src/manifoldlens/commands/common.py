@@ -33,6 +33,7 @@ __all__ = [
     "add_command",
     "add_common",
     "add_data",
+    "add_length",
     "add_resume",
     "checkpoint_data",
     "dataset_for",
@@ -132,6 +133,17 @@ def add_common(p: argparse.ArgumentParser, *fns: Callable[..., Any],
     p.add_argument("--seed", type=int, default=_first_default(fns, "seed", SEED),
                    help=seed_help)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_length(p: argparse.ArgumentParser, fn: Callable[..., Any], *,
+               epochs: str = "", steps: str = "") -> None:
+    """``--epochs`` or ``--steps`` (one of them), with their defaults from ``fn``; ``epochs`` /
+    ``steps``: what the help says happens when neither is given."""
+    length = p.add_mutually_exclusive_group()
+    option(length, "--epochs", fn, type=float,
+           help="training length in epochs" + (f" (default: {epochs})" if epochs else ""))
+    option(length, "--steps", fn, type=int,
+           help="training length in steps" + (f" (default: {steps})" if steps else ""))
 
 
 def add_resume(p: argparse.ArgumentParser, fn: Callable[..., Any] | None = None) -> None:

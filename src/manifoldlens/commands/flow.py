@@ -33,6 +33,7 @@ from .common import (
     add_command,
     add_common,
     add_data,
+    add_length,
     add_resume,
     floats,
     option,
@@ -298,10 +299,7 @@ def _add_train(sub: Any) -> None:
     for name, text in MODEL_OPTIONS:
         p.add_argument("--" + name.replace("_", "-"), type=int,
                        help=f"{text} (default: sized for the data by default_flow)")
-    length = p.add_mutually_exclusive_group()
-    option(length, "--epochs", fn, type=float, help="training length in epochs")
-    option(length, "--steps", fn, type=int,
-           help="training length in steps (default: 2000 when --epochs is not given)")
+    add_length(p, fn, steps="2000 when --epochs is not given")
     option(p, "--lr", fn, type=float, help="Adam learning rate")
     option(p, "--batch-size", fn, type=int, help="batch size")
     option(p, "--warmup", fn, "warmup_steps", type=int, help="linear learning-rate warm-up steps")

@@ -51,7 +51,17 @@ from ..roar import roar, tangent_importance
 from ..runs import Run
 from ..tangent import TangentSpace, principal_angles, random_fraction_baseline
 from ..training import RunOptions, evaluate, train_classifier
-from .common import add_command, add_common, add_data, add_resume, floats, names, option, progress
+from .common import (
+    add_command,
+    add_common,
+    add_data,
+    add_length,
+    add_resume,
+    floats,
+    names,
+    option,
+    progress,
+)
 
 __all__ = [
     "add_arguments",
@@ -441,10 +451,7 @@ def _add_vae(sub: Any) -> None:
     option(p, "--beta", fn, type=float, help="β-TCVAE weight of the total correlation")
     option(p, "--gamma", fn, type=float, help="β-TCVAE weight of the dimension-wise KL")
     option(p, "--limit", fn, type=int, help="train on a stratified subset of this size")
-    length = p.add_mutually_exclusive_group()
-    option(length, "--epochs", fn, type=float,
-           help="training length in epochs (default: 10 when --steps is not given)")
-    option(length, "--steps", fn, type=int, help="training length in steps")
+    add_length(p, fn, epochs="10 when --steps is not given")
     option(p, "--lr", fn, type=float, help="Adam learning rate")
     option(p, "--batch-size", fn, type=int, help="batch size")
     add_resume(p, fn)
