@@ -22,7 +22,35 @@ import numpy as np
 
 from ._utils import write_atomic
 
-__all__ = ["Run", "default_run_dir", "environment", "write_atomic"]
+__all__ = ["Run", "RunDirectoryInUse", "default_run_dir", "environment", "write_atomic"]
+
+
+class RunDirectoryInUse(FileExistsError):
+    """Another live process holds the run directory."""
+
+
+LOCK_FILE = ".lock"
+
+
+def _lock_directory(path: Path) -> int:
+    """An exclusive ``flock`` on ``<path>/.lock``, held until its descriptor closes (also when
+    the process dies); the holder's pid is written into the file. A second run on the same
+    directory raises :class:`RunDirectoryInUse` naming that pid, at once."""
+    import fcntl
+
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirectoryInUse(
+            f"{path} is in use by another run (pid {holder}); wait for it to end or choose "
+            "another directory (--out)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def default_run_dir(command: str, root: str | os.PathLike = "runs") -> Path:
@@ -121,17 +149,22 @@ class Run:
         self.metrics: dict[str, Any] = {}
         self._start = time.perf_counter()
         self._previous_wall = 0.0
-        meta = self.path / "run.json"
-        if meta.exists():
-            if not resume:
-                raise FileExistsError(
-                    f"{self.path} already holds a run; pass resume=True (CLI: --resume) to "
-                    "continue it, or choose another directory"
-                )
-            old = json.loads(meta.read_text())
-            self.metrics = old.get("metrics", {}) or {}
-            self._previous_wall = float(old.get("wall_time_s", 0.0) or 0.0)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_directory(self.path)  # one run owns its directory, for its life
+        try:
+            meta = self.path / "run.json"
+            if meta.exists():
+                if not resume:
+                    raise FileExistsError(
+                        f"{self.path} already holds a run; pass resume=True (CLI: --resume) "
+                        "to continue it, or choose another directory"
+                    )
+                old = json.loads(meta.read_text())
+                self.metrics = old.get("metrics", {}) or {}
+                self._previous_wall = float(old.get("wall_time_s", 0.0) or 0.0)
+        except BaseException:
+            self._release()
+            raise
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._write("running")
 
@@ -226,7 +259,19 @@ class Run:
         self._write("running")
 
     def finish(self, status: str = "ok", error: str | None = None) -> None:
-        self._write(status, error)
+        """Write the final ``run.json`` and release the directory."""
+        try:
+            self._write(status, error)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        fd, self._lock = getattr(self, "_lock", None), None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def __del__(self) -> None:
+        self._release()
 
     def __enter__(self) -> Run:
         return self
