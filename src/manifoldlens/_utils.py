@@ -9,6 +9,7 @@ manifoldlens module except :mod:`manifoldlens._checks`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "predict_probs",
     "progress_bar",
     "scores_with_graph",
+    "sha256_file",
     "to_scores",
     "write_atomic",
 ]
@@ -102,6 +104,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks of ``chunk`` bytes (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import MODEL_OUTPUTS, check_batch, check_choice, check_independent_samples
-from ._utils import predict_probs, progress_bar, to_scores, write_atomic
+from ._utils import predict_probs, progress_bar, sha256_file, to_scores, write_atomic
 from .information import LocalDataMatrix, local_data_matrix
 from .jacobian import ModelOutput, score_jacobian, transform_jacobian
 
@@ -154,6 +154,27 @@ class _Walk:
     model_output: str
 
 
+STATE_FILE = "state.json"
+
+
+def _state_tensors(path: Path, meta: dict[str, Any]) -> Path:
+    """The tensor file a path state's pointer names, checked: a plain name inside ``path``
+    whose sha256 is the recorded one (states written before these pointers name none and
+    use ``state.safetensors``)."""
+    name = meta.get("tensors", "state.safetensors")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{path / STATE_FILE} names an invalid tensor file {name!r}")
+    file = path / name
+    if not file.is_file():
+        raise ValueError(f"{path / STATE_FILE} names {name}, which is missing; delete {path} "
+                         "to start over")
+    digest = meta.get("sha256")
+    if digest is not None and sha256_file(file) != digest:
+        raise ValueError(f"{file} does not match the sha256 in {path / STATE_FILE} (a torn or "
+                         f"altered state); delete {path} to start over")
+    return file
+
+
 class _PathState:
     """Positions, per-path bookkeeping and records of a batch of paths: everything a resumed
     call needs, saved and loaded as a whole. Bookkeeping (status, steps, lengths) lives on the
@@ -189,16 +210,21 @@ class _PathState:
     def load(cls, path: Path, config: dict[str, Any], x0: torch.Tensor,
              record_every: int) -> _PathState | None:
         """The state saved in ``path`` (None if there is none); refused if it was saved by a
-        call with other settings."""
-        if not (path / "state.json").exists():
+        call with other settings, or if its files do not belong together."""
+        pointer = path / STATE_FILE
+        if not pointer.exists():
             return None
-        t = load_file(str(path / "state.safetensors"))
-        meta = json.loads((path / "state.json").read_text())
-        if meta.get("config") != config:
+        try:
+            meta = json.loads(pointer.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{pointer} is not a valid path state ({e}); delete {path} to "
+                             "start over") from None
+        if not isinstance(meta, dict) or meta.get("config") != config:
             raise ValueError(
                 f"{path} holds the state of a different {config['kind']} path (its settings "
                 "differ); use another checkpoint directory or delete that one"
             )
+        t = load_file(str(_state_tensors(path, meta)))
         st = cls(t["x"].to(x0), _Recorder(record_every))
         for name in cls._TENSORS:
             value = t[name]
@@ -208,13 +234,20 @@ class _PathState:
         return st
 
     def save(self, path: Path, config: dict[str, Any]) -> None:
+        """Atomic: the tensors go to a new file named by the step, then ``state.json`` — the
+        one pointer, replaced atomically — names that file and its sha256; older tensor files
+        are deleted only after. A kill at any point leaves a consistent state behind."""
         path.mkdir(parents=True, exist_ok=True)
         tensors = {**{k: getattr(self, k) for k in self._TENSORS}, **self.rec.state()}
         flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        name = f"state-{self.step:08d}.safetensors"
+        write_atomic(path / name, lambda tmp: save_file(flat, str(tmp)))
         meta = {"config": config, "status": self.status, "step": self.step,
-                "pending": self.pending}
-        write_atomic(path / "state.safetensors", lambda tmp: save_file(flat, str(tmp)))
-        write_atomic(path / "state.json", lambda tmp: tmp.write_text(json.dumps(meta)))
+                "pending": self.pending, "tensors": name, "sha256": sha256_file(path / name)}
+        write_atomic(path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(meta)))
+        for old in path.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     def running(self) -> torch.Tensor:
         return torch.tensor([i for i, s in enumerate(self.status) if s == RUNNING],

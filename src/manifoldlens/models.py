@@ -23,7 +23,6 @@ Model." SIAM Journal on Imaging Sciences 15(3), 2022. arXiv:2104.13289.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ._utils import sha256_file
 
 __all__ = [
     "ACTIVATIONS",
@@ -373,14 +374,6 @@ def _stem(path: str | os.PathLike[str]) -> str:
     return s
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
@@ -436,14 +429,14 @@ def save_checkpoint(
     arch = str(spec["arch"]) if spec else type(model).__name__
     save_file(tensors, str(tmp), metadata={"format": _FORMAT, "arch": arch})
     os.replace(tmp, weights)
-    manifest["sha256"] = _sha256(weights)
+    manifest["sha256"] = sha256_file(weights)
 
     if optimizer is not None:
         tmp = Path(str(optim_path) + ".tmp")
         torch.save(optimizer.state_dict(), tmp)
         os.replace(tmp, optim_path)
         manifest["optimizer"] = optim_path.name
-        manifest["optimizer_sha256"] = _sha256(optim_path)
+        manifest["optimizer_sha256"] = sha256_file(optim_path)
 
     tmp = Path(str(manifest_path) + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
@@ -454,10 +447,13 @@ def save_checkpoint(
 def _checked_file(directory: Path, name: Any, digest: Any, what: str) -> Path:
     if not isinstance(name, str) or not name:
         raise ValueError(f"checkpoint manifest in {directory} names no {what} file")
+    if Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"checkpoint manifest in {directory} names the {what} file {name!r} "
+                         "outside its directory; a manifest names files beside it only")
     path = directory / name
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {what} file not found: {path}")
-    if digest is not None and _sha256(path) != digest:
+    if digest is not None and sha256_file(path) != digest:
         raise ValueError(
             f"sha256 mismatch for {path}: the file was modified or corrupted after saving"
         )

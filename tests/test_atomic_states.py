@@ -1,0 +1,150 @@
+"""Multi-file states never tear: a path state is a tensor file named by its step plus one
+pointer (``state.json``, replaced atomically) naming that file and its sha256, so a kill at
+any moment — between the two writes included — leaves a state that resumes to the result of
+an uninterrupted run; altered or foreign files are refused, naming them. A checkpoint
+manifest names files beside it only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from manifoldlens import foliation
+from manifoldlens.foliation import horizontal_path
+from manifoldlens.models import Linear, load_checkpoint, save_checkpoint
+
+from helpers import TinyMLP, make
+
+F64 = torch.float64
+KW = dict(step_size=0.05, max_steps=40, tol=1e-4, record_every=5)
+
+
+def _pair():
+    g = torch.Generator().manual_seed(4)
+    return (torch.randn(2, 12, dtype=F64, generator=g),
+            torch.randn(2, 12, dtype=F64, generator=g))
+
+
+def test_a_kill_between_the_two_writes_resumes_exactly(tmp_path, monkeypatch):
+    model = make(TinyMLP(act=nn.Tanh))
+    src, tgt = _pair()
+    full = horizontal_path(model, src, tgt, **KW)
+    real = foliation.write_atomic
+    pointer_writes = {"n": 0}
+
+    def dies_before_the_second_pointer(path, write):
+        if path.name == "state.json":
+            pointer_writes["n"] += 1
+            if pointer_writes["n"] == 2:  # the step-20 tensors are on disk, the pointer is not
+                raise KeyboardInterrupt
+        return real(path, write)
+
+    monkeypatch.setattr(foliation, "write_atomic", dies_before_the_second_pointer)
+    with pytest.raises(KeyboardInterrupt):
+        horizontal_path(model, src, tgt, checkpoint_dir=tmp_path, checkpoint_every=10, **KW)
+    monkeypatch.setattr(foliation, "write_atomic", real)
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 10  # the old pointer
+    resumed = horizontal_path(model, src, tgt, checkpoint_dir=tmp_path, checkpoint_every=10,
+                              **KW)
+    torch.testing.assert_close(resumed.points, full.points, rtol=0, atol=0)
+    assert resumed.record_steps.tolist() == full.record_steps.tolist()
+    assert resumed.steps.tolist() == full.steps.tolist() and max(resumed.steps) <= 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000040.safetensors",
+                                                          "state.json"]
+
+
+def test_altered_or_foreign_state_files_are_refused(tmp_path):
+    model = make(TinyMLP(act=nn.Tanh))
+    src, tgt = _pair()
+    horizontal_path(model, src, tgt, checkpoint_dir=tmp_path, checkpoint_every=10,
+                    **{**KW, "max_steps": 10})
+    (tensors,) = tmp_path.glob("state-*.safetensors")
+    blob = bytearray(tensors.read_bytes())
+    blob[-1] ^= 0xFF
+    tensors.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=f"{tensors.name} does not match the sha256"):
+        horizontal_path(model, src, tgt, checkpoint_dir=tmp_path, **{**KW, "max_steps": 10})
+    meta = json.loads((tmp_path / "state.json").read_text())
+    for bad in ("../elsewhere.safetensors", "/etc/passwd", ".."):
+        (tmp_path / "state.json").write_text(json.dumps({**meta, "tensors": bad}))
+        with pytest.raises(ValueError, match="invalid tensor file"):
+            horizontal_path(model, src, tgt, checkpoint_dir=tmp_path, **{**KW, "max_steps": 10})
+    (tmp_path / "state.json").write_text('{"config": ')  # cut short
+    with pytest.raises(ValueError, match=r"state\.json is not a valid path state"):
+        horizontal_path(model, src, tgt, checkpoint_dir=tmp_path, **{**KW, "max_steps": 10})
+
+
+WALK = """
+import sys, torch
+from torch import nn
+sys.path.insert(0, sys.argv[2])
+from helpers import TinyMLP, make
+from manifoldlens.foliation import horizontal_path
+g = torch.Generator().manual_seed(4)
+src = torch.randn(2, 12, dtype=torch.float64, generator=g)
+tgt = torch.randn(2, 12, dtype=torch.float64, generator=g)
+res = horizontal_path(make(TinyMLP(act=nn.Tanh)), src, tgt, step_size=0.004, max_steps=1500,
+                      tol=1e-4, record_every=7, checkpoint_dir=sys.argv[1], checkpoint_every=1)
+torch.save({"points": res.points, "steps": res.steps, "record_steps": res.record_steps},
+           sys.argv[1] + ".result")
+"""
+
+
+def _saved_step(state) -> int:
+    try:
+        return json.loads((state / "state.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return -1
+
+
+def test_killed_at_random_moments_then_resumed_equals_uninterrupted(tmp_path):
+    """SIGKILL a path run (a checkpoint every step, so kills land inside writes too) at
+    random moments, resume each time; the final result is bit-identical."""
+    tests_dir = os.path.dirname(__file__)
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-c", WALK, str(ref), tests_dir], check=True)
+    expected = torch.load(str(ref) + ".result")
+    state = tmp_path / "killed"
+    delays = torch.Generator().manual_seed(0)
+    kills = 0  # kills that found a saved state, i.e. landed mid-walk
+    for _ in range(8):
+        before = _saved_step(state)
+        proc = subprocess.Popen([sys.executable, "-c", WALK, str(state), tests_dir])
+        deadline = time.monotonic() + 30
+        while _saved_step(state) <= before and proc.poll() is None:  # until it walks
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        time.sleep(1.2 * float(torch.rand((), generator=delays)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if os.path.exists(str(state) + ".result"):
+            break
+    else:
+        subprocess.run([sys.executable, "-c", WALK, str(state), tests_dir], check=True)
+    got = torch.load(str(state) + ".result")
+    assert kills >= 2
+    for k in ("points", "steps", "record_steps"):
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_checkpoint_manifest_names_files_beside_it_only(tmp_path):
+    save_checkpoint(tmp_path / "m", Linear(4, 3))
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    (tmp_path / "elsewhere.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes())
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    for bad in ("../elsewhere.safetensors", str(tmp_path / "m.safetensors")):
+        (sub / "m.json").write_text(json.dumps({**manifest, "weights": bad}))
+        with pytest.raises(ValueError, match="outside its directory"):
+            load_checkpoint(sub / "m.json")
