@@ -22,12 +22,15 @@ from ._checks import check_model_output
 
 __all__ = [
     "chunks",
+    "differing",
     "eval_mode",
     "latest_checkpoint",
+    "model_fingerprint",
     "predict_probs",
     "progress_bar",
     "scores_with_graph",
     "sha256_file",
+    "tensor_sha256",
     "to_scores",
     "write_atomic",
 ]
@@ -113,6 +116,43 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def tensor_sha256(*tensors: torch.Tensor | None) -> str:
+    """sha256 over the dtype, shape and bytes of each tensor (on the CPU, without a copy of
+    contiguous CPU tensors): a fingerprint of data or weights."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            flat = t.reshape(-1)
+            if flat.dtype == torch.bfloat16:
+                flat = flat.view(torch.int16)
+            h.update(memoryview(flat.cpu().contiguous().numpy()))
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, weights: bool = True) -> dict[str, Any]:
+    """What identifies a model: its manifoldlens ``spec`` (or class and parameter shapes) and,
+    with ``weights``, the sha256 of its parameters and buffers."""
+    spec = getattr(model, "spec", None)
+    out: dict[str, Any] = ({"spec": spec} if isinstance(spec, dict) else
+                           {"class": f"{type(model).__module__}.{type(model).__qualname__}"})
+    state = model.state_dict()
+    shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in state.items())
+    out["structure_sha256"] = hashlib.sha256(shapes.encode()).hexdigest()
+    if weights:
+        out["weights_sha256"] = tensor_sha256(*state.values())
+    return out
+
+
+def differing(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two settings dicts (missing counts as None)."""
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

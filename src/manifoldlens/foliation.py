@@ -27,13 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import MODEL_OUTPUTS, check_batch, check_choice, check_independent_samples
-from ._utils import predict_probs, progress_bar, sha256_file, to_scores, write_atomic
+from ._utils import (
+    differing,
+    model_fingerprint,
+    predict_probs,
+    progress_bar,
+    sha256_file,
+    tensor_sha256,
+    to_scores,
+    write_atomic,
+)
 from .information import LocalDataMatrix, local_data_matrix
 from .jacobian import ModelOutput, score_jacobian, transform_jacobian
 
@@ -219,10 +227,12 @@ class _PathState:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{pointer} is not a valid path state ({e}); delete {path} to "
                              "start over") from None
-        if not isinstance(meta, dict) or meta.get("config") != config:
+        saved = meta.get("config") if isinstance(meta, dict) else None
+        if saved != config:
+            fields = differing(saved, config) if isinstance(saved, dict) else ["all"]
             raise ValueError(
-                f"{path} holds the state of a different {config['kind']} path (its settings "
-                "differ); use another checkpoint directory or delete that one"
+                f"{path} holds the state of a different {config['kind']} path (differing: "
+                f"{', '.join(fields)}); use another checkpoint directory or delete that one"
             )
         t = load_file(str(_state_tensors(path, meta)))
         st = cls(t["x"].to(x0), _Recorder(record_every))
@@ -410,8 +420,7 @@ def _config(kind: str, **kw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": kind}
     for k, v in kw.items():
         if isinstance(v, torch.Tensor):
-            a = v.detach().cpu().double().numpy()
-            out[k] = {"shape": list(a.shape), "sum": float(a.sum()), "abs": float(np.abs(a).sum())}
+            out[k] = {"shape": list(v.shape), "sha256": tensor_sha256(v)}
         else:
             out[k] = list(v) if isinstance(v, tuple) else v
     return out
@@ -477,9 +486,10 @@ def horizontal_path(
     def distance(x):
         return _flat_norm(target - x)
 
-    config = _config("horizontal", source=source, target=target, step_size=step_size,
-                     max_steps=max_steps, tol=tol, clamp=clamp, record_every=record_every,
-                     model_output=model_output, rtol=rtol)
+    config = _config("horizontal", model=model_fingerprint(model), source=source,
+                     target=target, step_size=step_size, max_steps=max_steps, tol=tol,
+                     clamp=clamp, record_every=record_every, model_output=model_output,
+                     rtol=rtol)
     if stall_rtol is None:
         stall_rtol = max(1e-6, 100 * torch.finfo(source.dtype).eps) if capped else 0.0
     walk = _Walk("horizontal", direction, distance,
@@ -530,9 +540,9 @@ def leaf_crossing_path(
     def distance(z):
         return _flat_norm(z - start)
 
-    config = _config("leaf_crossing", x=x, direction=r, steps=steps, step_size=step_size,
-                     clamp=clamp, record_every=record_every, model_output=model_output,
-                     rtol=rtol)
+    config = _config("leaf_crossing", model=model_fingerprint(model), x=x, direction=r,
+                     steps=steps, step_size=step_size, clamp=clamp, record_every=record_every,
+                     model_output=model_output, rtol=rtol)
     walk = _Walk("across", direction_fn, distance, reference=lambda xa, idx: _flat_norm(r[idx]),
                  off=lambda G, d: G.project(d, rtol), step_size=step_size, max_steps=steps,
                  tol=None, clamp=clamp, cap=False, stall_rtol=0.0, model_output=model_output)

@@ -46,6 +46,7 @@ __all__ = [
     "Seed001CNN",
     "SmallCNN",
     "build_model",
+    "checkpoint_metadata",
     "register_architecture",
     "count_parameters",
     "create_model",
@@ -489,6 +490,12 @@ def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     if manifest.get("sha256") is None:
         raise ValueError(f"{manifest_path} records no sha256 for its weights")
     return manifest_path, manifest
+
+
+def checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of a checkpoint, read from its manifest alone (no weights loaded)."""
+    _, manifest = _read_manifest(path)
+    return dict(manifest.get("metadata") or {})
 
 
 def load_weights(

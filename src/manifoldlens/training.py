@@ -29,9 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import MODEL_OUTPUTS, check_batch, check_choice
-from ._utils import eval_mode, latest_checkpoint, progress_bar, to_scores
+from ._utils import (
+    differing,
+    eval_mode,
+    latest_checkpoint,
+    model_fingerprint,
+    progress_bar,
+    tensor_sha256,
+    to_scores,
+)
 from .jacobian import ModelOutput
-from .models import load_weights, save_checkpoint
+from .models import checkpoint_metadata, load_weights, save_checkpoint
 from .runs import Run
 
 __all__ = [
@@ -194,10 +202,16 @@ class RunOptions:
     keep_checkpoints : tuple of int
         Steps whose checkpoints are never deleted (e.g. Grementieri & Fioresi's step 10 000).
     resume : bool
-        Continue from the latest checkpoint of ``run``; refused when the stored training
-        settings differ from this call's.
+        Continue from the latest checkpoint of ``run``. Refused, naming the fields, when what
+        produced it differs from this call: the training settings, the model (its spec or
+        class and parameter shapes) or the data (size, shape, sha256 of inputs and labels).
+        The number of steps may always change.
     metadata : dict
         Stored in every checkpoint (e.g. the dataset's name and classes).
+    allow_changes : tuple of str
+        Settings that may differ on resume (e.g. ``("lr",)`` to go on with a lower learning
+        rate after a ``FloatingPointError``); each change is applied, logged to the run's
+        ``metrics.jsonl`` (``"resume"`` records) and kept in the checkpoints' history.
 
     A trainer's ``run=`` also takes a bare :class:`~manifoldlens.runs.Run` (no checkpoints,
     no resume) or None (nothing recorded).
@@ -208,10 +222,16 @@ class RunOptions:
     keep_checkpoints: tuple[int, ...] = ()
     resume: bool = False
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    allow_changes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_checkpoints", tuple(int(k) for k in self.keep_checkpoints))
         object.__setattr__(self, "metadata", dict(self.metadata or {}))
+        object.__setattr__(self, "allow_changes", tuple(self.allow_changes))
+        fixed = sorted(set(self.allow_changes) & {"model", "data", "seed", "n_train"})
+        if fixed:
+            raise ValueError(f"allow_changes cannot include {fixed}: a resumed run continues "
+                             "the same model on the same data; start a new run instead")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if (self.checkpoint_every or self.resume) and self.run is None:
@@ -310,6 +330,7 @@ class _Checkpoints:
         run = options.run
         self.directory = run.path / "checkpoints" if run is not None else None
         self.last: Path | None = None
+        self.resumes: list[dict[str, Any]] = []  # settings changed at each resume
 
     def resume(self, state: TrainState, device: torch.device) -> list[dict[str, float]]:
         """Load the latest checkpoint into the model, optimizer, callbacks, RNG and ``state``;
@@ -319,16 +340,31 @@ class _Checkpoints:
         latest = latest_checkpoint(self.directory)
         if latest is None:
             return []
-        meta = load_weights(latest, self.model, optimizer=self.opt, map_location=device)
+        meta = checkpoint_metadata(latest)
         saved = meta.get("train_config")
-        if saved is not None and saved != self.train_config:
-            diff = {k: (saved.get(k), v) for k, v in self.train_config.items()
-                    if saved.get(k) != v}
-            raise ValueError(
-                f"cannot resume from {latest}: it was trained with other settings "
-                f"(checkpoint, now) = {diff}; pass the same settings or start a new run"
-            )
+        changed = {}
+        if saved is not None:  # fields an older checkpoint did not record are not compared
+            diff = [k for k in differing(saved, self.train_config) if k in saved]
+            refused = [k for k in diff if k not in self.options.allow_changes]
+            if refused:
+                shown = {k: (_short(saved.get(k)), _short(self.train_config.get(k)))
+                         for k in refused}
+                raise ValueError(
+                    f"cannot resume from {latest}: it was trained with other settings "
+                    f"({', '.join(refused)}): (checkpoint, now) = {shown}; pass the same settings, "
+                    "allow a setting to change explicitly (RunOptions(allow_changes=...), CLI "
+                    "--allow-change), or start a new run"
+                )
+            changed = {k: [saved.get(k), self.train_config.get(k)] for k in diff}
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        meta = load_weights(latest, self.model, optimizer=self.opt, map_location=device)
+        for group, now in zip(self.opt.param_groups, hyper, strict=True):
+            group.update(now)  # this call's settings (equal, or changes that were allowed)
         state.step = int(meta["step"])
+        self.resumes = list(meta.get("resumes", []))
+        if changed:
+            self.resumes.append({"step": state.step, "changed": changed})
+            self.options.run.log(resume={"step": state.step, "changed": changed})
         self.options.run.truncate_log(state.step)  # records logged after it are redone
         state.metrics = dict(meta.get("metrics") or {})
         for cb, cb_state in zip(self.callbacks, meta.get("callbacks", []), strict=False):
@@ -355,6 +391,7 @@ class _Checkpoints:
             "cuda_rng_state": ([st.tolist() for st in torch.cuda.get_rng_state_all()]
                                if torch.cuda.is_available() else None),
             "train_config": self.train_config,
+            "resumes": self.resumes,
         }
         path = save_checkpoint(self.directory / f"step-{step:08d}", self.model, metadata=meta,
                                optimizer=self.opt)
@@ -369,6 +406,14 @@ class _Checkpoints:
 
     def saved_at(self, step: int) -> bool:
         return self.last is not None and str(self.last).endswith(f"step-{step:08d}.json")
+
+
+def _short(value: Any) -> Any:
+    """A setting as an error message shows it (fingerprints shortened)."""
+    if isinstance(value, dict) and ("sha256" in value or "structure_sha256" in value):
+        return {k: (v[:12] + "…" if isinstance(v, str) and len(v) == 64 else v)
+                for k, v in value.items()}
+    return value
 
 
 def _schedule(n: int, batch_size: int, epochs: float | None, steps: int | None
@@ -447,7 +492,9 @@ def fit(
     opt = optimizer
     base_lrs = [g["lr"] for g in opt.param_groups]
     state = TrainState(model, opt, run=run, model_output=model_output)
-    ckpts = _Checkpoints(options, model, opt, callbacks, dict(train_config or {}), per_epoch)
+    config = {**(train_config or {}), "model": model_fingerprint(model, weights=False),
+              "data": {"n": n, "shape": list(x.shape[1:]), "sha256": tensor_sha256(x, y)}}
+    ckpts = _Checkpoints(options, model, opt, callbacks, config, per_epoch)
     history = ckpts.resume(state, device)
 
     def run_eval() -> None:

@@ -43,6 +43,7 @@ from .common import (
     add_data,
     add_length,
     add_resume,
+    allow_change,
     checkpoint_data,
     dataset_for,
     ints,
@@ -75,6 +76,7 @@ def run_train(
     checkpoint_every: int | None = 500,
     keep_checkpoints: tuple[int, ...] = (),
     resume: bool = False,
+    allow_changes: tuple[str, ...] = (),
     progress: bool = True,
     device: str = "cpu",
 ) -> dict[str, Any]:
@@ -97,6 +99,7 @@ def run_train(
     cb = TraceOfG(test.images[:probe_size], every=trace_every)
     options = RunOptions(run, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, resume=resume,
+                         allow_changes=allow_changes,
                          metadata={"data": train.name, "classes": train.classes})
     result = train_classifier(
         model, train, test_data=test, callbacks=[cb], run=options, progress=progress,
@@ -226,7 +229,8 @@ def _train(args: argparse.Namespace, run: Run) -> None:
         weight_decay=args.weight_decay, batch_size=args.batch_size, steps=args.steps,
         epochs=args.epochs, seed=args.seed, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=tuple(args.keep_checkpoint),
-        resume=args.resume, progress=progress(args), device=args.device,
+        resume=args.resume, allow_changes=allow_change(args), progress=progress(args),
+        device=args.device,
     )
 
 

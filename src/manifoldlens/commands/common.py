@@ -35,6 +35,7 @@ __all__ = [
     "add_data",
     "add_length",
     "add_resume",
+    "allow_change",
     "checkpoint_data",
     "dataset_for",
     "default_of",
@@ -147,10 +148,20 @@ def add_length(p: argparse.ArgumentParser, fn: Callable[..., Any], *,
 
 
 def add_resume(p: argparse.ArgumentParser, fn: Callable[..., Any] | None = None) -> None:
-    """``--resume``: continue the run in ``--out`` (the default of ``fn``'s ``resume``)."""
+    """``--resume``: continue the run in ``--out`` (the default of ``fn``'s ``resume``); and
+    ``--allow-change`` where ``fn`` takes ``allow_changes``."""
     p.add_argument("--resume", action="store_true",
                    default=default_of(fn, "resume") if fn is not None else False,
                    help="continue the run in --out")
+    if fn is not None and "allow_changes" in inspect.signature(fn).parameters:
+        p.add_argument("--allow-change", action="append", default=[], metavar="SETTING",
+                       help="with --resume: a training setting that may differ from the "
+                            "interrupted run, e.g. lr (repeatable; recorded in the run)")
+
+
+def allow_change(args: argparse.Namespace) -> tuple[str, ...]:
+    """The settings ``--allow-change`` names, as ``allow_changes=``."""
+    return tuple(getattr(args, "allow_change", None) or ())
 
 
 DATA_HELP = "digits, fashion-mnist, mnist, kmnist or an IDX directory"

@@ -35,6 +35,7 @@ from .common import (
     add_data,
     add_length,
     add_resume,
+    allow_change,
     floats,
     option,
     progress,
@@ -127,6 +128,7 @@ def run_flow_train(
     eval_every: int | None = None,
     checkpoint_every: int | None = 500,
     resume: bool = False,
+    allow_changes: tuple[str, ...] = (),
     progress: bool = True,
     device: str = "cpu",
     seed: int = 0,
@@ -151,7 +153,8 @@ def run_flow_train(
     if resume and (latest := latest_checkpoint(run.path / "checkpoints")) is not None:
         model = model_for_checkpoint(model, latest)  # e.g. a NICE of the 0.1 layout
     meta = {"data": data, "n_bins": n_bins, "kind": kind, "seed": seed}
-    options = RunOptions(run, checkpoint_every=checkpoint_every, resume=resume, metadata=meta)
+    options = RunOptions(run, checkpoint_every=checkpoint_every, resume=resume, metadata=meta,
+                         allow_changes=allow_changes)
     result = train_flow(model, x, test_data=x_test, n_bins=n_bins, run=options,
                         progress=progress, lr=lr, batch_size=batch_size, steps=steps,
                         epochs=epochs, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
@@ -267,7 +270,8 @@ def _train(args: argparse.Namespace, run: Run) -> None:
         test_limit=args.test_limit, n_bins=args.n_bins, lr=args.lr, batch_size=args.batch_size,
         steps=args.steps, epochs=args.epochs, warmup_steps=args.warmup,
         clip_grad_norm=args.clip or None, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, progress=progress(args),
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        allow_changes=allow_change(args), progress=progress(args),
         device=args.device, seed=args.seed,
     )
 

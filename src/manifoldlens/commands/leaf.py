@@ -35,6 +35,7 @@ from .common import (
     add_common,
     add_data,
     add_resume,
+    allow_change,
     checkpoint_data,
     interpolation,
     option,
@@ -58,7 +59,8 @@ CITE = "Grementieri & Fioresi 2022"
 
 def run_leaf_train(run: Run, *, data: str = "fashion-mnist", root: str | None = None,
                    steps: int = 10000, trace_every: int = 100, seed: int = 0,
-                   resume: bool = False, progress: bool = True,
+                   resume: bool = False, allow_changes: tuple[str, ...] = (),
+                   progress: bool = True,
                    device: str = "cpu") -> dict[str, Any]:
     """Figure 2 of Grementieri & Fioresi (2022): their CNN (``seed001_cnn``) trained with SGD,
     batch 60, learning rate 0.01 for ``steps`` steps, following the trace of G on 60 test
@@ -66,7 +68,8 @@ def run_leaf_train(run: Run, *, data: str = "fashion-mnist", root: str | None = 
     experiments."""
     return run_train(
         run, data=data, root=root, arch="seed001_cnn", trace_every=trace_every, probe_size=60,
-        resume=resume, progress=progress, optimizer="sgd", lr=0.01, batch_size=60, steps=steps,
+        resume=resume, allow_changes=allow_changes, progress=progress, optimizer="sgd", lr=0.01,
+        batch_size=60, steps=steps,
         seed=seed, eval_every=1000, checkpoint_every=1000, keep_checkpoints=(10000,),
         device=device,
     )
@@ -264,6 +267,7 @@ def run_leaf_involutivity(
 def _train(args: argparse.Namespace, run: Run) -> None:
     run_leaf_train(run, data=args.data, root=args.root, steps=args.steps,
                    trace_every=args.trace_every, seed=args.seed, resume=args.resume,
+                   allow_changes=allow_change(args),
                    progress=progress(args), device=args.device)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import viz
-from .._utils import write_atomic
+from .._utils import sha256_file, tensor_sha256, write_atomic
 from ..attribution import METHODS, explain
 from ..callbacks import TangentFractionDuringTraining
 from ..data import load_dataset
@@ -57,6 +57,7 @@ from .common import (
     add_data,
     add_length,
     add_resume,
+    allow_change,
     floats,
     names,
     option,
@@ -90,6 +91,7 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
                      limit: int | None = None, steps: int | None = None,
                      epochs: float | None = None, batch_size: int = 64, lr: float = 1e-3,
                      checkpoint_every: int | None = 500, resume: bool = False,
+                     allow_changes: tuple[str, ...] = (),
                      progress: bool = True, device: str = "cpu", seed: int = 0
                      ) -> dict[str, Any]:
     """Train the generative model of the data manifold (Bordt et al.: β-TCVAE, α = γ = 1,
@@ -117,6 +119,7 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
     res = train_generative(model, x, steps=steps, epochs=epochs if steps is None else None,
                            batch_size=batch_size, lr=lr, seed=seed,
                            run=RunOptions(run, checkpoint_every=checkpoint_every, resume=resume,
+                                          allow_changes=allow_changes,
                                           metadata=meta),
                            progress=progress, device=device, test_images=xt)
     model.eval()
@@ -195,7 +198,8 @@ def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
                        eps: tuple[float, ...] = (1.0, 4.0, 8.0), pgd_steps: int = 100,
                        probe: int = 200,
                        fraction_every: int = 100, checkpoint_every: int | None = 500,
-                       resume: bool = False, progress: bool = True, device: str = "cpu",
+                       resume: bool = False, allow_changes: tuple[str, ...] = (),
+                       progress: bool = True, device: str = "cpu",
                        seed: int = 0) -> dict[str, Any]:
     """Train a classifier on a manifold dataset with Adam (Bordt et al.: lr 1e-4 decayed 10×
     every 10 epochs for 50 epochs; the CPU default here is lr 1e-3 for 5 epochs), standard or
@@ -220,6 +224,7 @@ def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
                            seed=seed, callbacks=[cb], progress=progress, device=device,
                            adversarial=adversarial,
                            run=RunOptions(run, checkpoint_every=checkpoint_every, resume=resume,
+                                          allow_changes=allow_changes,
                                           metadata={"dataset": str(dataset_dir),
                                                     "classes": tr.classes}))
     save_checkpoint(run.path / "model", model, metadata={
@@ -332,10 +337,15 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
     te = load_manifold_dataset(dataset_dir, "test")
     if n_train:
         tr = tr.subset(slice(0, n_train))
+    manifest = Path(checkpoint) if str(checkpoint).endswith(".json") else Path(
+        str(checkpoint) + ".json")
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "dataset": str(
         Path(dataset_dir).resolve()), "methods": list(methods), "fractions": [
         float(q) for q in fractions], "n_train": len(tr), "arch": arch, "epochs": float(epochs),
-        "remove": remove, "seed": seed, "device": str(device)}
+        "remove": remove, "seed": seed, "device": str(device),
+        # what the files held, not just where they were: a changed model or dataset is refused
+        "checkpoint_sha256": sha256_file(manifest) if manifest.is_file() else None,
+        "data_sha256": tensor_sha256(tr.images, tr.labels, te.images, te.labels)}
     progress_file = run.path / "roar_progress.json"
     scores_file = run.path / "roar_scores.safetensors"
 
@@ -408,6 +418,7 @@ def _vae(args: argparse.Namespace, run: Run) -> None:
                      latent_dim=args.latent, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                      limit=args.limit, steps=args.steps, epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr, resume=args.resume,
+                     allow_changes=allow_change(args),
                      progress=progress(args), device=args.device, seed=args.seed)
 
 
@@ -422,7 +433,8 @@ def _train(args: argparse.Namespace, run: Run) -> None:
     run_manifold_train(run, args.dataset, arch=args.arch, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, adversarial=args.adversarial, eps=args.eps,
                        pgd_steps=args.pgd_steps, fraction_every=args.fraction_every,
-                       resume=args.resume, progress=progress(args), device=args.device,
+                       resume=args.resume, allow_changes=allow_change(args),
+                       progress=progress(args), device=args.device,
                        seed=args.seed)
 
 
