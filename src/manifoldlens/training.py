@@ -323,10 +323,15 @@ class _Checkpoints:
     """Checkpoints of one :func:`fit` call: resume from the latest, save, prune old ones."""
 
     def __init__(self, options: RunOptions, model: nn.Module, opt: torch.optim.Optimizer,
-                 callbacks: Sequence[Callback], train_config: dict[str, Any],
-                 per_epoch: int) -> None:
+                 callbacks: Sequence[Callback], train_config: dict[str, Any] | None,
+                 per_epoch: int, data: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         self.options, self.model, self.opt = options, model, opt
-        self.callbacks, self.train_config, self.per_epoch = callbacks, train_config, per_epoch
+        self.callbacks, self.per_epoch = callbacks, per_epoch
+        x, y = data  # what produced the checkpoints: settings, model and data fingerprints
+        self.train_config = {
+            **(train_config or {}), "model": model_fingerprint(model, weights=False),
+            "data": {"n": x.shape[0], "shape": list(x.shape[1:]), "sha256": tensor_sha256(x, y)},
+        }
         run = options.run
         self.directory = run.path / "checkpoints" if run is not None else None
         self.last: Path | None = None
@@ -492,9 +497,7 @@ def fit(
     opt = optimizer
     base_lrs = [g["lr"] for g in opt.param_groups]
     state = TrainState(model, opt, run=run, model_output=model_output)
-    config = {**(train_config or {}), "model": model_fingerprint(model, weights=False),
-              "data": {"n": n, "shape": list(x.shape[1:]), "sha256": tensor_sha256(x, y)}}
-    ckpts = _Checkpoints(options, model, opt, callbacks, config, per_epoch)
+    ckpts = _Checkpoints(options, model, opt, callbacks, train_config, per_epoch, (x, y))
     history = ckpts.resume(state, device)
 
     def run_eval() -> None:
