@@ -5,6 +5,7 @@ data manifold. The functional core is batched on the first axis and device/dtype
 """
 
 from . import flows, generative
+from ._version import __version__
 from .attribution import METHODS, TangentFraction, explain
 from .foliation import (
     InvolutivityResult,
@@ -29,9 +30,8 @@ from .jacobian import (
 )
 from .tangent import TangentSpace, principal_angles, random_fraction_baseline
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "flows",
     "generative",
     "METHODS",

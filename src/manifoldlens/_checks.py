@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +17,9 @@ __all__ = [
     "check_finite",
     "check_independent_samples",
     "check_model_output",
+    "check_output_type",
+    "check_number",
+    "check_positive_int",
 ]
 
 #: What a classifier may return: scores (logits), log-probabilities or probabilities.
@@ -24,6 +30,35 @@ def check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``, naming the option."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False,
+                       minimum: int = 1) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer ≥ ``minimum`` (None too, with
+    ``allow_none``); booleans are not integers here."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+
+
+def check_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                 strict: bool = False, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number in range: ≥ ``low`` (>
+    with ``strict``) and ≤ ``high``."""
+    if value is None and allow_none:
+        return
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and math.isfinite(value) and (low is None or (value > low if strict else value >= low))
+          and (high is None or value <= high))
+    if not ok:
+        lo = "" if low is None else (f"> {low}" if strict else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        limits = " and ".join(t for t in (lo, hi) if t)
+        raise ValueError(f"{name} must be a finite number{' ' + limits if limits else ''}"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
 
 
 def check_finite(t: torch.Tensor, name: str = "x") -> None:
@@ -83,6 +118,19 @@ def check_independent_samples(model: nn.Module) -> None:
             break
 
 
+def check_output_type(out: Any) -> torch.Tensor:
+    """Refuse a model output that is not one tensor of class scores (a tuple, a dict, a
+    Hugging Face ``ModelOutput`` …), saying what to return instead."""
+    if isinstance(out, torch.Tensor):
+        return out
+    kind = type(out).__name__
+    hint = ("e.g. wrap it: nn.Sequential(model, PickLogits()) or lambda x: model(x)[0]"
+            if isinstance(out, (tuple, list)) else
+            "e.g. wrap it: lambda x: model(x)['logits'] or model(x).logits")
+    raise TypeError(f"the model must return one tensor of class scores shaped (n, C), but it "
+                    f"returned a {kind}; pass a callable that returns the scores ({hint})")
+
+
 def check_model_output(out: torch.Tensor, model_output: str, n: int) -> None:
     """Check the model's raw output against what the caller declared it to be.
 
@@ -90,6 +138,7 @@ def check_model_output(out: torch.Tensor, model_output: str, n: int) -> None:
     declaration: a model that already returns log-probabilities (every row's logsumexp is 0)
     or probabilities while ``model_output="logits"`` is declared, and the converse.
     """
+    check_output_type(out)
     if out.ndim != 2 or out.shape[0] != n:
         raise ValueError(
             f"the model must return scores shaped (n, C) = ({n}, C), got {tuple(out.shape)}"

@@ -86,17 +86,23 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True,
 
 @contextlib.contextmanager
 def eval_mode(model: Any) -> Iterator[Any]:
-    """Every submodule of ``model`` in eval mode inside the block; each one's own mode is
-    restored after it (not just the top module's). Objects that are not modules pass."""
-    modes = ([(m, m.training) for m in model.modules()] if isinstance(model, nn.Module)
-             else [])
-    for m, _ in modes:
-        m.training = False
+    """Every submodule of ``model`` in eval mode inside the block (through ``model.eval()``,
+    so modules that override ``train()`` hear of it); each one's own mode is restored after
+    it — by ``model.train(mode)`` when all shared one mode, else module by module. Objects
+    that are not modules pass."""
+    if not isinstance(model, nn.Module):
+        yield model
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         yield model
     finally:
-        for m, mode in modes:
-            m.training = mode
+        if len({mode for _, mode in modes}) == 1:
+            model.train(modes[0][1])
+        else:
+            for m, mode in modes:
+                m.training = mode
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

@@ -50,6 +50,7 @@ from ._checks import (
     check_finite,
     check_independent_samples,
     check_model_output,
+    check_positive_int,
 )
 from ._utils import chunks, scores_with_graph, to_scores
 
@@ -80,21 +81,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _check_positive_int(v: Any, name: str, allow_none: bool = False) -> None:
-    if v is None and allow_none:
-        return
-    if not _is_int(v) or v < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
-                         f"got {v!r}")
-
-
 def _check_ig_options(baseline: Any, steps: Any, multiply_by_inputs: Any, quadrature: Any,
                       internal_batch_size: Any) -> None:
     check_choice(quadrature, QUADRATURES, "quadrature")
-    _check_positive_int(steps, "steps")
+    check_positive_int(steps, "steps")
     if quadrature != "gausslegendre" and steps < 2:
         raise ValueError(f"quadrature {quadrature!r} needs steps >= 2, got {steps}")
-    _check_positive_int(internal_batch_size, "internal_batch_size", True)
+    check_positive_int(internal_batch_size, "internal_batch_size", allow_none=True)
     if not isinstance(multiply_by_inputs, bool):
         raise TypeError("multiply_by_inputs must be a bool, got "
                         f"{type(multiply_by_inputs).__name__}")
@@ -111,8 +104,8 @@ def _check_smoothgrad_options(noise_level: Any, samples: Any, samples_batch_size
         math.isfinite(noise_level) and noise_level >= 0
     ):
         raise ValueError(f"noise_level must be a finite float >= 0, got {noise_level!r}")
-    _check_positive_int(samples, "samples")
-    _check_positive_int(samples_batch_size, "samples_batch_size", True)
+    check_positive_int(samples, "samples")
+    check_positive_int(samples_batch_size, "samples_batch_size", allow_none=True)
     if seed is not None and not isinstance(seed, torch.Generator) and not (
         _is_int(seed) and seed >= 0
     ):
@@ -120,11 +113,13 @@ def _check_smoothgrad_options(noise_level: Any, samples: Any, samples_batch_size
                         f"got {seed!r}")
 
 
-def _check_call(model: Any, x: torch.Tensor, model_output: str, batch_size: Any) -> None:
-    """The checks every method makes before any work."""
+def _check_call(model: Any, x: torch.Tensor, target: Any, model_output: str,
+                batch_size: Any) -> None:
+    """The checks every method makes before any work (and before any random draw)."""
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_batch(x)
-    _check_positive_int(batch_size, "batch_size", allow_none=True)
+    check_positive_int(batch_size, "batch_size", allow_none=True)
+    _prepare_target(target, x.shape[0], x.device)
     if isinstance(model, nn.Module):
         check_independent_samples(model)
 
@@ -265,7 +260,7 @@ def gradient(model: Model, x: torch.Tensor, target: Target = None, *,
     >>> torch.allclose(g, linear.weight[1].expand(4, 3))
     True
     """
-    _check_call(model, x, model_output, batch_size)
+    _check_call(model, x, target, model_output, batch_size)
     return _in_chunks(x, target, batch_size, lambda xc, tc, sl: _gradient(
         model, xc, tc, model_output, sl.start))
 
@@ -281,7 +276,7 @@ def input_x_gradient(model: Model, x: torch.Tensor, target: Target = None, *,
     >>> torch.equal(input_x_gradient(net, x), x * gradient(net, x))
     True
     """
-    _check_call(model, x, model_output, batch_size)
+    _check_call(model, x, target, model_output, batch_size)
     return _in_chunks(x, target, batch_size, lambda xc, tc, sl: xc * _gradient(
         model, xc, tc, model_output, sl.start))
 
@@ -319,7 +314,7 @@ def integrated_gradients(
     True
     """
     _check_ig_options(baseline, steps, multiply_by_inputs, quadrature, internal_batch_size)
-    _check_call(model, x, model_output, batch_size)
+    _check_call(model, x, target, model_output, batch_size)
     from captum.attr import IntegratedGradients  # lazy: captum takes ~1 s to import
 
     base = _prepare_baseline(baseline, x.detach())
@@ -372,7 +367,7 @@ def smoothgrad(
     True
     """
     _check_smoothgrad_options(noise_level, samples, samples_batch_size, seed)
-    _check_call(model, x, model_output, batch_size)
+    _check_call(model, x, target, model_output, batch_size)
     base_seed = _base_seed(seed)
 
     def attribute(xc: torch.Tensor, tc: torch.Tensor | None, sl: slice) -> torch.Tensor:
@@ -557,7 +552,7 @@ class TangentFraction:
     ) -> None:
         self.options = _check_options(method, options)
         check_choice(model_output, MODEL_OUTPUTS, "model_output")
-        _check_positive_int(batch_size, "batch_size", allow_none=True)
+        check_positive_int(batch_size, "batch_size", allow_none=True)
         if tangent_fn is not None and not callable(tangent_fn):
             raise TypeError(f"tangent_fn must be callable, got {type(tangent_fn).__name__}")
         self.tangent_fn = tangent_fn

@@ -64,8 +64,8 @@ class TraceOfG(Periodic):
 
     Grementieri & Fioresi, Figure 2: the mean trace (the soft rank, eq. 11) and its
     exponential moving average ``ema_t = β ema_{t−1} + (1 − β) trace_t``. Records go to
-    ``metrics.jsonl`` under ``"trace_of_g"`` and a figure ``trace_of_g.png`` is written at the
-    end of training.
+    ``metrics.jsonl`` under ``"trace_of_g"`` and, at the end of training, all of them to
+    ``trace_of_g.json``; :func:`manifoldlens.viz.plot_trace_of_g` draws them.
 
     Parameters
     ----------

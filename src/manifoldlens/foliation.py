@@ -21,6 +21,7 @@ Model." SIAM Journal on Imaging Sciences 15(3), 2022. arXiv:2104.13289.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._checks import MODEL_OUTPUTS, check_batch, check_choice, check_independent_samples
+from ._checks import (
+    MODEL_OUTPUTS,
+    check_batch,
+    check_choice,
+    check_independent_samples,
+    check_number,
+    check_positive_int,
+)
 from ._utils import (
     differing,
     model_fingerprint,
@@ -255,8 +263,8 @@ class _PathState:
         meta = {"config": config, "status": self.status, "step": self.step,
                 "pending": self.pending, "tensors": name, "sha256": sha256_file(path / name)}
         write_atomic(path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(meta)))
-        for old in path.glob("state-*.safetensors"):
-            if old.name != name:
+        for old in [*path.glob("state-*.safetensors"), path / "state.safetensors"]:
+            if old.name != name:  # older steps, and the layout before these pointers
                 old.unlink(missing_ok=True)
 
     def running(self) -> torch.Tensor:
@@ -365,11 +373,13 @@ def _walk(model: nn.Module, x0: torch.Tensor, walk: _Walk, *, record_every: int,
     """
     check_choice(walk.model_output, MODEL_OUTPUTS, "model_output")
     check_independent_samples(model)
-    if walk.step_size <= 0:
-        raise ValueError(f"step_size must be > 0, got {walk.step_size}")
-    if walk.max_steps < 0:
-        raise ValueError(f"the number of steps must be >= 0, got {walk.max_steps}")
-    if walk.clamp is not None and not walk.clamp[0] < walk.clamp[1]:
+    check_number(walk.step_size, "step_size", low=0.0, strict=True)
+    check_positive_int(walk.max_steps, "the number of steps", minimum=0)
+    check_number(walk.tol, "tol", low=0.0, allow_none=True)
+    check_positive_int(record_every, "record_every")
+    check_positive_int(checkpoint_every, "checkpoint_every")
+    if walk.clamp is not None and not (len(walk.clamp) == 2 and all(
+            math.isfinite(c) for c in walk.clamp) and walk.clamp[0] < walk.clamp[1]):
         raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {walk.clamp}")
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     st = _PathState.load(ckpt, config, x0, record_every) if ckpt is not None else None

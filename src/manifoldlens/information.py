@@ -49,6 +49,9 @@ def default_rtol(num_classes: int, dtype: torch.dtype) -> float:
     return 10.0 * num_classes * torch.finfo(dtype).eps
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class _FactoredPSD:
     """A batch of PSD matrices ``BᵀB`` held through the factor B (n, C, D) or its Gram."""
 
@@ -60,6 +63,10 @@ class _FactoredPSD:
         factor: torch.Tensor | None = None,
         gram: torch.Tensor | None = None,
     ) -> None:
+        if probs.dtype in _HALF:  # the C × C algebra runs in float32 for half inputs
+            probs = probs.float()
+            factor = factor.float() if factor is not None else None
+            gram = gram.float() if gram is not None else None
         self.probs = probs
         if factor is not None:
             self.factor = factor
@@ -166,6 +173,8 @@ class LocalDataMatrix(_FactoredPSD):
 
     def __init__(self, jac_logp: torch.Tensor, probs: torch.Tensor):
         n, c = probs.shape
+        if jac_logp.dtype in _HALF:  # eigh and QR need float32: half inputs, float32 algebra
+            jac_logp, probs = jac_logp.float(), probs.float()
         self.jac_logp = jac_logp.reshape(n, c, -1)
         self.input_shape = tuple(jac_logp.shape[2:]) or (self.jac_logp.shape[-1],)
         super().__init__(probs)

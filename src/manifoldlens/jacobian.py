@@ -40,6 +40,8 @@ from ._checks import (
     check_choice,
     check_independent_samples,
     check_model_output,
+    check_output_type,
+    check_positive_int,
 )
 from ._utils import chunks, progress_bar, scores_with_graph, to_scores
 
@@ -151,7 +153,7 @@ def select_strategy(model: nn.Module, x: torch.Tensor, num_classes: int | None =
         num_classes = _NUM_CLASSES.get(model)
     if num_classes is None:
         with torch.no_grad():
-            num_classes = model(x[:1]).shape[-1]
+            num_classes = check_output_type(model(x[:1])).shape[-1]
         _NUM_CLASSES[model] = num_classes
     return "forward" if d < num_classes else "vjp"
 
@@ -179,6 +181,7 @@ def score_jacobian(
     """
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_choice(strategy, STRATEGIES, "strategy")
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if check_output:
         check_batch(x)
         check_independent_samples(model)
@@ -315,12 +318,14 @@ def jacobian_gram(
     >>> M.shape, bool(torch.allclose(M.diagonal(), torch.ones(10)))
     (torch.Size([10, 10]), True)
     """
-    check_batch(x)
+    check_batch(x)  # every check before the first forward pass: a refused call changes
+    check_choice(output, OUTPUTS, "output")  # nothing (e.g. BatchNorm running statistics)
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_positive_int(batch_size, "batch_size")
+    check_independent_samples(model)
     n = x.shape[0]
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with torch.no_grad():
-        c = model(x[:1]).shape[-1]
+        c = check_output_type(model(x[:1])).shape[-1]
     width = c * math.prod(x.shape[1:])
     # half-precision inputs accumulate M in float32 (products overflow float16)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -8,12 +8,12 @@ the run starts and rewritten when it ends, also when it fails, so nothing comput
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ._utils import write_atomic
+from ._version import __version__
 
 __all__ = ["Run", "RunDirectoryInUse", "default_run_dir", "environment", "write_atomic"]
 
@@ -32,7 +33,7 @@ class RunDirectoryInUse(FileExistsError):
 LOCK_FILE = ".lock"
 
 
-def _lock_directory(path: Path) -> int:
+def _lock_directory(path: Path) -> int | None:
     """An exclusive ``flock`` on ``<path>/.lock``, held until its descriptor closes (also when
     the process dies); the holder's pid is written into the file. A second run on the same
     directory raises :class:`RunDirectoryInUse` naming that pid, at once."""
@@ -48,9 +49,28 @@ def _lock_directory(path: Path) -> int:
             f"{path} is in use by another run (pid {holder}); wait for it to end or choose "
             "another directory (--out)"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # a file system without locks (some network mounts)
+        os.close(fd)
+        warnings.warn(f"cannot lock {path} ({e.strerror}): nothing stops a second run from "
+                      "using the same directory", stacklevel=3)
+        return None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); move it away to start over") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} does not hold a run record")
+    return doc
 
 
 def default_run_dir(command: str, root: str | os.PathLike = "runs") -> Path:
@@ -68,14 +88,10 @@ def environment(device: Any = None) -> dict[str, Any]:
     """Package versions and the machine, for ``run.json``."""
     import torch
 
-    try:
-        version = importlib.metadata.version("manifoldlens")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
-        version = "unknown"
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "manifoldlens": version,
+        "manifoldlens": __version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "threads": torch.get_num_threads(),
@@ -149,24 +165,26 @@ class Run:
         self.metrics: dict[str, Any] = {}
         self._start = time.perf_counter()
         self._previous_wall = 0.0
+        meta = self.path / "run.json"
+        if meta.exists() and not resume:  # refused before the directory is touched
+            raise FileExistsError(
+                f"{self.path} already holds a run; pass resume=True (CLI: --resume) "
+                "to continue it, or choose another directory"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_directory(self.path)  # one run owns its directory, for its life
         try:
-            meta = self.path / "run.json"
             if meta.exists():
-                if not resume:
-                    raise FileExistsError(
-                        f"{self.path} already holds a run; pass resume=True (CLI: --resume) "
-                        "to continue it, or choose another directory"
-                    )
-                old = json.loads(meta.read_text())
+                if not resume:  # another run wrote it meanwhile
+                    raise FileExistsError(f"{self.path} already holds a run")
+                old = _read_json(meta)
                 self.metrics = old.get("metrics", {}) or {}
                 self._previous_wall = float(old.get("wall_time_s", 0.0) or 0.0)
+            self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self._write("running")
         except BaseException:
             self._release()
             raise
-        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._write("running")
 
     # -- files ----------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Grementieri & Fioresi train the PyTorch-MNIST-example CNN with SGD, batch 60, learning rate
 0.01 (:data:`SEED001_DEFAULTS`) and follow the mean trace of G on a batch during training
-(Figure 2): :class:`TraceOfG`.
+(Figure 2): :class:`~manifoldlens.callbacks.TraceOfG`, a callback of this loop.
 
 References
 ----------
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import MODEL_OUTPUTS, check_batch, check_choice
+from ._checks import MODEL_OUTPUTS, check_batch, check_choice, check_number, check_positive_int
 from ._utils import (
     differing,
     eval_mode,
@@ -47,6 +47,7 @@ __all__ = [
     "Callback",
     "TrainState",
     "TrainResult",
+    "check_schedule",
     "evaluate",
     "RunOptions",
     "fit",
@@ -197,8 +198,8 @@ class RunOptions:
         The run directory: metrics go to its ``metrics.jsonl``, checkpoints under
         ``<run>/checkpoints/``.
     checkpoint_every : int, optional
-        Steps between checkpoints (model as safetensors, optimizer, callbacks, RNG state);
-        only the latest is kept, plus the steps in ``keep_checkpoints``.
+        Steps between checkpoints (model as safetensors, optimizer, callbacks, RNG state;
+        None or 0: none); only the latest is kept, plus the steps in ``keep_checkpoints``.
     keep_checkpoints : tuple of int
         Steps whose checkpoints are never deleted (e.g. Grementieri & Fioresi's step 10 000).
     resume : bool
@@ -232,8 +233,10 @@ class RunOptions:
         if fixed:
             raise ValueError(f"allow_changes cannot include {fixed}: a resumed run continues "
                              "the same model on the same data; start a new run instead")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        check_positive_int(self.checkpoint_every, "checkpoint_every", minimum=0,
+                           allow_none=True)
+        if self.checkpoint_every == 0:  # 0: no checkpoints, as None
+            object.__setattr__(self, "checkpoint_every", None)
         if (self.checkpoint_every or self.resume) and self.run is None:
             raise ValueError("checkpoints and resume need a run directory "
                              "(RunOptions(run=Run(...), ...))")
@@ -287,6 +290,7 @@ def train_classifier(
     """
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     x, y = _tensors(train_data, "train_data")
+    check_schedule(x.shape[0], batch_size, epochs, steps)  # before the model is touched
     train_config = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
                     "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
                     "model_output": model_output, "n_train": x.shape[0]}
@@ -421,17 +425,21 @@ def _short(value: Any) -> Any:
     return value
 
 
-def _schedule(n: int, batch_size: int, epochs: float | None, steps: int | None
-              ) -> tuple[int, int]:
-    """``(steps per epoch, total steps)``, validated."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    per_epoch = math.ceil(n / batch_size)
+def check_schedule(n: int, batch_size: int, epochs: float | None, steps: int | None, *,
+                   warmup_steps: int = 0, clip_grad_norm: float | None = None
+                   ) -> tuple[int, int]:
+    """Validate a training schedule before anything runs; returns ``(steps per epoch, total
+    steps)``. ``clip_grad_norm`` must be None (no clipping) or > 0: a negative norm would
+    turn descent into ascent and 0 would freeze the model."""
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(warmup_steps, "warmup_steps", minimum=0)
+    check_number(clip_grad_norm, "clip_grad_norm", low=0.0, strict=True, allow_none=True)
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps or epochs")
+    check_positive_int(steps, "steps", minimum=0, allow_none=True)
+    check_number(epochs, "epochs", low=0.0, allow_none=True)
+    per_epoch = math.ceil(n / batch_size)
     total = steps if steps is not None else int(round(epochs * per_epoch))
-    if total < 0:
-        raise ValueError(f"the number of steps must be >= 0, got {total}")
     return per_epoch, total
 
 
@@ -492,9 +500,9 @@ def fit(
     options = RunOptions.of(run)
     run = options.run  # the directory; options hold the checkpoint settings
     n = x.shape[0]
-    per_epoch, total = _schedule(n, batch_size, epochs, steps)
-    device = torch.device(device)
-    opt = optimizer
+    per_epoch, total = check_schedule(n, batch_size, epochs, steps, warmup_steps=warmup_steps,
+                                      clip_grad_norm=clip_grad_norm)
+    device, opt = torch.device(device), optimizer
     base_lrs = [g["lr"] for g in opt.param_groups]
     state = TrainState(model, opt, run=run, model_output=model_output)
     ckpts = _Checkpoints(options, model, opt, callbacks, train_config, per_epoch, (x, y))
@@ -572,6 +580,5 @@ def fit(
         ckpts.save(state, history)
     model.eval()
     if run is not None:
-        run.metrics.update(state.metrics)
-        run.metrics["steps"] = state.step
+        run.metrics.update({**state.metrics, "steps": state.step})
     return TrainResult(model, state.step, history, dict(state.metrics), ckpts.last)

@@ -44,6 +44,7 @@ from .common import (
     add_length,
     add_resume,
     allow_change,
+    checked,
     checkpoint_data,
     dataset_for,
     ints,
@@ -92,7 +93,7 @@ def run_train(
         epochs = 10.0
     train = load_dataset(data, "train", root)
     test = load_dataset(data, "test", root)
-    if limit:
+    if limit is not None:
         train = train.subset(limit, seed=seed)
     torch.manual_seed(seed)
     model = create_model(arch, train.shape, train.num_classes, **(arch_options or {}))
@@ -255,12 +256,12 @@ def _add_train(sub: Any) -> None:
            help="architecture (seed001_cnn: the CNN of Grementieri & Fioresi)")
     p.add_argument("--activation", help="relu, tanh or softplus (mlp, small_cnn; default: "
                    "the architecture's own)")
-    p.add_argument("--hidden", type=ints, help="hidden widths of an mlp, e.g. 128,128 "
-                   "(default: the architecture's own)")
+    p.add_argument("--hidden", type=checked(ints, "--hidden"),
+                   help="hidden widths of an mlp, e.g. 128,128 (default: the architecture's own)")
     option(p, "--optimizer", run_train, choices=["sgd", "adam"], help="optimiser")
     option(p, "--lr", run_train, type=float, help="learning rate")
-    option(p, "--momentum", run_train, type=float, help="SGD momentum")
-    option(p, "--weight-decay", run_train, type=float, help="weight decay")
+    option(p, "--momentum", run_train, type=float, low=0.0, high=1.0, help="SGD momentum")
+    option(p, "--weight-decay", run_train, type=float, low=0.0, help="weight decay")
     option(p, "--batch-size", run_train, type=int, help="batch size")
     add_length(p, run_train, epochs="10 when --steps is not given")
     option(p, "--limit", run_train, type=int, help="train on a stratified subset of this size")
@@ -268,7 +269,8 @@ def _add_train(sub: Any) -> None:
     option(p, "--probe-size", run_train, type=int, help="test images in the Tr G probe")
     option(p, "--eval-every", run_train, type=int,
            help="steps between test evaluations (default: only at the end)")
-    option(p, "--checkpoint-every", run_train, type=int, help="steps between checkpoints")
+    option(p, "--checkpoint-every", run_train, type=int, low=0,
+           help="steps between checkpoints (0: none)")
     option(p, "--keep-checkpoint", run_train, "keep_checkpoints", type=int, action="append",
            help="also keep the checkpoint of this step (repeatable)")
     add_resume(p, run_train)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_positive_int
 from .._utils import predict_probs
 from ..data import ImageDataset, load_dataset
 
@@ -36,6 +38,7 @@ __all__ = [
     "add_length",
     "add_resume",
     "allow_change",
+    "checked",
     "checkpoint_data",
     "dataset_for",
     "default_of",
@@ -94,15 +97,52 @@ def default_of(fn: Callable[..., Any], param: str) -> Any:
     return p.default
 
 
-def option(parser: Any, flag: str, fn: Callable[..., Any], param: str | None = None,
-           **kwargs: Any) -> argparse.Action:
+_DEFAULT_LOW = object()
+
+
+def checked(kind: Callable[[str], Any], flag: str, low: Any = _DEFAULT_LOW,
+            high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int, float, ints or floats) whose numbers must be finite and
+    in range — ints ≥ 1 and floats > 0 unless ``low`` says otherwise (an inclusive lower
+    bound, or None for any finite number); ``high`` an inclusive upper bound. A value out of
+    range is a usage error naming the option and the range, before anything runs."""
+    integer = kind in (int, ints)
+    if low is _DEFAULT_LOW:
+        low, strict = (1, False) if integer else (0.0, True)
+    else:
+        strict = False
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"takes {'integers' if integer else 'numbers'}, got {text!r}") from None
+        for v in value if isinstance(value, tuple) else (value,):
+            bad = not math.isfinite(v) or (low is not None and (v <= low if strict else v < low))
+            if bad or (high is not None and v > high):
+                lo = "" if low is None else (f"> {low}" if strict else f">= {low}")
+                hi = "" if high is None else f"<= {high}"
+                limits = " and ".join(t for t in (lo, hi) if t) or "finite"
+                raise argparse.ArgumentTypeError(f"must be {limits}, got {text!r}")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in errors
+    return parse
+
+
+def option(parser: Any, flag: str, fn: Callable[..., Any], param: str | None = None, *,
+           low: Any = _DEFAULT_LOW, high: float | None = None, **kwargs: Any) -> argparse.Action:
     """``parser.add_argument(flag, …)`` with the default of ``fn``'s parameter ``param``
     (default: the flag's name, ``--batch-size`` → ``batch_size``). ``parser`` may be a
-    mutually exclusive group. The option keeps its own ``dest`` (the flag's name)."""
+    mutually exclusive group. The option keeps its own ``dest`` (the flag's name). Numeric
+    types are range-checked (:func:`checked`; ``low``/``high``)."""
     param = param or flag.lstrip("-").replace("-", "_")
     default = default_of(fn, param)
     if kwargs.get("action") == "append":
         default = list(default)  # argparse appends to the default in place
+    if kwargs.get("type") in (int, float, ints, floats):
+        kwargs["type"] = checked(kwargs["type"], flag, low, high)
     return parser.add_argument(flag, default=default, **kwargs)
 
 
@@ -143,7 +183,7 @@ def add_length(p: argparse.ArgumentParser, fn: Callable[..., Any], *,
     length = p.add_mutually_exclusive_group()
     option(length, "--epochs", fn, type=float,
            help="training length in epochs" + (f" (default: {epochs})" if epochs else ""))
-    option(length, "--steps", fn, type=int,
+    option(length, "--steps", fn, type=int, low=0,
            help="training length in steps" + (f" (default: {steps})" if steps else ""))
 
 
@@ -213,7 +253,7 @@ def dataset_for(meta: dict[str, Any], data: str | None = None, split: str = "tes
     if name is None:
         raise ValueError("the checkpoint does not record its dataset: pass --data")
     ds = load_dataset(name, split, root)
-    return ds.subset(limit, seed=seed) if limit and limit < len(ds) else ds
+    return ds.subset(limit, seed=seed) if limit is not None and limit < len(ds) else ds
 
 
 def add_checkpoint_data(p: argparse.ArgumentParser, fn: Callable[..., Any],
@@ -222,7 +262,7 @@ def add_checkpoint_data(p: argparse.ArgumentParser, fn: Callable[..., Any],
     ``--model-output`` of ``fn``: the arguments of :func:`checkpoint_data`."""
     add_data(p, dataset_for, help=f"{DATA_HELP} (default: the dataset the checkpoint records)")
     option(p, "--split", dataset_for, choices=["train", "test"], help="the dataset's split")
-    if limit:
+    if limit is not None:
         option(p, "--limit", dataset_for, type=int,
                help="a stratified subset of this many points")
     option(p, "--model-output", fn, choices=["logits", "log_probs", "probs"],
@@ -247,12 +287,18 @@ def checkpoint_data(args: argparse.Namespace) -> tuple[nn.Module, ImageDataset]:
 
 def pick(dataset: ImageDataset, n: int, seed: int) -> torch.Tensor:
     """``n`` distinct indices of ``dataset``, drawn with ``seed``."""
+    check_positive_int(n, "n")
+    if n > len(dataset):
+        raise ValueError(f"n = {n} is more than the {len(dataset)} points of the split")
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(len(dataset), generator=g)[:n]
 
 
 def pick_pairs(dataset: ImageDataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` (source, target) index pairs with different labels."""
+    check_positive_int(n, "the number of pairs")
+    if len(set(dataset.labels.tolist())) < 2:
+        raise ValueError("pairs with different labels need at least two classes in the split")
     g = torch.Generator().manual_seed(seed)
     src, tgt = [], []
     while len(src) < n:

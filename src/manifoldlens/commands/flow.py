@@ -36,6 +36,7 @@ from .common import (
     add_length,
     add_resume,
     allow_change,
+    checked,
     floats,
     option,
     progress,
@@ -54,10 +55,10 @@ def flow_data(data: str, split: str, root: str | None = None, limit: int | None 
     """``(x, n_bins, dataset)`` of a 2-D toy (``n_bins`` None; the test split is drawn with
     another seed) or an image dataset (a stratified subset of ``limit`` points if given)."""
     if data in TOYS:
-        n = limit or toy_size
+        n = limit if limit is not None else toy_size
         return make_toy_2d(data, n, seed=seed if split == "train" else seed + 1), None, None
     ds = load_dataset(data, split, root)
-    if limit:
+    if limit is not None:
         ds = ds.subset(limit, seed=seed)
     return ds.images, n_bins_for(ds.name), ds
 
@@ -145,8 +146,9 @@ def run_flow_train(
         steps = 2000
     kind = kind or ("realnvp" if data in TOYS else "glow")
     x, bins, ds = flow_data(data, "train", root, limit, seed)
-    x_test, _, _ = flow_data(data, "test", root, test_limit or (10000 if data in TOYS else None),
-                             seed)
+    if test_limit is None and data in TOYS:
+        test_limit = 10000
+    x_test, _, _ = flow_data(data, "test", root, test_limit, seed)
     n_bins = n_bins if n_bins is not None else bins
     torch.manual_seed(seed)
     model = default_flow(kind, tuple(x.shape[1:]), **(model_options or {}))
@@ -301,21 +303,25 @@ def _add_train(sub: Any) -> None:
     option(p, "--model", fn, "kind", choices=list(KINDS),
            help="the flow (default: realnvp for 2-D toys, glow for images)")
     for name, text in MODEL_OPTIONS:
-        p.add_argument("--" + name.replace("_", "-"), type=int,
+        p.add_argument("--" + name.replace("_", "-"),
+                       type=checked(int, "--" + name.replace("_", "-")),
                        help=f"{text} (default: sized for the data by default_flow)")
     add_length(p, fn, steps="2000 when --epochs is not given")
     option(p, "--lr", fn, type=float, help="Adam learning rate")
     option(p, "--batch-size", fn, type=int, help="batch size")
-    option(p, "--warmup", fn, "warmup_steps", type=int, help="linear learning-rate warm-up steps")
-    option(p, "--clip", fn, "clip_grad_norm", type=float, help="gradient-norm clip (0: off)")
-    option(p, "--n-bins", fn, type=int, help="quantisation levels (default: 17 for digits, "
+    option(p, "--warmup", fn, "warmup_steps", type=int, low=0,
+           help="linear learning-rate warm-up steps")
+    option(p, "--clip", fn, "clip_grad_norm", type=float, low=0.0,
+           help="gradient-norm clip (0: off)")
+    option(p, "--n-bins", fn, type=int, low=2, help="quantisation levels (default: 17 for digits, "
            "256 for IDX images)")
     option(p, "--limit", fn, type=int, help="train on a subset of this size")
     option(p, "--test-limit", fn, type=int,
            help="evaluate on a subset of this size (default: 10000 points of a toy, all images)")
     option(p, "--eval-every", fn, type=int,
            help="steps between test evaluations (default: only at the end)")
-    option(p, "--checkpoint-every", fn, type=int, help="steps between checkpoints")
+    option(p, "--checkpoint-every", fn, type=int, low=0,
+           help="steps between checkpoints (0: none)")
     add_resume(p, fn)
 
 
@@ -342,7 +348,7 @@ def add_arguments(sub: Any) -> None:
              "checkpoint records)")
     option(p, "--split", run_flow_eval, choices=["train", "test"], help="the dataset's split")
     option(p, "--limit", run_flow_eval, type=int, help="evaluate on a subset of this size")
-    option(p, "--n-bins", run_flow_eval, type=int,
+    option(p, "--n-bins", run_flow_eval, type=int, low=2,
            help="quantisation levels (default: those recorded in the checkpoint)")
     p = _add_trained(fsub, "sample", _sample, run_flow_sample,
                      "samples at several temperatures")

@@ -333,18 +333,20 @@ def _add_path(sub: Any, name: str, handler: Any, fn: Any, help: str,
     """A path experiment: steps, step size, recording, clamping, resume (and the tolerance
     and step rule of horizontal paths when ``fn`` takes them)."""
     p = _add_experiment(sub, name, handler, fn, help, n)
-    option(p, "--steps", fn, type=int, help="steps of the path")
+    option(p, "--steps", fn, type=int, low=0, help="steps of the path")
     option(p, "--step-size", fn, type=float, help="step length α")
     option(p, "--record-every", fn, type=int, help="steps between recorded points")
     add_resume(p)
     if "tol" in _params(fn):
-        option(p, "--tol", fn, type=float, help="distance to the target that counts as reached")
+        option(p, "--tol", fn, type=float, low=0.0,
+               help="distance to the target that counts as reached")
         option(p, "--capped", fn, action="store_true",
                help="steps of min(α, ‖v‖): stop at the leaf's point nearest the target "
                     "instead of stepping α as Algorithm 1 does")
     if "noise_steps" in _params(fn):
-        option(p, "--noise-steps", fn, type=int, help="steps across the leaves that add noise")
-    option(p, "--clamp", fn, type=float, nargs=2, metavar=("LO", "HI"),
+        option(p, "--noise-steps", fn, type=int, low=0,
+               help="steps across the leaves that add noise")
+    option(p, "--clamp", fn, type=float, low=None, nargs=2, metavar=("LO", "HI"),
            help="keep points in the data domain, as the code of Grementieri & Fioresi does")
     p.add_argument("--no-clamp", action="store_true", help="do not clamp")
     return p

@@ -103,7 +103,7 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
         raise ValueError(f"unknown model {kind!r}; known: {sorted(KINDS)}")
     train = load_dataset(data, "train", root)
     test = load_dataset(data, "test", root)
-    if limit:
+    if limit is not None:
         train = train.subset(limit, seed=seed)
     x = resize_images(train.images, size)
     xt = resize_images(test.images[:512], size)
@@ -459,9 +459,9 @@ def _add_vae(sub: Any) -> None:
     option(p, "--model", fn, "kind", choices=list(KINDS), help="the generative model")
     option(p, "--size", fn, type=int, help="images resized to size × size")
     option(p, "--latent", fn, "latent_dim", type=int, help="latent dimension k")
-    option(p, "--alpha", fn, type=float, help="β-TCVAE weight of the index-code MI")
-    option(p, "--beta", fn, type=float, help="β-TCVAE weight of the total correlation")
-    option(p, "--gamma", fn, type=float, help="β-TCVAE weight of the dimension-wise KL")
+    option(p, "--alpha", fn, type=float, low=0.0, help="β-TCVAE weight of the index-code MI")
+    option(p, "--beta", fn, type=float, low=0.0, help="β-TCVAE weight of the total correlation")
+    option(p, "--gamma", fn, type=float, low=0.0, help="β-TCVAE weight of the dimension-wise KL")
     option(p, "--limit", fn, type=int, help="train on a stratified subset of this size")
     add_length(p, fn, epochs="10 when --steps is not given")
     option(p, "--lr", fn, type=float, help="Adam learning rate")
@@ -522,7 +522,8 @@ def _add_roar(sub: Any) -> None:
     p.add_argument("checkpoint", help="the classifier whose attributions rank the pixels")
     add_common(p, fn)
     option(p, "--methods", fn, type=names, help="comma-separated attribution methods")
-    option(p, "--fractions", fn, type=floats, help="comma-separated fractions of pixels removed")
+    option(p, "--fractions", fn, type=floats, low=0.0, high=1.0,
+           help="comma-separated fractions of pixels removed")
     option(p, "--remove", fn, choices=["top", "bottom"],
            help="remove the most (top) or least (bottom) important pixels")
     option(p, "--n-train", fn, type=int, help="retrain on the first n training images "

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import check_batch
+from .._checks import check_batch, check_number, check_positive_int
 from ..models import register_architecture
 from .layers import (
     ActNorm,
@@ -171,6 +171,8 @@ class Flow(nn.Module):
     def sample(self, n: int, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """n samples at ``temperature``: ``decode(T · ε)``, ε from the base distribution."""
+        check_positive_int(n, "n")
+        check_number(temperature, "temperature", low=0.0, strict=True)
         p = next(self.parameters())
         device = generator.device if generator is not None else p.device
         eps = self.base.sample((n, self.dim), dtype=p.dtype, device=device, generator=generator)
@@ -178,6 +180,12 @@ class Flow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, base={self.base.name}"
+
+
+def _positive(**sizes: int) -> None:
+    """Every layer count and width a positive integer (checked before anything is built)."""
+    for name, value in sizes.items():
+        check_positive_int(value, name)
 
 
 # ----------------------------------------------------------------------------- NICE
@@ -203,6 +211,7 @@ class NICE(Flow):
     def __init__(self, shape: Sequence[int], couplings: int = 4, hidden: int = 1000,
                  depth: int = 5, base: str = "logistic",
                  domain: Sequence[float] | None = None, split: str = "alternating"):
+        _positive(couplings=couplings, hidden=hidden, depth=depth)
         shape = tuple(int(s) for s in shape)
         d = math.prod(shape)
         if d < 2:
@@ -262,6 +271,8 @@ class RealNVP(Flow):
     def __init__(self, shape: Sequence[int], couplings: int = 8, hidden: int = 256,
                  depth: int = 2, scales: int = 2, hidden_channels: int = 64, blocks: int = 4,
                  alpha: float = 0.05, base: str = "normal"):
+        _positive(couplings=couplings, hidden=hidden, depth=depth, scales=scales,
+                  hidden_channels=hidden_channels, blocks=blocks)
         shape = tuple(int(s) for s in shape)
         steps: list[nn.Module] = []
         if len(shape) == 1:
@@ -332,6 +343,7 @@ class Glow(Flow):
 
     def __init__(self, shape: Sequence[int], levels: int = 3, depth: int = 32,
                  hidden_channels: int = 512, base: str = "normal", seed: int = 0):
+        _positive(levels=levels, depth=depth, hidden_channels=hidden_channels)
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3:
             raise ValueError(f"Glow takes images (C, H, W), got shape {shape}")

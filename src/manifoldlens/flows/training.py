@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_batch, check_positive_int
 from .._utils import eval_mode
 from ..runs import Run
-from ..training import Callback, RunOptions, TrainResult, fit
+from ..training import Callback, RunOptions, TrainResult, check_schedule, fit
 from .bpd import bits_per_dim, dequantize
 from .models import initialize
 
@@ -93,6 +94,11 @@ def train_flow(
     (checkpoints, resume, metadata).
     """
     x = _images(train_data)
+    check_batch(x, "train_data")  # everything checked before ActNorm initialises the model
+    check_schedule(x.shape[0], batch_size, epochs, steps, warmup_steps=warmup_steps,
+                   clip_grad_norm=clip_grad_norm)
+    if n_bins is not None:
+        check_positive_int(n_bins, "n_bins", minimum=2)
     train_config = {"optimizer": "adam", "lr": lr, "batch_size": batch_size, "seed": seed,
                     "n_bins": n_bins, "warmup_steps": warmup_steps,
                     "clip_grad_norm": clip_grad_norm, "weight_decay": weight_decay,
