@@ -58,7 +58,7 @@ def test_a_second_run_in_the_same_process_is_refused_until_the_first_ends(tmp_pa
 
 def test_a_refused_run_releases_what_it_took(tmp_path):
     Run(tmp_path / "r", "first").finish("ok")
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="cannot be used for a new run"):
         Run(tmp_path / "r", "again")  # refused: not a resume
     Run(tmp_path / "r", "again", resume=True).finish("ok")  # the refusal left no lock behind
 

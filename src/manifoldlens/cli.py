@@ -2,7 +2,9 @@
 
 It builds the parser from each command module's ``add_arguments``, opens the run directory
 (``--out``, default ``runs/<command>-<timestamp>``), calls the subcommand's handler and turns
-an error into one line (``manifoldlens <command>: error: …``, exit status 2).
+an error into one line (``manifoldlens <command>: error: …``): exit status 2 for what the user
+asked for (bad options, missing files), 1 for failures while running; ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
-#: The errors reported as one line with exit status 2 (anything else is a bug: a traceback).
-ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, TypeError)
+#: Errors in what the user asked for: one line, exit status 2 (as argparse's usage errors).
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+#: Failures while running: one line, exit status 1. Anything else is a bug: one line too,
+#: exit status 1, and the traceback with ``--debug``.
+RUNTIME_ERRORS = (FloatingPointError, OSError, RuntimeError, MemoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,33 +35,91 @@ def build_parser() -> argparse.ArgumentParser:
         description="The geometry a trained classifier sees in its data.",
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in modules:
         module.add_arguments(sub)
     return parser
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device torch does not know or this machine does not have, before a run
+    directory exists."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: manifoldlens runs on cpu, cuda or mps")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be a directory (a file, or under one)."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--out {out}: {p} is a file, not a directory")
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"manifoldlens {args.command}"
+    try:
+        return _run(args)
+    except USAGE_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except RUNTIME_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"{prog}: internal error ({type(e).__name__}): {_one_line(e)}; rerun with "
+              "--debug for the traceback and report it", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:2000]
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .runs import Run, default_run_dir
 
-    torch.manual_seed(args.seed if args.seed is not None else 0)
+    _check_device(args.device)
     experiment = getattr(args, "experiment", None)
     name = args.command + (f"-{experiment}" if experiment else "")
-    out = args.out or default_run_dir(name)
+    out = Path(args.out) if args.out else default_run_dir(name)
+    _check_out(out)
+    torch.manual_seed(args.seed if args.seed is not None else 0)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k != "handler"}
-    try:
-        with Run(out, name, config, seed=args.seed, device=args.device,
-                 resume=getattr(args, "resume", False)) as run:
-            print(f"run directory: {run.path}", file=sys.stderr)
-            args.handler(args, run)
-    except ERRORS as e:
-        print(f"manifoldlens {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    report = Path(out) / "report.html"
+              if k not in ("handler", "debug")}
+    with Run(out, name, config, seed=args.seed, device=args.device,
+             resume=getattr(args, "resume", False)) as run:
+        print(f"run directory: {run.path}", file=sys.stderr)
+        args.handler(args, run)
+    report = out / "report.html"
     print(f"done: {out}/run.json" + (f", {report}" if args.command == "demo" else ""),
           file=sys.stderr)
     return 0

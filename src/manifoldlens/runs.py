@@ -167,16 +167,13 @@ class Run:
         self._previous_wall = 0.0
         meta = self.path / "run.json"
         if meta.exists() and not resume:  # refused before the directory is touched
-            raise FileExistsError(
-                f"{self.path} already holds a run; pass resume=True (CLI: --resume) "
-                "to continue it, or choose another directory"
-            )
+            self._refuse_or_reuse(meta)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_directory(self.path)  # one run owns its directory, for its life
         try:
-            if meta.exists():
-                if not resume:  # another run wrote it meanwhile
-                    raise FileExistsError(f"{self.path} already holds a run")
+            if meta.exists() and not resume:  # another run may have written it meanwhile
+                self._refuse_or_reuse(meta, reuse=True)
+            elif meta.exists():
                 old = _read_json(meta)
                 self.metrics = old.get("metrics", {}) or {}
                 self._previous_wall = float(old.get("wall_time_s", 0.0) or 0.0)
@@ -185,6 +182,26 @@ class Run:
         except BaseException:
             self._release()
             raise
+
+    _BOOKKEEPING = frozenset({"run.json", "metrics.jsonl", LOCK_FILE, "run.json.tmp"})
+
+    def _refuse_or_reuse(self, meta: Path, reuse: bool = False) -> None:
+        """An existing run is continued only with ``resume``; but the directory of a run of
+        the same command that failed before producing anything (no checkpoint, figure or
+        array) is taken over, so that rerunning a command after fixing its input works."""
+        old = _read_json(meta)
+        produced = sorted(p.name for p in self.path.iterdir() if p.name not in self._BOOKKEEPING)
+        if old.get("status") == "failed" and old.get("command") == self.command and not produced:
+            if reuse:
+                (self.path / "metrics.jsonl").unlink(missing_ok=True)
+            return
+        why = (f"it holds what a {old.get('status', 'previous')} run of "
+               f"{old.get('command', 'another command')} produced ({', '.join(produced[:4])}"
+               f"{' …' if len(produced) > 4 else ''})" if produced else "it holds a run")
+        raise FileExistsError(
+            f"{self.path} cannot be used for a new run: {why}; pass resume=True (CLI: "
+            "--resume) to continue it, or choose another directory"
+        )
 
     # -- files ----------------------------------------------------------------------------
 
