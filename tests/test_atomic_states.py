@@ -148,3 +148,51 @@ def test_checkpoint_manifest_names_files_beside_it_only(tmp_path):
         (sub / "m.json").write_text(json.dumps({**manifest, "weights": bad}))
         with pytest.raises(ValueError, match="outside its directory"):
             load_checkpoint(sub / "m.json")
+
+
+TRAIN = [sys.executable, "-m", "manifoldlens.cli", "train", "--arch", "mlp", "--hidden", "32",
+         "--steps", "60", "--batch-size", "8", "--checkpoint-every", "1", "--trace-every",
+         "20", "--probe-size", "8", "--no-progress"]
+
+
+def _latest_step(out) -> int:
+    found = sorted((out / "checkpoints").glob("step-*.json")) if out.exists() else []
+    return int(found[-1].name[5:13]) if found else -1
+
+
+def test_training_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL ``manifoldlens train`` (a checkpoint every step, so kills land inside
+    checkpoint writes too) and resume it until done: the weights and the logged curve equal
+    those of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    ref = tmp_path / "ref"
+    subprocess.run([*TRAIN, "--out", str(ref)], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    delays = torch.Generator().manual_seed(1)
+    kills = 0
+    for attempt in range(4):
+        before = _latest_step(out)
+        argv = [*TRAIN, "--out", str(out)] + (["--resume"] if attempt else [])
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while _latest_step(out) <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.4 * float(torch.rand((), generator=delays)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if json.loads((out / "run.json").read_text())["status"] == "ok":
+            break
+    else:
+        subprocess.run([*TRAIN, "--out", str(out), "--resume"], check=True, capture_output=True)
+    assert kills >= 2
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def curve(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "loss" in r or "trace_of_g" in r]
+
+    assert curve(out) == curve(ref)
