@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -23,11 +25,17 @@ from ._checks import check_model_output
 __all__ = [
     "chunks",
     "differing",
+    "BuildTooLarge",
+    "build_budget",
     "eval_mode",
+    "first_nonfinite",
+    "json_text",
+    "jsonable",
     "latest_checkpoint",
     "model_fingerprint",
     "predict_probs",
     "progress_bar",
+    "safetensors_header",
     "scores_with_graph",
     "sha256_file",
     "tensor_sha256",
@@ -165,3 +173,107 @@ def latest_checkpoint(directory: Path) -> Path | None:
     """The newest ``step-*.json`` checkpoint manifest in ``directory``, or None."""
     found = sorted(Path(directory).glob("step-*.json"))
     return found[-1] if found else None
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values, the one convention of every JSON file manifoldlens writes
+    (run.json, metrics.jsonl, checkpoint manifests): dict keys become strings, tuples lists,
+    paths strings, numpy / torch scalars and arrays Python numbers and lists; a NaN becomes
+    ``null`` and an infinity the string ``"inf"`` or ``"-inf"`` (``float()`` reads them back),
+    so the files are standard JSON that any reader accepts. Other objects are returned as
+    they are (:func:`json_text` refuses them)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return jsonable(obj.tolist())  # numpy / torch scalars and arrays
+    return obj
+
+
+def _not_serialisable(obj: Any) -> Any:
+    raise TypeError(f"a value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def json_text(obj: Any, *, indent: int | None = None) -> str:
+    """``json.dumps`` of :func:`jsonable` ``(obj)``: standard JSON (never ``NaN`` or
+    ``Infinity``); a value JSON cannot hold raises ``TypeError`` naming its type."""
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False, default=_not_serialisable)
+
+
+class BuildTooLarge(Exception):
+    """Raised inside a :func:`build_budget` block when the model being built outgrows it."""
+
+
+@contextlib.contextmanager
+def build_budget(*, tensors: int, elements: int, modules: int) -> Iterator[dict[str, int]]:
+    """Inside the block, registering more than ``tensors`` parameters and buffers, ``elements``
+    elements in them, or ``modules`` submodules (in all modules, counted by torch's global
+    registration hooks) raises :class:`BuildTooLarge` at once: a constructor given absurd
+    sizes stops early, also on the ``meta`` device where nothing else would stop it."""
+    from torch.nn.modules import module as _m
+
+    counts = {"tensors": 0, "elements": 0, "modules": 0}
+    limits = {"tensors": tensors, "elements": elements, "modules": modules}
+
+    def count(kind: str, n: int) -> None:
+        counts[kind] += n
+        if counts[kind] > limits[kind]:
+            raise BuildTooLarge(f"more than {limits[kind]} {kind}")
+
+    def on_tensor(module: nn.Module, name: str, t: torch.Tensor | None) -> None:
+        if t is not None:
+            count("tensors", 1)
+            count("elements", t.numel())
+
+    handles = [_m.register_module_parameter_registration_hook(on_tensor),
+               _m.register_module_buffer_registration_hook(on_tensor),
+               _m.register_module_module_registration_hook(lambda *_: count("modules", 1))]
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def first_nonfinite(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """``(name, count of NaN/Inf, numel)`` of the first floating tensor of ``state`` holding
+    NaN or Inf, or None."""
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return name, bad, t.numel()
+    return None
+
+
+#: safetensors dtype names → torch dtypes (those a manifoldlens checkpoint can hold).
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                      "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8,
+                      "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                      "BOOL": torch.bool}
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of the tensors of a safetensors file, from its header alone
+    (no tensor data read); a ValueError names the file if it is unreadable or holds a dtype
+    outside :data:`SAFETENSORS_DTYPES`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            raw = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                   for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    unknown = sorted({dt for dt, _ in raw.values()} - set(SAFETENSORS_DTYPES))
+    if unknown:
+        raise ValueError(f"{path} holds tensors of dtypes {unknown}; known: "
+                         f"{sorted(SAFETENSORS_DTYPES)}")
+    return {k: (SAFETENSORS_DTYPES[dt], shape) for k, (dt, shape) in raw.items()}

@@ -17,7 +17,6 @@ Explanations." CVPR Workshops 2023. arXiv:2206.07387. §4.5, Figure 6.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from ._utils import eval_mode
 from .attribution import explain
 from .information import default_rtol, local_data_matrix
+from .runs import read_records
 from .training import Callback, TrainState
 
 __all__ = ["Periodic", "TangentFractionDuringTraining", "TraceOfG", "read_trace_records"]
@@ -150,6 +150,5 @@ class TangentFractionDuringTraining(Periodic):
 
 def read_trace_records(path: str | Path) -> list[dict[str, float]]:
     """The :class:`TraceOfG` records of a run directory (from ``metrics.jsonl``)."""
-    p = Path(path) / "metrics.jsonl"
-    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows = [r for _, r in read_records(Path(path) / "metrics.jsonl")]
     return [r["trace_of_g"] for r in rows if "trace_of_g" in r]

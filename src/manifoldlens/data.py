@@ -31,6 +31,7 @@ __all__ = [
     "ENV_VAR",
     "FASHION_MNIST_CLASSES",
     "KMNIST_CLASSES",
+    "MAX_CLASSES",
     "SYSTEM_DATA_DIR",
     "TOY_2D",
     "ImageDataset",
@@ -60,6 +61,10 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 KMNIST_CLASSES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
 """Romanised hiragana of the ten Kuzushiji-MNIST classes (お き す つ な は ま や れ を)."""
+
+MAX_CLASSES = 10_000
+"""Most classes an IDX data set of unknown name may have: a label outside ``[0, MAX_CLASSES)``
+is refused (a known data set's labels must lie in its own class list)."""
 
 _DIGIT_CLASSES = tuple(str(i) for i in range(10))
 _KNOWN_CLASSES = {
@@ -364,26 +369,39 @@ def _check_images(images: np.ndarray, path: Path) -> None:
             )
 
 
-def _check_labels(labels: np.ndarray, path: Path) -> None:
+def _check_labels(labels: np.ndarray, path: Path, name: str) -> None:
+    """1-D integers in ``[0, K)``: K the number of classes of a known data set, else
+    :data:`MAX_CLASSES`; a ValueError names ``path`` and the first bad value."""
     if labels.ndim != 1:
         raise ValueError(
             f"{path}: labels must be 1-D (n,), got {labels.ndim}-D shape {labels.shape}"
         )
     if labels.dtype.kind not in "iu":
         raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
-    if labels.size and int(labels.min()) < 0:
-        raise ValueError(f"{path}: labels must be non-negative, found {int(labels.min())}")
+    if not labels.size:
+        return
+    known = _KNOWN_CLASSES.get(name)
+    limit = len(known) if known is not None else MAX_CLASSES
+    bad = np.flatnonzero((labels < 0) | (labels >= limit))
+    if not bad.size:
+        return
+    i = int(bad[0])
+    value = int(labels[i])
+    if value < 0:
+        raise ValueError(f"{path}: labels must be non-negative, found {value} (sample {i})")
+    if known is not None:
+        raise ValueError(f"{path}: label {value} (sample {i}) out of range for {name!r}, which "
+                         f"has {len(known)} classes (labels 0..{len(known) - 1})")
+    raise ValueError(f"{path}: label {value} (sample {i}) out of range: an IDX data set may "
+                     f"have at most MAX_CLASSES = {MAX_CLASSES} classes (labels 0..{limit - 1})")
 
 
-def _idx_classes(name: str, split_labels: list[np.ndarray], lab_path: Path) -> list[str]:
-    top = max(int(lab.max()) for lab in split_labels)
+def _idx_classes(name: str, split_labels: list[np.ndarray]) -> list[str]:
+    """Class names: a known data set's, else ``"0"``.. up to the largest label (checked by
+    :func:`_check_labels` to be below :data:`MAX_CLASSES`)."""
     if name in _KNOWN_CLASSES:
-        classes = list(_KNOWN_CLASSES[name])
-        if top >= len(classes):
-            raise ValueError(
-                f"{lab_path}: label {top} out of range for {name!r} ({len(classes)} classes)"
-            )
-        return classes
+        return list(_KNOWN_CLASSES[name])
+    top = max(int(lab.max()) for lab in split_labels)
     return [str(k) for k in range(top + 1)]
 
 
@@ -393,7 +411,7 @@ def _load_idx(name: str, split: str, root: str | os.PathLike | None) -> ImageDat
     images = read_idx_shared(img_path)
     labels = read_idx_shared(lab_path)
     _check_images(images, img_path)
-    _check_labels(labels, lab_path)
+    _check_labels(labels, lab_path, ds_name)
     if images.shape[0] != labels.shape[0]:
         raise ValueError(
             f"count mismatch: {img_path} holds {images.shape[0]} images but {lab_path} holds "
@@ -406,12 +424,12 @@ def _load_idx(name: str, split: str, root: str | os.PathLike | None) -> ImageDat
     if ds_name not in _KNOWN_CLASSES and other_lab is not None:
         try:
             extra = read_idx_shared(other_lab)
-            _check_labels(extra, other_lab)
+            _check_labels(extra, other_lab, ds_name)
             if extra.size:
                 all_labels.append(extra)
         except ValueError:
             pass  # that split's own load reports its problem
-    classes = _idx_classes(ds_name, all_labels, lab_path)
+    classes = _idx_classes(ds_name, all_labels)
     x = torch.from_numpy(images.astype(np.float32))
     if images.dtype.kind in "iu":
         x.div_(255.0)
@@ -484,16 +502,19 @@ def load_dataset(
         already lie in ``[0, 1]``) and int64 labels. Class names: Fashion-MNIST's ten
         garment names, ``"0"``..``"9"`` for digits and MNIST, :data:`KMNIST_CLASSES` for
         KMNIST, otherwise ``str(k)`` for ``k`` up to the largest label of either split.
-        Parsed files are cached in-process (keyed on path, mtime and size); each call returns
-        fresh tensors that share nothing with the cache or earlier calls.
+        Parsed files are cached in-process (keyed on path, inode, size, mtime, ctime and a
+        hash of the file's first and last blocks); each call returns fresh tensors that share
+        nothing with the cache or earlier calls.
 
     Raises
     ------
     FileNotFoundError
         Files not found; the message lists every place searched and how to get them.
     ValueError
-        Bad split, malformed IDX file, images not 3-D, labels not 1-D non-negative integers,
-        or image and label counts that differ (naming both files).
+        Bad split, malformed IDX file, images not 3-D, labels not 1-D integers in
+        ``[0, K)`` (K the known data set's number of classes, else :data:`MAX_CLASSES`; the
+        message names the file, the value and its sample), or image and label counts that
+        differ (naming both files).
 
     Examples
     --------

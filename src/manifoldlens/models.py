@@ -32,11 +32,17 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._utils import sha256_file
+from ._utils import (
+    BuildTooLarge,
+    build_budget,
+    first_nonfinite,
+    json_text,
+    safetensors_header,
+    sha256_file,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -375,14 +381,6 @@ def _stem(path: str | os.PathLike[str]) -> str:
     return s
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return obj.tolist()
-    raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON-serialisable")
-
-
 def save_checkpoint(
     path_stem_or_dir: str | os.PathLike[str],
     model: nn.Module,
@@ -398,6 +396,8 @@ def save_checkpoint(
     ``.safetensors`` is stripped. Suffixes are appended to the string, so ``run.5`` is kept.
     Any ``nn.Module`` can be saved; one without a manifoldlens ``spec`` is stored with
     ``"spec": null`` and read back into a model you build with :func:`load_weights`.
+    The manifest is standard JSON (:func:`manifoldlens._utils.jsonable`): a NaN in
+    ``metadata`` is written as ``null``, an infinity as ``"inf"`` / ``"-inf"``.
     """
     spec = getattr(model, "spec", None)
     if not isinstance(spec, dict) or "arch" not in spec:
@@ -423,7 +423,7 @@ def save_checkpoint(
         "optimizer_sha256": None,
         "torch_version": torch.__version__,
     }
-    json.dumps(manifest, default=_json_default)  # fail before writing anything
+    json_text(manifest)  # fail before writing anything
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tmp = Path(str(weights) + ".tmp")
@@ -440,7 +440,7 @@ def save_checkpoint(
         manifest["optimizer_sha256"] = sha256_file(optim_path)
 
     tmp = Path(str(manifest_path) + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json_text(manifest, indent=2) + "\n")
     os.replace(tmp, manifest_path)
     return manifest_path
 
@@ -478,17 +478,22 @@ def _rebind(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
 
 
 def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    manifest_path = Path(_stem(path) + ".json")
+    """The manifest of ``path``: a directory means ``<dir>/checkpoint.json`` (where
+    :func:`save_checkpoint` puts it), anything else ``<stem>.json``."""
+    manifest_path = Path(path) / "checkpoint.json" if Path(path).is_dir() else \
+        Path(_stem(path) + ".json")
     if not manifest_path.is_file():
         raise FileNotFoundError(f"checkpoint manifest not found: {manifest_path}")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{manifest_path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise ValueError(f"{manifest_path} is not a manifoldlens checkpoint manifest")
     if manifest.get("sha256") is None:
         raise ValueError(f"{manifest_path} records no sha256 for its weights")
+    if not all(isinstance(manifest.get(k) or {}, dict) for k in ("spec", "metadata")):
+        raise ValueError(f"{manifest_path}: its spec and metadata must be JSON objects")
     return manifest_path, manifest
 
 
@@ -504,19 +509,36 @@ def load_weights(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     map_location: str | torch.device | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint's weights (and optimizer state) into an existing ``model``.
 
     Works for any ``nn.Module``: the sha256 of the weights is verified, the state dict is
     loaded with ``strict=True`` and the optimizer state (over ``model``'s parameters) is read
-    with ``weights_only=True``. Returns the checkpoint's metadata.
+    with ``weights_only=True``. Weights holding NaN or Inf are refused with a ValueError
+    naming the file and the first such tensor, unless ``allow_nonfinite``. ``path`` may be a
+    directory written by :func:`save_checkpoint`. Returns the checkpoint's metadata.
     """
     manifest_path, manifest = _read_manifest(path)
-    directory = manifest_path.parent
-    weights = _checked_file(directory, manifest.get("weights"), manifest["sha256"], "weights")
+    weights = _checked_file(manifest_path.parent, manifest.get("weights"), manifest["sha256"],
+                            "weights")
+    return _load_state(manifest_path, manifest, weights, model, optimizer=optimizer,
+                       map_location=map_location, allow_nonfinite=allow_nonfinite)
+
+
+def _load_state(manifest_path: Path, manifest: dict[str, Any], weights: Path, model: nn.Module,
+                *, optimizer: torch.optim.Optimizer | None,
+                map_location: str | torch.device | None, allow_nonfinite: bool
+                ) -> dict[str, Any]:
+    """The body of :func:`load_weights`, the weights file verified already."""
     if map_location is None:
         map_location = next(iter(model.parameters()), torch.empty(0)).device
     state = load_file(str(weights), device="cpu")
+    bad = None if allow_nonfinite else first_nonfinite(state)
+    if bad is not None:
+        name, count, numel = bad
+        raise ValueError(f"{weights}: tensor {name!r} holds {count} NaN/Inf values (of {numel}); "
+                         "pass allow_nonfinite=True to load it anyway")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -525,9 +547,8 @@ def load_weights(
     if optimizer is not None:
         if manifest.get("optimizer") is None:
             raise ValueError(f"checkpoint {manifest_path} holds no optimizer state")
-        optim_path = _checked_file(
-            directory, manifest["optimizer"], manifest.get("optimizer_sha256"), "optimizer"
-        )
+        optim_path = _checked_file(manifest_path.parent, manifest["optimizer"],
+                                   manifest.get("optimizer_sha256"), "optimizer")
         optimizer.load_state_dict(
             torch.load(optim_path, map_location=map_location, weights_only=True)
         )
@@ -564,15 +585,19 @@ def load_checkpoint(
     *,
     map_location: str | torch.device = "cpu",
     optimizer: torch.optim.Optimizer | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint from its ``.json``, ``.safetensors`` or stem path.
+    """Load a checkpoint from its ``.json``, ``.safetensors`` or stem path, or the directory
+    :func:`save_checkpoint` wrote it into. Returns ``(model in eval mode, metadata dict)``.
 
-    Rebuilds the model from the stored spec, verifies the sha256 of the weights, loads
-    them with ``strict=True`` (keeping their floating dtype) and moves the model to
-    ``map_location``. With ``optimizer`` (created over a model of the same spec), its
-    parameters are rebound to the returned model's, in ``model.parameters()`` order, and its
-    state is restored from ``<stem>.optim.pt``.
-    Returns ``(model in eval mode, metadata dict)``.
+    Verifies the sha256 of the weights; checks the stored spec against the names and shapes
+    in the safetensors header on the ``meta`` device, within a budget (:func:`_build_for`),
+    so a spec that does not fit is refused naming the file before real memory is spent;
+    builds the model, casts each floating tensor to its stored dtype (mixed float32 / float64
+    checkpoints keep both), loads the weights with ``strict=True`` (NaN/Inf refused unless
+    ``allow_nonfinite``) and moves the model to ``map_location``. With ``optimizer`` (over a
+    model of the same spec), its parameters are rebound to the returned model's, in
+    ``model.parameters()`` order, and its state is restored from ``<stem>.optim.pt``.
     """
     manifest_path, manifest = _read_manifest(path)
     if manifest.get("spec") is None:
@@ -580,20 +605,80 @@ def load_checkpoint(
             f"{manifest_path} holds the weights of a custom model (no architecture spec): "
             "build the model yourself and call load_weights(path, model)"
         )
-    model = build_model(manifest["spec"])
     weights = _checked_file(
         manifest_path.parent, manifest.get("weights"), manifest["sha256"], "weights"
     )
-    with safe_open(str(weights), framework="pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
-    floating = {d for d in dtypes if d in _FLOAT_DTYPES}
-    if len(floating) == 1:
-        model = model.to(_FLOAT_DTYPES[floating.pop()])
+    header = safetensors_header(weights)
+    model = _build_for(manifest["spec"], header, manifest_path, weights)
+    floating = {dt for dt, _ in header.values() if dt.is_floating_point}
+    if len(floating) == 1:  # derived buffers (masks) follow too
+        model = model.to(floating.pop())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        stored = header.get(name, (None, None))[0]
+        if stored is not None and stored.is_floating_point and t.is_floating_point():
+            t.data = t.data.to(stored)
     if optimizer is not None:
         _rebind(optimizer, model)
-    metadata = load_weights(path, model, optimizer=optimizer, map_location=map_location)
+    metadata = _load_state(manifest_path, manifest, weights, model, optimizer=optimizer,
+                           map_location=map_location, allow_nonfinite=allow_nonfinite)
     return model.to(map_location).eval(), metadata
 
 
-_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                 "F64": torch.float64}
+def _build_for(spec: Any, header: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+               manifest_path: Path, weights: Path) -> nn.Module:
+    """``build_model(spec)`` once the spec is known to describe the tensors of ``header``.
+
+    The model is first built on the ``meta`` device, within a budget: a model that fits the
+    file registers each of its n stored tensors (N elements) once, plus parameterless
+    modules (activations, reshapes) and buffers derived from the same sizes (masks); so
+    building may register at most 8·n + 256 tensors and as many submodules, holding at most
+    2·N + 2**20 elements, and is stopped the moment it exceeds that (a spec asking for
+    10**7 couplings stops after a few hundred). A class whose constructor cannot run on
+    ``meta`` is built on the CPU within the same budget. Its state dict is then loaded from
+    meta-device stand-ins of the header's tensors (so load hooks apply as they will), and any
+    missing, unexpected or misshapen tensor is a ValueError naming the file.
+    """
+    n = len(header)
+    total = sum(_numel(shape) for _, shape in header.values())
+    budget = {"tensors": 8 * n + 256, "modules": 8 * n + 256, "elements": 2 * total + 2**20}
+    device = "meta"
+    try:
+        try:
+            with build_budget(**budget), torch.device(device):
+                probe = build_model(spec)
+        except (NotImplementedError, RuntimeError) as e:
+            if "meta" not in str(e) and not isinstance(e, NotImplementedError):
+                raise
+            device = "cpu"  # a registered class whose constructor needs real tensors
+            with build_budget(**budget):
+                probe = build_model(spec)
+    except BuildTooLarge as e:
+        raise ValueError(f"{manifest_path}: its spec describes a model far larger than the "
+                         f"{n} tensors ({total} elements) in {weights} ({e} while building "
+                         f"it on the {device} device); the manifest does not fit these weights"
+                         ) from None
+    except (ValueError, TypeError, RuntimeError, OverflowError, KeyError) as e:
+        raise ValueError(f"{manifest_path}: cannot build the model of its spec: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    wrong = [k for k, s in expected.items() if k in header and header[k][1] != s]
+    problems = [f"{len(wrong)} tensors of other shapes (" + "; ".join(
+        f"{k}: {header[k][1]} in the file, {expected[k]} in the model" for k in wrong[:3])
+        + ("; ..." if len(wrong) > 3 else "") + ")"] if wrong else []
+    if device == "meta":  # (a CPU-built model meets the real weights later)
+        stand_ins = {k: torch.empty(s, dtype=dt, device="meta")
+                     for k, (dt, s) in header.items() if k not in wrong}
+        try:
+            result = probe.load_state_dict(stand_ins, strict=False, assign=True)
+        except RuntimeError as e:
+            problems.append(str(e)[:1000])
+        else:
+            for keys, what in ((result.missing_keys, "missing from the file"),
+                               (result.unexpected_keys, "not in the model")):
+                keys = [k for k in keys if k not in wrong]
+                if keys:
+                    problems.append(f"{len(keys)} tensors {what} ({', '.join(keys[:3])}"
+                                    f"{', ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise ValueError(f"{weights} does not fit the {spec.get('arch')!r} model that "
+                         f"{manifest_path.name} describes: {'; '.join(problems)}")
+    return build_model(spec) if device == "meta" else probe

@@ -20,10 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from ._utils import write_atomic
+from ._utils import json_text, write_atomic
 from ._version import __version__
 
-__all__ = ["Run", "RunDirectoryInUse", "default_run_dir", "environment", "write_atomic"]
+__all__ = [
+    "Run",
+    "RunDirectoryInUse",
+    "default_run_dir",
+    "environment",
+    "read_records",
+    "write_atomic",
+]
 
 
 class RunDirectoryInUse(FileExistsError):
@@ -109,20 +116,56 @@ def environment(device: Any = None) -> dict[str, Any]:
     return info
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if hasattr(obj, "tolist"):  # numpy arrays and torch tensors
-        return obj.tolist()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    return obj
+def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` for each record of the JSON-lines file ``path``. A last line that is
+    not a JSON object (a write cut short by a kill) is dropped with a warning naming the file;
+    such a line anywhere else is a ValueError naming the file and the line number."""
+    lines = [(i, line) for i, line in enumerate(path.read_bytes().split(b"\n"), 1)
+             if line.strip()]
+    out = []
+    for k, (number, line) in enumerate(lines):
+        try:
+            text = line.decode()
+            rec = json.loads(text)
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}: line {number} is not a valid record ({e}); the file "
+                                 "is corrupt: fix or remove that line") from None
+            warnings.warn(f"{path}: dropped its last line ({number}), which is not a valid "
+                          f"record ({e}): a write cut short, e.g. by a kill", stacklevel=3)
+            break
+        out.append((text, rec))
+    return out
+
+
+def _seal(path: Path) -> None:
+    """Before appending to ``path``: a last line cut short by a kill (no final newline) is
+    completed if it holds a whole record, else removed with a warning."""
+    with open(path, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0 or os.pread(fh.fileno(), 1, size - 1) == b"\n":
+            return
+        start = size
+        while start > 0:  # back to the last newline, a block at a time
+            step = min(start, 1 << 16)
+            cut = os.pread(fh.fileno(), step, start - step).rfind(b"\n")
+            start -= step
+            if cut >= 0:
+                start += cut + 1
+                break
+        tail = os.pread(fh.fileno(), size - start, start)
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            fh.write(b"\n")
+            return
+        fh.truncate(start)
+    warnings.warn(f"{path}: removed its last line ({size - start} bytes, not a valid record): "
+                  "a write cut short, e.g. by a kill", stacklevel=3)
 
 
 class Run:
@@ -212,21 +255,29 @@ class Run:
         return p
 
     def log(self, **record: Any) -> None:
-        """Append one record to ``metrics.jsonl`` (flushed at once)."""
-        with open(self.file("metrics.jsonl"), "a") as fh:
-            fh.write(json.dumps(_jsonable(record)) + "\n")
+        """Append one record to ``metrics.jsonl`` (flushed at once; standard JSON, NaN as
+        null, infinities as "inf" / "-inf"). A last line cut short by an earlier kill is
+        completed or removed first, so the new record starts a line of its own."""
+        path = self.file("metrics.jsonl")
+        line = json_text(record) + "\n"
+        if path.exists():
+            _seal(path)
+        with open(path, "a") as fh:
+            fh.write(line)
 
     def read_log(self, key: str | None = None) -> list[dict[str, Any]]:
-        """Records of ``metrics.jsonl`` (those holding ``key`` if given)."""
+        """Records of ``metrics.jsonl`` (those holding ``key`` if given). A last line that is
+        not valid JSON (a write cut short) is skipped with a warning; an invalid line
+        elsewhere is a ValueError naming the file and the line."""
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return []
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        return [r for r in rows if key is None or key in r]
+        return [r for _, r in read_records(p) if key is None or key in r]
 
     def truncate_log(self, step: int) -> None:
         """Drop the ``metrics.jsonl`` records of steps after ``step`` (before a resume redoes
-        them). A record's step is its ``"step"`` or that of its single nested record."""
+        them). A record's step is its ``"step"`` or that of its single nested record. A last
+        line cut short by a kill is dropped (with a warning), so the run can resume."""
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return
@@ -237,8 +288,8 @@ class Run:
             inner = [v for v in rec.values() if isinstance(v, dict) and "step" in v]
             return inner[0]["step"] if len(inner) == 1 else None
 
-        keep = [line for line in p.read_text().splitlines() if line.strip()
-                and ((s := step_of(json.loads(line))) is None or s <= step)]
+        keep = [line for line, rec in read_records(p)
+                if (s := step_of(rec)) is None or s <= step]  # a cut-short last line goes
         write_atomic(p, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
 
     def save_figure(self, name: str, fig: Any, dpi: int = 150) -> Path:
@@ -262,7 +313,7 @@ class Run:
 
     def save_json(self, name: str, obj: Any) -> Path:
         path = self.file(name if name.endswith(".json") else name + ".json")
-        text = json.dumps(_jsonable(obj), indent=2) + "\n"
+        text = json_text(obj, indent=2) + "\n"
         return write_atomic(path, lambda tmp: tmp.write_text(text))
 
     # -- life cycle -----------------------------------------------------------------------
@@ -286,7 +337,7 @@ class Run:
         }
         if error:
             doc["error"] = error
-        text = json.dumps(_jsonable(doc), indent=2) + "\n"
+        text = json_text(doc, indent=2) + "\n"
         write_atomic(self.path / "run.json", lambda tmp: tmp.write_text(text))
 
     def checkpoint_state(self) -> None:
