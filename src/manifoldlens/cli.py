@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._version import __version__
+
 __all__ = ["build_parser", "main"]
 
 #: Errors in what the user asked for: one line, exit status 2 (as argparse's usage errors).
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error instead of one line")
+    parser.add_argument("--version", action="version", version=f"manifoldlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in modules:
         module.add_arguments(sub)
@@ -119,10 +122,33 @@ def _run(args: argparse.Namespace) -> int:
              resume=getattr(args, "resume", False)) as run:
         print(f"run directory: {run.path}", file=sys.stderr)
         args.handler(args, run)
+        summary = summarize(run.metrics)
+        run.log(summary=summary)  # every command leaves its key numbers in metrics.jsonl
     report = out / "report.html"
+    print(f"{name}: " + ("; ".join(f"{k} {_shown(v)}" for k, v in list(summary.items())[:10])
+                         or "done"))
     print(f"done: {out}/run.json" + (f", {report}" if args.command == "demo" else ""),
           file=sys.stderr)
     return 0
+
+
+def summarize(metrics: dict, prefix: str = "") -> dict:
+    """The scalar numbers of a run's metrics, nested dicts flattened as ``a.b`` (lists and
+    arrays left out): what a command prints and logs when it ends."""
+    out: dict = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(summarize(v, key + "."))
+        elif isinstance(v, (bool, int, float, str)) and not (isinstance(v, str) and len(v) > 60):
+            out[key] = v
+    return out
+
+
+def _shown(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
 
 
 if __name__ == "__main__":  # pragma: no cover
