@@ -9,6 +9,7 @@ a stale IDX cache. Byte-level corruption is drawn by hypothesis.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -280,11 +281,29 @@ def test_any_int32_labels_give_bounded_classes_or_a_named_error(labels):
 
 
 def _with_spec(tmp_path: Path, model: nn.Module, **changes) -> Path:
+    """A checkpoint whose manifest and weights file both carry the hostile spec (a crafted
+    file, or one written before the spec travelled with the weights): only the budget and the
+    header comparison stand between it and the build."""
+    from safetensors.torch import load_file, save_file
+
     path = save_checkpoint(tmp_path / "ckpt", model)
     manifest = json.loads(path.read_text())
     manifest["spec"].update(changes)
+    weights = path.parent / manifest["weights"]
+    save_file(load_file(str(weights)), str(weights),
+              metadata={"format": "manifoldlens.checkpoint", "spec": json.dumps(manifest["spec"])})
+    manifest["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     path.write_text(json.dumps(manifest))
     return path
+
+
+def test_an_edited_manifest_spec_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt", MLP((3,), 2, hidden=(4,), activation="relu"))
+    manifest = json.loads(path.read_text())
+    manifest["spec"]["activation"] = "tanh"  # same tensors, another model
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="spec differs from the one saved with the weights"):
+        load_checkpoint(path)
 
 
 def test_spec_asking_for_huge_layers_is_refused_before_building(tmp_path):
@@ -507,7 +526,7 @@ def test_resume_after_a_kill_mid_append(tmp_path):
         fh.write(b'{"step": 5, "loss": 0.69')  # killed mid-append
     with pytest.warns(UserWarning, match="metrics.jsonl"):
         run = train(6, True)
-    steps = [r["step"] for r in Run(run.path, "x", resume=True).read_log("loss")]
+    steps = [r["step"] for r in Run(run.path, "train", resume=True).read_log("loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
@@ -620,8 +639,9 @@ def test_idx_cache_sees_a_same_size_same_mtime_rewrite(tmp_path):
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("metadata", "not a dict", "must be JSON objects"),
     ("spec", [1, 2], "must be JSON objects"),
-    ("spec", {"arch": "resnet"}, "cannot build the model of its spec: unknown architecture"),
-    ("spec", {"arch": "mlp", "in_shape": [-3], "num_classes": 2}, "cannot build"),
+    # an edited spec: refused against the spec saved with the weights (else: cannot build)
+    ("spec", {"arch": "resnet"}, "spec differs from the one saved|unknown architecture"),
+    ("spec", {"arch": "mlp", "in_shape": [-3], "num_classes": 2}, "spec differs|cannot build"),
     ("weights", "../elsewhere.safetensors", "outside its directory"),
     ("weights", 5, "names no weights file"),
     ("format", "pickle", "not a manifoldlens checkpoint manifest"),

@@ -37,30 +37,32 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path):
     try:
         before = (tmp_path / "r" / "run.json").read_text()
         with pytest.raises(RunDirectoryInUse, match=rf"in use by another run \(pid {proc.pid}\)"):
-            Run(tmp_path / "r", "second", {"who": "second"}, resume=True)
+            Run(tmp_path / "r", "holder", {"who": "second"}, resume=True)
         assert (tmp_path / "r" / "run.json").read_text() == before  # untouched
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # the killed holder's lock died with it: the directory can be resumed now
-    with Run(tmp_path / "r", "second", resume=True) as run:
+    with Run(tmp_path / "r", "holder", resume=True) as run:
         run.metrics["ok"] = 1
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "ok"
 
 
 def test_a_second_run_in_the_same_process_is_refused_until_the_first_ends(tmp_path):
-    first = Run(tmp_path / "r", "first")
+    first = Run(tmp_path / "r", "train")
     with pytest.raises(RunDirectoryInUse, match=f"pid {os.getpid()}"):
-        Run(tmp_path / "r", "second", resume=True)
+        Run(tmp_path / "r", "train", resume=True)
     first.finish("ok")
-    Run(tmp_path / "r", "second", resume=True).finish("ok")
+    Run(tmp_path / "r", "train", resume=True).finish("ok")
 
 
 def test_a_refused_run_releases_what_it_took(tmp_path):
-    Run(tmp_path / "r", "first").finish("ok")
+    Run(tmp_path / "r", "train").finish("ok")
     with pytest.raises(FileExistsError, match="cannot be used for a new run"):
-        Run(tmp_path / "r", "again")  # refused: not a resume
-    Run(tmp_path / "r", "again", resume=True).finish("ok")  # the refusal left no lock behind
+        Run(tmp_path / "r", "train")  # refused: not a resume
+    Run(tmp_path / "r", "train", resume=True).finish("ok")  # the refusal left no lock behind
+    with pytest.raises(FileExistsError, match="holds a run of train, not of spectrum"):
+        Run(tmp_path / "r", "spectrum", resume=True)
 
 
 def test_cli_second_run_fails_at_once_in_one_line(tmp_path, capsys):

@@ -94,7 +94,7 @@ def check_batch(x: torch.Tensor, name: str = "x", min_ndim: int = 2) -> torch.Te
 _BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm,)
 
 
-def check_independent_samples(model: nn.Module) -> None:
+def check_independent_samples(model: nn.Module, x: torch.Tensor | None = None) -> None:
     """Refuse models whose outputs couple the samples of a batch.
 
     A model in train mode with BatchNorm mixes the batch: per-sample Jacobians are then
@@ -116,7 +116,14 @@ def check_independent_samples(model: nn.Module) -> None:
                 stacklevel=3,
             )
             break
-
+    if x is not None and isinstance(model, nn.Module):
+        p = next((t for t in model.parameters() if t.is_floating_point()), None)
+        if p is not None and x.is_floating_point() and p.dtype != x.dtype:
+            raise ValueError(f"the inputs are {x.dtype} but the model's parameters are {p.dtype}; "
+                             f"convert one of them (x.to({p.dtype}) or model.to({x.dtype}))")
+        if p is not None and p.device != x.device:
+            raise ValueError(f"the inputs are on {x.device} but the model is on {p.device}; "
+                             "move one of them")
 
 def check_output_type(out: Any) -> torch.Tensor:
     """Refuse a model output that is not one tensor of class scores (a tuple, a dict, a

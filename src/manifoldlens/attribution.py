@@ -121,7 +121,7 @@ def _check_call(model: Any, x: torch.Tensor, target: Any, model_output: str,
     check_positive_int(batch_size, "batch_size", allow_none=True)
     _prepare_target(target, x.shape[0], x.device)
     if isinstance(model, nn.Module):
-        check_independent_samples(model)
+        check_independent_samples(model, x)
 
 
 def _in_chunks(x: torch.Tensor, target: Any, batch_size: int | None,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._utils import eval_mode
+from ._utils import eval_mode, tensor_sha256
 from .attribution import explain
 from .information import default_rtol, local_data_matrix
 from .runs import read_records
@@ -89,6 +89,10 @@ class TraceOfG(Periodic):
         self.beta = beta
         self.rtol = rtol
 
+    def config(self) -> dict[str, Any]:
+        return {"every": self.every, "beta": self.beta, "rtol": self.rtol,
+                "probe": {"shape": list(self.probe.shape), "sha256": tensor_sha256(self.probe)}}
+
     def measure(self, state: TrainState) -> dict[str, float]:
         model = state.model
         with eval_mode(model):
@@ -131,6 +135,12 @@ class TangentFractionDuringTraining(Periodic):
                  method: str = "gradient", targets: torch.Tensor | None = None) -> None:
         super().__init__(every)
         self.probe, self.tangent, self.method, self.targets = probe, tangent, method, targets
+
+    def config(self) -> dict[str, Any]:
+        basis = getattr(self.tangent, "basis", None)
+        return {"every": self.every, "method": self.method,
+                "probe_sha256": tensor_sha256(self.probe, self.targets),
+                "tangent_sha256": tensor_sha256(basis) if basis is not None else None}
 
     def measure(self, state: TrainState) -> dict[str, float]:
         model = state.model

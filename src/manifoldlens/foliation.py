@@ -372,7 +372,6 @@ def _walk(model: nn.Module, x0: torch.Tensor, walk: _Walk, *, record_every: int,
     outside the distribution followed is recorded as the residual.
     """
     check_choice(walk.model_output, MODEL_OUTPUTS, "model_output")
-    check_independent_samples(model)
     check_number(walk.step_size, "step_size", low=0.0, strict=True)
     check_positive_int(walk.max_steps, "the number of steps", minimum=0)
     check_number(walk.tol, "tol", low=0.0, allow_none=True)
@@ -381,6 +380,7 @@ def _walk(model: nn.Module, x0: torch.Tensor, walk: _Walk, *, record_every: int,
     if walk.clamp is not None and not (len(walk.clamp) == 2 and all(
             math.isfinite(c) for c in walk.clamp) and walk.clamp[0] < walk.clamp[1]):
         raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {walk.clamp}")
+    check_independent_samples(model, x0)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     st = _PathState.load(ckpt, config, x0, record_every) if ckpt is not None else None
     if st is None:
@@ -593,7 +593,7 @@ def involutivity_residual(
     """
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_batch(x)
-    check_independent_samples(model)
+    check_independent_samples(model, x)
     G = local_data_matrix(model, x, model_output=model_output)
     c = G.num_classes
     if pairs is None:

@@ -318,7 +318,7 @@ def local_fisher_matrix(
     """
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_batch(x)
-    check_independent_samples(model)
+    check_independent_samples(model, x)
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     if not params:
         raise ValueError("the model has no trainable parameters")

@@ -184,7 +184,7 @@ def score_jacobian(
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if check_output:
         check_batch(x)
-        check_independent_samples(model)
+        check_independent_samples(model, x)
     if strategy == "auto":
         strategy = select_strategy(model, x)
     fn = _STRATEGY_FNS[strategy]
@@ -322,7 +322,7 @@ def jacobian_gram(
     check_choice(output, OUTPUTS, "output")  # nothing (e.g. BatchNorm running statistics)
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_positive_int(batch_size, "batch_size")
-    check_independent_samples(model)
+    check_independent_samples(model, x)
     n = x.shape[0]
     with torch.no_grad():
         c = check_output_type(model(x[:1])).shape[-1]

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -428,7 +429,8 @@ def save_checkpoint(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tmp = Path(str(weights) + ".tmp")
     arch = str(spec["arch"]) if spec else type(model).__name__
-    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "arch": arch})
+    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "arch": arch,  # the spec also
+                                           "spec": json_text(spec)})  # travels with weights
     os.replace(tmp, weights)
     manifest["sha256"] = sha256_file(weights)
 
@@ -609,6 +611,11 @@ def load_checkpoint(
         manifest_path.parent, manifest.get("weights"), manifest["sha256"], "weights"
     )
     header = safetensors_header(weights)
+    with safe_open(str(weights), framework="pt") as f:  # an edited manifest is not trusted
+        saved = (f.metadata() or {}).get("spec")
+    if saved is not None and saved != json_text(manifest["spec"]):
+        raise ValueError(f"{manifest_path}: its spec differs from the one saved with the "
+                         f"weights in {weights} (was the manifest edited?)")
     model = _build_for(manifest["spec"], header, manifest_path, weights)
     floating = {dt for dt, _ in header.values() if dt.is_floating_point}
     if len(floating) == 1:  # derived buffers (masks) follow too

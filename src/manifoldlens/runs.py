@@ -208,6 +208,7 @@ class Run:
         self.metrics: dict[str, Any] = {}
         self._start = time.perf_counter()
         self._previous_wall = 0.0
+        self._untouched = False  # a resumed run that has not written anything yet
         meta = self.path / "run.json"
         if meta.exists() and not resume:  # refused before the directory is touched
             self._refuse_or_reuse(meta)
@@ -218,10 +219,22 @@ class Run:
                 self._refuse_or_reuse(meta, reuse=True)
             elif meta.exists():
                 old = _read_json(meta)
+                if old.get("command") not in (None, command):
+                    raise FileExistsError(
+                        f"cannot resume {self.path}: it holds a run of {old.get('command')}, "
+                        f"not of {command}; choose another directory"
+                    )
                 self.metrics = old.get("metrics", {}) or {}
                 self._previous_wall = float(old.get("wall_time_s", 0.0) or 0.0)
+                # the old record stays as it is until the resumed run does something: a
+                # resume refused by the command (other settings, model or data) leaves it
+                self._untouched = True
+            elif resume:
+                warnings.warn(f"nothing to resume in {self.path}: starting a new run there",
+                              stacklevel=2)
             self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            self._write("running")
+            if not self._untouched:
+                self._write("running")
         except BaseException:
             self._release()
             raise
@@ -248,8 +261,15 @@ class Run:
 
     # -- files ----------------------------------------------------------------------------
 
+    def _touch(self) -> None:
+        """The run starts changing its directory: from now on ``run.json`` is its own."""
+        if self._untouched:
+            self._untouched = False
+            self._write("running")
+
     def file(self, name: str) -> Path:
         """Path of a file inside the run directory (parent folders created)."""
+        self._touch()
         p = self.path / name
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
@@ -281,6 +301,7 @@ class Run:
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return
+        self._touch()
 
         def step_of(rec: dict[str, Any]) -> Any:
             if "step" in rec:
@@ -342,12 +363,15 @@ class Run:
 
     def checkpoint_state(self) -> None:
         """Rewrite ``run.json`` with the metrics so far (status stays "running")."""
+        self._untouched = False
         self._write("running")
 
     def finish(self, status: str = "ok", error: str | None = None) -> None:
-        """Write the final ``run.json`` and release the directory."""
+        """Write the final ``run.json`` and release the directory. A resumed run that failed
+        before writing anything leaves the record of the run it was to resume as it was."""
         try:
-            self._write(status, error)
+            if not (self._untouched and status != "ok"):
+                self._write(status, error)
         finally:
             self._release()
 

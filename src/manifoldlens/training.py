@@ -167,6 +167,11 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         pass
 
+    def config(self) -> dict[str, Any]:
+        """The settings that shape what this callback records (part of a run's fingerprint:
+        a resume with other settings is refused)."""
+        return {}
+
 
 @dataclass
 class TrainResult:
@@ -184,6 +189,10 @@ def _make_optimizer(name: str, params, lr: float, momentum: float, weight_decay:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
+#: What a resumed run may never change: it continues the same model on the same data.
+_FIXED = frozenset({"model", "data", "seed", "n_train", "callbacks"})
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,7 @@ class RunOptions:
         object.__setattr__(self, "keep_checkpoints", tuple(int(k) for k in self.keep_checkpoints))
         object.__setattr__(self, "metadata", dict(self.metadata or {}))
         object.__setattr__(self, "allow_changes", tuple(self.allow_changes))
-        fixed = sorted(set(self.allow_changes) & {"model", "data", "seed", "n_train"})
+        fixed = sorted(set(self.allow_changes) & _FIXED)
         if fixed:
             raise ValueError(f"allow_changes cannot include {fixed}: a resumed run continues "
                              "the same model on the same data; start a new run instead")
@@ -293,7 +302,7 @@ def train_classifier(
     check_schedule(x.shape[0], batch_size, epochs, steps)  # before the model is touched
     train_config = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
                     "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
-                    "model_output": model_output, "n_train": x.shape[0]}
+                    "model_output": model_output, "n_train": x.shape[0], "adversarial": None}
     adv = None
     if adversarial:
         adv = {"eps": (1.0, 4.0, 8.0), "steps": 100, "clamp": (0.0, 1.0), **adversarial}
@@ -335,13 +344,19 @@ class _Checkpoints:
         self.train_config = {
             **(train_config or {}), "model": model_fingerprint(model, weights=False),
             "data": {"n": x.shape[0], "shape": list(x.shape[1:]), "sha256": tensor_sha256(x, y)},
+            "callbacks": [{"type": type(cb).__name__, **cb.config()} for cb in callbacks],
         }
+        unknown = sorted(set(options.allow_changes) - set(self.train_config))
+        if unknown:
+            raise ValueError(f"allow_changes names unknown settings {unknown}; settings: "
+                             f"{sorted(k for k in self.train_config if k not in _FIXED)}")
         run = options.run
         self.directory = run.path / "checkpoints" if run is not None else None
         self.last: Path | None = None
         self.resumes: list[dict[str, Any]] = []  # settings changed at each resume
 
-    def resume(self, state: TrainState, device: torch.device) -> list[dict[str, float]]:
+    def resume(self, state: TrainState, device: torch.device, total: int
+               ) -> list[dict[str, float]]:
         """Load the latest checkpoint into the model, optimizer, callbacks, RNG and ``state``;
         returns the evaluation history stored with it (empty when there is none)."""
         if not self.options.resume or self.directory is None:
@@ -350,6 +365,9 @@ class _Checkpoints:
         if latest is None:
             return []
         meta = checkpoint_metadata(latest)
+        if int(meta.get("step", 0)) > total:
+            raise ValueError(f"cannot resume {latest}: the run is at step {meta.get('step')}, "
+                             f"past the {total} steps asked for; ask for more steps")
         saved = meta.get("train_config")
         changed = {}
         if saved is not None:  # fields an older checkpoint did not record are not compared
@@ -506,7 +524,7 @@ def fit(
     base_lrs = [g["lr"] for g in opt.param_groups]
     state = TrainState(model, opt, run=run, model_output=model_output)
     ckpts = _Checkpoints(options, model, opt, callbacks, train_config, per_epoch, (x, y))
-    history = ckpts.resume(state, device)
+    history = ckpts.resume(state, device, total)
 
     def run_eval() -> None:
         if evaluate_fn is None:

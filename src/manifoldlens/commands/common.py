@@ -46,6 +46,7 @@ __all__ = [
     "ints",
     "interpolation",
     "names",
+    "out_dir",
     "option",
     "pick",
     "pick_pairs",
@@ -163,12 +164,20 @@ def _first_default(fns: Iterable[Callable[..., Any]], param: str, fallback: Any)
     return fallback
 
 
+def out_dir(text: str) -> Path:
+    """An argparse type for ``--out``: a non-empty path (an unset shell variable must not turn
+    the current directory into a run directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; name a run directory")
+    return Path(text)
+
+
 def add_common(p: argparse.ArgumentParser, *fns: Callable[..., Any],
                seed_help: str = "random seed") -> None:
     """``--out``, ``--device``, ``--seed``, ``--no-progress``; ``--device`` and ``--seed``
     default to the first of ``fns`` that has such a parameter, else :data:`DEVICE` and
     :data:`SEED`."""
-    p.add_argument("--out", type=Path, help="run directory (default: runs/<command>-<time>)")
+    p.add_argument("--out", type=out_dir, help="run directory (default: runs/<command>-<time>)")
     p.add_argument("--device", default=_first_default(fns, "device", DEVICE),
                    help="torch device (cpu, cuda, cuda:1 ...)")
     p.add_argument("--seed", type=int, default=_first_default(fns, "seed", SEED),

@@ -264,6 +264,12 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
     ``checkpoints``: one or more classifiers (e.g. standard and ℓ2-robust) evaluated on the
     first ``n`` test images of the manifold dataset, attributions towards the predicted class.
     """
+    names = names or [Path(c).parent.name or Path(c).stem for c in checkpoints]
+    if len(names) != len(checkpoints):
+        raise ValueError("give one name per checkpoint")
+    if len(set(names)) != len(names):  # each names its figures and its entry in the results
+        raise ValueError(f"the classifiers' names {list(names)} are not distinct; give "
+                         "distinct ones (CLI: --names a,b)")
     te = load_manifold_dataset(dataset_dir, "test").subset(slice(0, n))
     ts = te.tangent_space()
     k, d = te.tangent.shape[1], math.prod(te.shape)
@@ -272,9 +278,6 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
     rnd = torch.randn(te.images.shape, generator=g)
     results: dict[str, Any] = {"k": k, "d": d, "random_baseline": base,
                                "random_vectors": _summary(ts.fraction(rnd)), "models": {}}
-    names = names or [Path(c).parent.name or Path(c).stem for c in checkpoints]
-    if len(names) != len(checkpoints):
-        raise ValueError("give one name per checkpoint")
     by_method: dict[str, torch.Tensor] = {}
     for name, ckpt in zip(names, checkpoints, strict=True):
         model, _ = load_checkpoint(ckpt, map_location=device)
