@@ -136,3 +136,30 @@ def test_summary_record_is_logged(tmp_path):
     assert main([*TRAIN, "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "summary" in rows[-1] and rows[-1]["summary"]["steps"] == 20
+
+
+def _idx_set(root, seed):
+    from manifoldlens.idx import write_idx
+
+    g = torch.Generator().manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 60), ("t10k", 30)):
+        images = (torch.rand(n, 8, 8, generator=g) * 255).to(torch.uint8)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        write_idx(root / f"{split}-images-idx3-ubyte", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels)
+
+
+def test_evaluation_on_other_data_under_the_same_name_is_refused(tmp_path, capsys):
+    data = tmp_path / "mine"
+    _idx_set(data, seed=0)
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(data), "--arch", "mlp", "--hidden", "8", "--steps", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert main(["spectrum", str(out / "model.json"), "--data", str(data),
+                 "--out", str(tmp_path / "s1")]) == 0  # the same data, named: fine
+    _idx_set(data, seed=1)  # other images under the same name and place
+    capsys.readouterr()
+    code = main(["spectrum", str(out / "model.json"), "--root", str(data),
+                 "--out", str(tmp_path / "s2")])
+    assert code == 2 and "not the data the model was trained with" in capsys.readouterr().err

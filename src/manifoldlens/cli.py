@@ -79,7 +79,8 @@ def _check_out(out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    prog = f"manifoldlens {args.command}"
+    experiment = getattr(args, "experiment", None)
+    prog = f"manifoldlens {args.command}" + (f" {experiment}" if experiment else "")
     try:
         return _run(args)
     except USAGE_ERRORS as e:

@@ -50,6 +50,7 @@ from .common import (
     ints,
     option,
     progress,
+    split_sha256,
 )
 
 __all__ = ["add_arguments", "run_gram", "run_spectrum", "run_train"]
@@ -93,6 +94,7 @@ def run_train(
         epochs = 10.0
     train = load_dataset(data, "train", root)
     test = load_dataset(data, "test", root)
+    splits = {"train": split_sha256(train), "test": split_sha256(test)}  # the data's identity
     if limit is not None:
         train = train.subset(limit, seed=seed)
     torch.manual_seed(seed)
@@ -114,7 +116,7 @@ def run_train(
         run.save_figure("trace_of_g", viz.plot_trace_of_g(cb.records))
     save_checkpoint(run.path / "model", result.model, metadata={
         "data": train.name, "classes": train.classes, "step": result.step,
-        "metrics": result.metrics,
+        "metrics": result.metrics, "data_sha256": splits,
     })
     start = cb.records[0]["ema_trace"] if cb.records else float("nan")
     run.metrics.update({

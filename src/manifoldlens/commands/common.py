@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int
-from .._utils import predict_probs
+from .._utils import predict_probs, tensor_sha256
 from ..data import ImageDataset, load_dataset
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "option",
     "pick",
     "pick_pairs",
+    "split_sha256",
     "progress",
 ]
 
@@ -230,7 +231,13 @@ def progress(args: argparse.Namespace) -> bool:
 
 
 def _split(text: str) -> list[str]:
-    return [t for t in (s.strip() for s in text.split(",")) if t]
+    """The comma-separated items of an option: at least one, none twice."""
+    items = [t for t in (s.strip() for s in text.split(",")) if t]
+    if not items:
+        raise argparse.ArgumentTypeError("is empty; give a comma-separated list")
+    if len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"lists an item twice: {text!r}")
+    return items
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -262,7 +269,19 @@ def dataset_for(meta: dict[str, Any], data: str | None = None, split: str = "tes
     if name is None:
         raise ValueError("the checkpoint does not record its dataset: pass --data")
     ds = load_dataset(name, split, root)
+    recorded = (meta.get("data_sha256") or {}).get(split)
+    if data is None and recorded is not None and recorded != split_sha256(ds):
+        raise ValueError(
+            f"the {split} split found for {name!r} is not the data the model was trained "
+            "with (its sha256 differs): pass --root to that data, or --data to evaluate on "
+            "other data on purpose"
+        )
     return ds.subset(limit, seed=seed) if limit is not None and limit < len(ds) else ds
+
+
+def split_sha256(ds: ImageDataset) -> str:
+    """The identity of a data split: sha256 of its images and labels."""
+    return tensor_sha256(ds.images, ds.labels)
 
 
 def add_checkpoint_data(p: argparse.ArgumentParser, fn: Callable[..., Any],
