@@ -98,6 +98,30 @@ torch.save({"points": res.points, "steps": res.steps, "record_steps": res.record
 """
 
 
+def _kill_until_done(argv_of, progress, done, *, attempts, seed, pause, finish):
+    """Start ``argv_of(attempt)``, wait until it makes progress (``progress()`` grows), let it
+    run a random moment of up to ``pause`` s, SIGKILL it; until ``done()``. Returns the number
+    of kills that landed mid-run; ``finish`` runs the command to its end if attempts ran out."""
+    delays = torch.Generator().manual_seed(seed)
+    kills = 0
+    for attempt in range(attempts):
+        before = progress()
+        proc = subprocess.Popen(argv_of(attempt), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while progress() <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(pause * float(torch.rand((), generator=delays)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if done():
+            return kills
+    finish()
+    return kills
+
+
 def _saved_step(state) -> int:
     try:
         return json.loads((state / "state.json").read_text())["step"]
@@ -113,25 +137,11 @@ def test_killed_at_random_moments_then_resumed_equals_uninterrupted(tmp_path):
     subprocess.run([sys.executable, "-c", WALK, str(ref), tests_dir], check=True)
     expected = torch.load(str(ref) + ".result")
     state = tmp_path / "killed"
-    delays = torch.Generator().manual_seed(0)
-    kills = 0  # kills that found a saved state, i.e. landed mid-walk
-    for _ in range(8):
-        before = _saved_step(state)
-        proc = subprocess.Popen([sys.executable, "-c", WALK, str(state), tests_dir])
-        deadline = time.monotonic() + 30
-        while _saved_step(state) <= before and proc.poll() is None:  # until it walks
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        time.sleep(1.2 * float(torch.rand((), generator=delays)))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if os.path.exists(str(state) + ".result"):
-            break
-    else:
-        subprocess.run([sys.executable, "-c", WALK, str(state), tests_dir], check=True)
+    walk = [sys.executable, "-c", WALK, str(state), tests_dir]
+    kills = _kill_until_done(
+        lambda attempt: walk, lambda: _saved_step(state),
+        lambda: os.path.exists(str(state) + ".result"), attempts=8, seed=0, pause=1.2,
+        finish=lambda: subprocess.run(walk, check=True))
     got = torch.load(str(state) + ".result")
     assert kills >= 2
     for k in ("points", "steps", "record_steps"):
@@ -169,24 +179,13 @@ def test_training_killed_at_random_moments_resumes_to_the_same_weights(tmp_path)
     ref = tmp_path / "ref"
     subprocess.run([*TRAIN, "--out", str(ref)], check=True, capture_output=True)
     out = tmp_path / "killed"
-    delays = torch.Generator().manual_seed(1)
-    kills = 0
-    for attempt in range(4):
-        before = _latest_step(out)
-        argv = [*TRAIN, "--out", str(out)] + (["--resume"] if attempt else [])
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while _latest_step(out) <= before and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.4 * float(torch.rand((), generator=delays)))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if json.loads((out / "run.json").read_text())["status"] == "ok":
-            break
-    else:
-        subprocess.run([*TRAIN, "--out", str(out), "--resume"], check=True, capture_output=True)
+    kills = _kill_until_done(
+        lambda attempt: [*TRAIN, "--out", str(out)] + (["--resume"] if attempt else []),
+        lambda: _latest_step(out),
+        lambda: json.loads((out / "run.json").read_text())["status"] == "ok",
+        attempts=4, seed=1, pause=0.4,
+        finish=lambda: subprocess.run([*TRAIN, "--out", str(out), "--resume"], check=True,
+                                      capture_output=True))
     assert kills >= 2
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
