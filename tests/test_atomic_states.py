@@ -57,8 +57,8 @@ def test_a_kill_between_the_two_writes_resumes_exactly(tmp_path, monkeypatch):
     torch.testing.assert_close(resumed.points, full.points, rtol=0, atol=0)
     assert resumed.record_steps.tolist() == full.record_steps.tolist()
     assert resumed.steps.tolist() == full.steps.tolist() and max(resumed.steps) <= 40
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000040.safetensors",
-                                                          "state.json"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("state-00000040-") and files[1] == "state.json"
 
 
 def test_altered_or_foreign_state_files_are_refused(tmp_path):

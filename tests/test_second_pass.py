@@ -163,3 +163,36 @@ def test_evaluation_on_other_data_under_the_same_name_is_refused(tmp_path, capsy
     code = main(["spectrum", str(out / "model.json"), "--root", str(data),
                  "--out", str(tmp_path / "s2")])
     assert code == 2 and "not the data the model was trained with" in capsys.readouterr().err
+
+
+def test_review_findings_equal_widths_inf_buffers_and_final_saves(tmp_path, capsys):
+    # an MLP of equal widths is a legitimate --hidden
+    assert main([*TRAIN, "--hidden", "16,16", "--out", str(tmp_path / "w")]) == 0
+    # a -inf buffer (a mask) is not a broken weight: the checkpoint loads and resumes
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+            self.register_buffer("floor", torch.tensor(-float("inf")))  # a -inf clamp bound
+
+        def forward(self, x):
+            return torch.maximum(self.fc(x.flatten(1)), self.floor)
+
+    digits = load_dataset("digits", "train").subset(60, seed=0)
+    with Run(tmp_path / "m", "train") as run:
+        train_classifier(Masked(), digits, steps=2, batch_size=30, progress=False,
+                         run=RunOptions(run, checkpoint_every=2))
+    with Run(tmp_path / "m", "train", resume=True) as run:
+        res = train_classifier(Masked(), digits, steps=4, batch_size=30, progress=False,
+                               run=RunOptions(run, checkpoint_every=2, resume=True))
+    assert res.step == 4
+    # a path whose last step is a checkpoint step saves twice at that step: two files
+    from helpers import TinyMLP, make
+
+    model = make(TinyMLP())
+    x = torch.randn(2, 12, dtype=torch.float64)
+    ml.leaf_crossing_path(model, x, steps=4, checkpoint_dir=tmp_path / "p", checkpoint_every=2)
+    pointer = json.loads((tmp_path / "p" / "state.json").read_text())
+    assert (tmp_path / "p" / pointer["tensors"]).is_file()
+    ml.leaf_crossing_path(model, x, steps=4, checkpoint_dir=tmp_path / "q", checkpoint_every=0)

@@ -116,7 +116,7 @@ def check_independent_samples(model: nn.Module, x: torch.Tensor | None = None) -
                 stacklevel=3,
             )
             break
-    if x is not None and isinstance(model, nn.Module):
+    if x is not None:
         p = next((t for t in model.parameters() if t.is_floating_point()), None)
         if p is not None and x.is_floating_point() and p.dtype != x.dtype:
             raise ValueError(f"the inputs are {x.dtype} but the model's parameters are {p.dtype}; "
@@ -131,9 +131,9 @@ def check_output_type(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     kind = type(out).__name__
-    hint = ("e.g. wrap it: nn.Sequential(model, PickLogits()) or lambda x: model(x)[0]"
+    hint = ("e.g. an nn.Module whose forward returns model(x)[0]"
             if isinstance(out, (tuple, list)) else
-            "e.g. wrap it: lambda x: model(x)['logits'] or model(x).logits")
+            "e.g. an nn.Module whose forward returns model(x)['logits'] or model(x).logits")
     raise TypeError(f"the model must return one tensor of class scores shaped (n, C), but it "
                     f"returned a {kind}; pass a callable that returns the scores ({hint})")
 

@@ -258,7 +258,7 @@ class _PathState:
         path.mkdir(parents=True, exist_ok=True)
         tensors = {**{k: getattr(self, k) for k in self._TENSORS}, **self.rec.state()}
         flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        name = f"state-{self.step:08d}.safetensors"
+        name = f"state-{self.step:08d}-{os.urandom(4).hex()}.safetensors"  # new file each save
         write_atomic(path / name, lambda tmp: save_file(flat, str(tmp)))
         meta = {"config": config, "status": self.status, "step": self.step,
                 "pending": self.pending, "tensors": name, "sha256": sha256_file(path / name)}
@@ -376,7 +376,7 @@ def _walk(model: nn.Module, x0: torch.Tensor, walk: _Walk, *, record_every: int,
     check_positive_int(walk.max_steps, "the number of steps", minimum=0)
     check_number(walk.tol, "tol", low=0.0, allow_none=True)
     check_positive_int(record_every, "record_every")
-    check_positive_int(checkpoint_every, "checkpoint_every")
+    check_positive_int(checkpoint_every, "checkpoint_every", minimum=0, allow_none=True)
     if walk.clamp is not None and not (len(walk.clamp) == 2 and all(
             math.isfinite(c) for c in walk.clamp) and walk.clamp[0] < walk.clamp[1]):
         raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {walk.clamp}")
@@ -424,6 +424,11 @@ def _walk(model: nn.Module, x0: torch.Tensor, walk: _Walk, *, record_every: int,
     if ckpt is not None:
         st.save(ckpt, config)
     return st.result()
+
+
+def _fingerprint(model: nn.Module, checkpoint_dir: Any) -> dict[str, Any] | None:
+    """The model's fingerprint where a state is kept to compare it with (else None)."""
+    return model_fingerprint(model) if checkpoint_dir is not None else None
 
 
 def _config(kind: str, **kw: Any) -> dict[str, Any]:
@@ -496,10 +501,10 @@ def horizontal_path(
     def distance(x):
         return _flat_norm(target - x)
 
-    config = _config("horizontal", model=model_fingerprint(model), source=source,
+    config = _config("horizontal", model=_fingerprint(model, checkpoint_dir), source=source,
                      target=target, step_size=step_size, max_steps=max_steps, tol=tol,
                      clamp=clamp, record_every=record_every, model_output=model_output,
-                     rtol=rtol)
+                     rtol=rtol, capped=capped, stall_rtol=stall_rtol)
     if stall_rtol is None:
         stall_rtol = max(1e-6, 100 * torch.finfo(source.dtype).eps) if capped else 0.0
     walk = _Walk("horizontal", direction, distance,
@@ -550,7 +555,7 @@ def leaf_crossing_path(
     def distance(z):
         return _flat_norm(z - start)
 
-    config = _config("leaf_crossing", model=model_fingerprint(model), x=x, direction=r,
+    config = _config("leaf_crossing", model=_fingerprint(model, checkpoint_dir), x=x, direction=r,
                      steps=steps, step_size=step_size, clamp=clamp, record_every=record_every,
                      model_output=model_output, rtol=rtol)
     walk = _Walk("across", direction_fn, distance, reference=lambda xa, idx: _flat_norm(r[idx]),

@@ -536,7 +536,8 @@ def _load_state(manifest_path: Path, manifest: dict[str, Any], weights: Path, mo
     if map_location is None:
         map_location = next(iter(model.parameters()), torch.empty(0)).device
     state = load_file(str(weights), device="cpu")
-    bad = None if allow_nonfinite else first_nonfinite(state)
+    params = {k for k, _ in model.named_parameters()}  # buffers may hold -inf (masks)
+    bad = None if allow_nonfinite else first_nonfinite({k: state[k] for k in params if k in state})
     if bad is not None:
         name, count, numel = bad
         raise ValueError(f"{weights}: tensor {name!r} holds {count} NaN/Inf values (of {numel}); "

@@ -248,10 +248,14 @@ class Run:
         old = _read_json(meta)
         produced = sorted(p.name for p in self.path.iterdir() if p.name not in self._BOOKKEEPING)
         if old.get("status") == "failed" and old.get("command") == self.command and not produced:
-            if reuse:
-                (self.path / "metrics.jsonl").unlink(missing_ok=True)
+            log = self.path / "metrics.jsonl"
+            if reuse and log.exists():
+                if log.stat().st_size:
+                    warnings.warn(f"{log} of the failed run is replaced by the new run's",
+                                  stacklevel=3)
+                log.unlink()
             return
-        why = (f"it holds what a {old.get('status', 'previous')} run of "
+        why = (f"it holds what a run of "
                f"{old.get('command', 'another command')} produced ({', '.join(produced[:4])}"
                f"{' …' if len(produced) > 4 else ''})" if produced else "it holds a run")
         raise FileExistsError(

@@ -18,6 +18,7 @@ to Adversarial Attacks." ICLR 2018. arXiv:1706.06083.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ._checks import MODEL_OUTPUTS, check_batch, check_choice, check_number, che
 from ._utils import (
     differing,
     eval_mode,
+    json_text,
     latest_checkpoint,
     model_fingerprint,
     progress_bar,
@@ -341,11 +343,14 @@ class _Checkpoints:
         self.options, self.model, self.opt = options, model, opt
         self.callbacks, self.per_epoch = callbacks, per_epoch
         x, y = data  # what produced the checkpoints: settings, model and data fingerprints
-        self.train_config = {
+        keeps = bool(options.checkpoint_every or options.resume)  # else no one compares them
+        self.train_config = json.loads(json_text({
             **(train_config or {}), "model": model_fingerprint(model, weights=False),
-            "data": {"n": x.shape[0], "shape": list(x.shape[1:]), "sha256": tensor_sha256(x, y)},
-            "callbacks": [{"type": type(cb).__name__, **cb.config()} for cb in callbacks],
-        }
+            "data": {"n": x.shape[0], "shape": list(x.shape[1:]),
+                     "sha256": tensor_sha256(x, y) if keeps else None},
+            "callbacks": [{"type": type(cb).__name__, **cb.config()} for cb in callbacks]
+            if keeps else [],
+        }))  # as JSON gives it back: tuples compare as the lists a checkpoint holds
         unknown = sorted(set(options.allow_changes) - set(self.train_config))
         if unknown:
             raise ValueError(f"allow_changes names unknown settings {unknown}; settings: "

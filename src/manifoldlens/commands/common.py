@@ -191,7 +191,7 @@ def add_length(p: argparse.ArgumentParser, fn: Callable[..., Any], *,
     """``--epochs`` or ``--steps`` (one of them), with their defaults from ``fn``; ``epochs`` /
     ``steps``: what the help says happens when neither is given."""
     length = p.add_mutually_exclusive_group()
-    option(length, "--epochs", fn, type=float,
+    option(length, "--epochs", fn, type=float, low=0.0,
            help="training length in epochs" + (f" (default: {epochs})" if epochs else ""))
     option(length, "--steps", fn, type=int, low=0,
            help="training length in steps" + (f" (default: {steps})" if steps else ""))
@@ -230,12 +230,13 @@ def progress(args: argparse.Namespace) -> bool:
     return not args.no_progress
 
 
-def _split(text: str) -> list[str]:
-    """The comma-separated items of an option: at least one, none twice."""
+def _split(text: str, unique: bool = False) -> list[str]:
+    """The comma-separated items of an option: at least one (and none twice, with
+    ``unique``: names of methods or classifiers)."""
     items = [t for t in (s.strip() for s in text.split(",")) if t]
     if not items:
         raise argparse.ArgumentTypeError("is empty; give a comma-separated list")
-    if len(set(items)) != len(items):
+    if unique and len(set(items)) != len(items):
         raise argparse.ArgumentTypeError(f"lists an item twice: {text!r}")
     return items
 
@@ -252,7 +253,7 @@ def floats(text: str) -> tuple[float, ...]:
 
 def names(text: str) -> tuple[str, ...]:
     """``"gradient,smoothgrad"`` → ``("gradient", "smoothgrad")``."""
-    return tuple(_split(text))
+    return tuple(_split(text, unique=True))
 
 
 # ---------------------------------------------------------------------------------------------
