@@ -196,3 +196,18 @@ def test_review_findings_equal_widths_inf_buffers_and_final_saves(tmp_path, caps
     pointer = json.loads((tmp_path / "p" / "state.json").read_text())
     assert (tmp_path / "p" / pointer["tensors"]).is_file()
     ml.leaf_crossing_path(model, x, steps=4, checkpoint_dir=tmp_path / "q", checkpoint_every=0)
+
+
+def test_flow_evaluation_on_other_data_under_the_same_name_is_refused(tmp_path, capsys):
+    data = tmp_path / "mine"
+    _idx_set(data, seed=0)
+    out = tmp_path / "f"
+    assert main(["flow", "train", "--data", str(data), "--model", "realnvp", "--steps", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert main(["flow", "eval", str(out / "model.json"), "--root", str(data),
+                 "--out", str(tmp_path / "e1")]) == 0
+    _idx_set(data, seed=1)
+    capsys.readouterr()
+    code = main(["flow", "eval", str(out / "model.json"), "--root", str(data),
+                 "--out", str(tmp_path / "e2")])
+    assert code == 2 and "not the data the flow was trained with" in capsys.readouterr().err

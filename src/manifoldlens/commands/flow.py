@@ -40,6 +40,7 @@ from .common import (
     floats,
     option,
     progress,
+    split_sha256,
 )
 
 __all__ = ["TOYS", "add_arguments", "default_flow", "flow_data", "run_flow_eval",
@@ -155,6 +156,9 @@ def run_flow_train(
     if resume and (latest := latest_checkpoint(run.path / "checkpoints")) is not None:
         model = model_for_checkpoint(model, latest)  # e.g. a NICE of the 0.1 layout
     meta = {"data": data, "n_bins": n_bins, "kind": kind, "seed": seed}
+    if data not in TOYS:  # the identity of the image data, checked when the flow is evaluated
+        meta["data_sha256"] = {s: split_sha256(load_dataset(data, s, root))
+                               for s in ("train", "test")}
     options = RunOptions(run, checkpoint_every=checkpoint_every, resume=resume, metadata=meta,
                          allow_changes=allow_changes)
     result = train_flow(model, x, test_data=x_test, n_bins=n_bins, run=options,
@@ -192,6 +196,12 @@ def run_flow_eval(run: Run, checkpoint: str, *, data: str | None = None,
     name = data or meta.get("data")
     if name is None:
         raise ValueError("the checkpoint does not record its dataset: pass --data")
+    recorded = (meta.get("data_sha256") or {}).get(split)
+    if data is None and recorded is not None and recorded != split_sha256(
+            load_dataset(name, split, root)):
+        raise ValueError(f"the {split} split found for {name!r} is not the data the flow was "
+                         "trained with (its sha256 differs): pass --root to that data, or "
+                         "--data to evaluate on other data on purpose")
     x, bins, _ = flow_data(name, split, root, limit, seed)
     if n_bins is not None:
         bins = n_bins
