@@ -211,3 +211,15 @@ def test_flow_evaluation_on_other_data_under_the_same_name_is_refused(tmp_path, 
     code = main(["flow", "eval", str(out / "model.json"), "--root", str(data),
                  "--out", str(tmp_path / "e2")])
     assert code == 2 and "not the data the flow was trained with" in capsys.readouterr().err
+
+
+def test_report_sentences_follow_the_runs_numbers():
+    from manifoldlens.commands.demo import trace_story, volume_story
+
+    rising = {"trace_start": 0.001, "trace_peak_ema": 3.7, "trace_end_ema": 3.7,
+              "trace_peak_step": 1500, "trace_last_step": 1500}
+    assert "had not fallen by step 1500" in trace_story(rising)
+    falling = {**rising, "trace_end_ema": 1.0, "trace_peak_step": 400}
+    assert "then fell to 1 by step 1500 (73 % below its peak)" in trace_story(falling)
+    assert "most away from the data" in volume_story({"logdet_on_data": 0.9, "logdet_box": 1.6})
+    assert "most on the data" in volume_story({"logdet_on_data": 2.0, "logdet_box": 1.6})

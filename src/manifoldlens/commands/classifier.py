@@ -123,6 +123,9 @@ def run_train(
         "trace_start": start,
         "trace_end_ema": cb.records[-1]["ema_trace"] if cb.records else float("nan"),
         "trace_peak_ema": max((r["ema_trace"] for r in cb.records), default=float("nan")),
+        "trace_peak_step": max(cb.records, key=lambda r: r["ema_trace"])["step"]
+        if cb.records else None,
+        "trace_last_step": cb.records[-1]["step"] if cb.records else None,
     })
     return run.metrics
 

@@ -19,6 +19,7 @@ Gradient-Based Explanations. arXiv:2206.07387.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import torch
@@ -134,8 +135,13 @@ def _demo_flow(run: Run, progress: bool, steps: int = 1000) -> dict[str, Any]:
     fig = viz.flow_density_2d(model, test, samples=samples)
     run.save_figure("flow_density", fig)
     run.save_figure("flow_volume_change", viz.flow_volume_change(model, test))
+    lo, hi = test.min(0).values - 0.5, test.max(0).values + 0.5
+    box = lo + (hi - lo) * torch.rand(4000, 2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        on_data, in_box = model(test)[1].mean(), model(box)[1].mean()
     return {"steps": res.step, "test_nll": res.metrics["test_nll"],
-            "density_integral": float(fig.density_integral)}
+            "density_integral": float(fig.density_integral),
+            "logdet_on_data": float(on_data), "logdet_box": float(in_box)}
 
 
 def _demo_manifold(run: Run, model: nn.Module, progress: bool) -> dict[str, Any]:
@@ -181,14 +187,39 @@ _INTRO = (
 )
 
 
+def trace_story(m: dict[str, Any]) -> str:
+    """What this run's trace curve did, in words computed from its numbers."""
+    start, peak, end = m.get("trace_start"), m.get("trace_peak_ema"), m.get("trace_end_ema")
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (start, peak, end)):
+        return "The trace was not recorded."
+    rise = (f"The smoothed trace went from {start:.2g} to a peak of {peak:.2g} at step "
+            f"{m.get('trace_peak_step')}")
+    if end < 0.9 * peak:
+        return (f"{rise}, then fell to {end:.2g} by step {m.get('trace_last_step')} "
+                f"({100 * (1 - end / peak):.0f} % below its peak): the rise and fall of the "
+                "paper's curve.")
+    return (f"{rise} and had not fallen by step {m.get('trace_last_step')} (it ends at "
+            f"{end:.2g}, {100 * end / peak:.0f} % of the peak): this run does not reach the "
+            "drop of the paper's curve.")
+
+
+def volume_story(flow: dict[str, Any]) -> str:
+    """Where the flow expands and contracts volume, from this run's log-determinants."""
+    on, box = flow["logdet_on_data"], flow["logdet_box"]
+    where = "on the data" if on > box else "away from the data"
+    return (f"The mean log|det ∂z/∂x| is {on:+.2f} on the test points and {box:+.2f} over "
+            f"the whole box: the map from data to latent space stretches volume most "
+            f"{where} (|det ∂z/∂x| is the factor by which p(x) = p_Z(z)·|det ∂z/∂x| scales the "
+            "base density at each point).")
+
+
 def _training_section(meta: dict[str, Any], train_metrics: dict[str, Any]) -> Section:
     return Section(
         "Training and the trace of G",
         f"Test accuracy {meta['metrics'].get('test_accuracy', float('nan')):.3f} after "
         f"{meta['step']} steps. The mean trace of G on a probe batch of 60 test images "
         "(blue) and its moving average (red), as in Grementieri &amp; Fioresi (2022), "
-        "Figure 2: the trace first rises while the model learns, then drops as predictions "
-        "saturate.",
+        f"Figure 2. {trace_story(train_metrics)}",
         [("trace_of_g.png", "Mean trace (soft rank) and numerical rank of G during "
           "training."), ("training.png", "Test loss and accuracy.")],
         {k: v for k, v in train_metrics.items() if isinstance(v, (int, float))},
@@ -250,9 +281,7 @@ def _flow_section(flow: dict[str, Any]) -> Section:
         "A RealNVP flow (affine couplings, Dinh et al. 2017) trained by maximum likelihood "
         f"on two moons ({flow['steps']} steps). Its density is exact: "
         "log p(x) = log p_Z(f(x)) + log|det ∂f/∂x|, and integrates to "
-        f"{flow['density_integral']:.3f} over the plotted box. The volume-change map "
-        "shows where the flow contracts space (density piles up on the moons) and "
-        "where it expands it.",
+        f"{flow['density_integral']:.3f} over the plotted box. {volume_story(flow)}",
         [("flow_density.png", "Training data, the learned density and samples."),
          ("flow_volume_change.png", "A latent grid mapped to data space, and "
           "log|det ∂z/∂x|.")],
