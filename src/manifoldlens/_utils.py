@@ -260,20 +260,22 @@ SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch
                       "BOOL": torch.bool}
 
 
-def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """``{name: (dtype, shape)}`` of the tensors of a safetensors file, from its header alone
+def safetensors_header(path: str | os.PathLike
+                       ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str]]:
+    """``({name: (dtype, shape)}, metadata)`` of a safetensors file, from its header alone
     (no tensor data read); a ValueError names the file if it is unreadable or holds a dtype
     outside :data:`SAFETENSORS_DTYPES`."""
     from safetensors import safe_open
 
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
-            raw = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
-                   for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            raw = {k: (s.get_dtype(), tuple(s.get_shape())) for k, s in slices.items()}
+            metadata = dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     unknown = sorted({dt for dt, _ in raw.values()} - set(SAFETENSORS_DTYPES))
     if unknown:
         raise ValueError(f"{path} holds tensors of dtypes {unknown}; known: "
                          f"{sorted(SAFETENSORS_DTYPES)}")
-    return {k: (SAFETENSORS_DTYPES[dt], shape) for k, (dt, shape) in raw.items()}
+    return {k: (SAFETENSORS_DTYPES[dt], shape) for k, (dt, shape) in raw.items()}, metadata

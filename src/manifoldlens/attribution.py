@@ -114,23 +114,24 @@ def _check_smoothgrad_options(noise_level: Any, samples: Any, samples_batch_size
 
 
 def _check_call(model: Any, x: torch.Tensor, target: Any, model_output: str,
-                batch_size: Any) -> None:
+                batch_size: Any) -> torch.Tensor | None:
     """The checks every method makes before any work (and before any random draw)."""
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_batch(x)
     check_positive_int(batch_size, "batch_size", allow_none=True)
-    _prepare_target(target, x.shape[0], x.device)
+    t = _prepare_target(target, x.shape[0], x.device)
     if isinstance(model, nn.Module):
         check_independent_samples(model, x)
+    return t
 
 
-def _in_chunks(x: torch.Tensor, target: Any, batch_size: int | None,
+def _in_chunks(x: torch.Tensor, t_all: torch.Tensor | None, batch_size: int | None,
                attribute: Callable[[torch.Tensor, torch.Tensor | None, slice], torch.Tensor]
                ) -> torch.Tensor:
     """``attribute(x_chunk, target_chunk, rows)`` over chunks of ``batch_size`` samples,
-    concatenated, detached, in the dtype and device of x."""
+    concatenated, detached, in the dtype and device of x; ``t_all`` is the target prepared by
+    :func:`_check_call`."""
     n = x.shape[0]
-    t_all = _prepare_target(target, n, x.device)
     x = x.detach()
     parts = [attribute(x[sl], None if t_all is None else t_all[sl], sl).detach()
              for sl in chunks(n, batch_size or n)]
@@ -260,8 +261,8 @@ def gradient(model: Model, x: torch.Tensor, target: Target = None, *,
     >>> torch.allclose(g, linear.weight[1].expand(4, 3))
     True
     """
-    _check_call(model, x, target, model_output, batch_size)
-    return _in_chunks(x, target, batch_size, lambda xc, tc, sl: _gradient(
+    t_all = _check_call(model, x, target, model_output, batch_size)
+    return _in_chunks(x, t_all, batch_size, lambda xc, tc, sl: _gradient(
         model, xc, tc, model_output, sl.start))
 
 
@@ -276,8 +277,8 @@ def input_x_gradient(model: Model, x: torch.Tensor, target: Target = None, *,
     >>> torch.equal(input_x_gradient(net, x), x * gradient(net, x))
     True
     """
-    _check_call(model, x, target, model_output, batch_size)
-    return _in_chunks(x, target, batch_size, lambda xc, tc, sl: xc * _gradient(
+    t_all = _check_call(model, x, target, model_output, batch_size)
+    return _in_chunks(x, t_all, batch_size, lambda xc, tc, sl: xc * _gradient(
         model, xc, tc, model_output, sl.start))
 
 
@@ -314,7 +315,7 @@ def integrated_gradients(
     True
     """
     _check_ig_options(baseline, steps, multiply_by_inputs, quadrature, internal_batch_size)
-    _check_call(model, x, target, model_output, batch_size)
+    t_all = _check_call(model, x, target, model_output, batch_size)
     from captum.attr import IntegratedGradients  # lazy: captum takes ~1 s to import
 
     base = _prepare_baseline(baseline, x.detach())
@@ -332,7 +333,7 @@ def integrated_gradients(
             return ig.attribute(xc, baselines=base[sl], target=t, n_steps=steps,
                                 method=quadrature, internal_batch_size=internal_batch_size)
 
-    return _in_chunks(x, target, batch_size, attribute)
+    return _in_chunks(x, t_all, batch_size, attribute)
 
 
 def smoothgrad(
@@ -367,7 +368,7 @@ def smoothgrad(
     True
     """
     _check_smoothgrad_options(noise_level, samples, samples_batch_size, seed)
-    _check_call(model, x, target, model_output, batch_size)
+    t_all = _check_call(model, x, target, model_output, batch_size)
     base_seed = _base_seed(seed)
 
     def attribute(xc: torch.Tensor, tc: torch.Tensor | None, sl: slice) -> torch.Tensor:
@@ -390,7 +391,7 @@ def smoothgrad(
             total += g.reshape(n, k, *shape).sum(1)
         return total / samples
 
-    return _in_chunks(x, target, batch_size, attribute)
+    return _in_chunks(x, t_all, batch_size, attribute)
 
 
 #: The attribution methods :func:`explain` dispatches to, by name.

@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -54,6 +53,7 @@ __all__ = [
     "SmallCNN",
     "build_model",
     "checkpoint_metadata",
+    "checkpoint_sha256",
     "register_architecture",
     "count_parameters",
     "create_model",
@@ -499,6 +499,11 @@ def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     return manifest_path, manifest
 
 
+def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a checkpoint's manifest (which names its files and their sha256)."""
+    return sha256_file(_read_manifest(path)[0])
+
+
 def checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The metadata of a checkpoint, read from its manifest alone (no weights loaded)."""
     _, manifest = _read_manifest(path)
@@ -611,9 +616,8 @@ def load_checkpoint(
     weights = _checked_file(
         manifest_path.parent, manifest.get("weights"), manifest["sha256"], "weights"
     )
-    header = safetensors_header(weights)
-    with safe_open(str(weights), framework="pt") as f:  # an edited manifest is not trusted
-        saved = (f.metadata() or {}).get("spec")
+    header, stored = safetensors_header(weights)
+    saved = stored.get("spec")  # saved with the weights: an edited manifest is not trusted
     if saved is not None and saved != json_text(manifest["spec"]):
         raise ValueError(f"{manifest_path}: its spec differs from the one saved with the "
                          f"weights in {weights} (was the manifest edited?)")

@@ -261,7 +261,7 @@ def _add_train(sub: Any) -> None:
            help="architecture (seed001_cnn: the CNN of Grementieri & Fioresi)")
     p.add_argument("--activation", help="relu, tanh or softplus (mlp, small_cnn; default: "
                    "the architecture's own)")
-    p.add_argument("--hidden", type=checked(ints, "--hidden"),
+    p.add_argument("--hidden", type=checked(ints),
                    help="hidden widths of an mlp, e.g. 128,128 (default: the architecture's own)")
     option(p, "--optimizer", run_train, choices=["sgd", "adam"], help="optimiser")
     option(p, "--lr", run_train, type=float, help="learning rate")

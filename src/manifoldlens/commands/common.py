@@ -102,12 +102,13 @@ def default_of(fn: Callable[..., Any], param: str) -> Any:
 _DEFAULT_LOW = object()
 
 
-def checked(kind: Callable[[str], Any], flag: str, low: Any = _DEFAULT_LOW,
+def checked(kind: Callable[[str], Any], low: Any = _DEFAULT_LOW,
             high: float | None = None) -> Callable[[str], Any]:
     """An argparse type: ``kind`` (int, float, ints or floats) whose numbers must be finite and
     in range — ints ≥ 1 and floats > 0 unless ``low`` says otherwise (an inclusive lower
     bound, or None for any finite number); ``high`` an inclusive upper bound. A value out of
-    range is a usage error naming the option and the range, before anything runs."""
+    range is a usage error (argparse names the option) giving the range, before anything
+    runs."""
     integer = kind in (int, ints)
     if low is _DEFAULT_LOW:
         low, strict = (1, False) if integer else (0.0, True)
@@ -144,7 +145,7 @@ def option(parser: Any, flag: str, fn: Callable[..., Any], param: str | None = N
     if kwargs.get("action") == "append":
         default = list(default)  # argparse appends to the default in place
     if kwargs.get("type") in (int, float, ints, floats):
-        kwargs["type"] = checked(kwargs["type"], flag, low, high)
+        kwargs["type"] = checked(kwargs["type"], low, high)
     return parser.add_argument(flag, default=default, **kwargs)
 
 

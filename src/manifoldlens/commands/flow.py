@@ -314,7 +314,7 @@ def _add_train(sub: Any) -> None:
            help="the flow (default: realnvp for 2-D toys, glow for images)")
     for name, text in MODEL_OPTIONS:
         p.add_argument("--" + name.replace("_", "-"),
-                       type=checked(int, "--" + name.replace("_", "-")),
+                       type=checked(int),
                        help=f"{text} (default: sized for the data by default_flow)")
     add_length(p, fn, steps="2000 when --epochs is not given")
     option(p, "--lr", fn, type=float, help="Adam learning rate")

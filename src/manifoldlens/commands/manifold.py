@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import viz
-from .._utils import sha256_file, tensor_sha256, write_atomic
+from .._utils import differing, tensor_sha256, write_atomic
 from ..attribution import METHODS, explain
 from ..callbacks import TangentFractionDuringTraining
 from ..data import load_dataset
@@ -46,7 +46,13 @@ from ..generative import (
     reconstructive_dataset,
     train_generative,
 )
-from ..models import count_parameters, create_model, load_checkpoint, save_checkpoint
+from ..models import (
+    checkpoint_sha256,
+    count_parameters,
+    create_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..roar import roar, tangent_importance
 from ..runs import Run
 from ..tangent import TangentSpace, principal_angles, random_fraction_baseline
@@ -340,22 +346,23 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
     te = load_manifold_dataset(dataset_dir, "test")
     if n_train:
         tr = tr.subset(slice(0, n_train))
-    manifest = Path(checkpoint) if str(checkpoint).endswith(".json") else Path(
-        str(checkpoint) + ".json")
+    try:  # the manifest a .json, .safetensors, stem or directory path names
+        model_sha256 = checkpoint_sha256(checkpoint)
+    except FileNotFoundError:
+        model_sha256 = None
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "dataset": str(
         Path(dataset_dir).resolve()), "methods": list(methods), "fractions": [
         float(q) for q in fractions], "n_train": len(tr), "arch": arch, "epochs": float(epochs),
         "remove": remove, "seed": seed, "device": str(device),
         # what the files held, not just where they were: a changed model or dataset is refused
-        "checkpoint_sha256": sha256_file(manifest) if manifest.is_file() else None,
+        "checkpoint_sha256": model_sha256,
         "data_sha256": tensor_sha256(tr.images, tr.labels, te.images, te.labels)}
     progress_file = run.path / "roar_progress.json"
     scores_file = run.path / "roar_scores.safetensors"
 
     def check(stored: dict[str, Any], where: Path) -> None:
         if stored != settings:
-            changed = sorted(k for k in set(settings) | set(stored)
-                             if stored.get(k) != settings.get(k))
+            changed = differing(stored, settings)
             raise ValueError(f"cannot resume {run.path}: settings changed ({', '.join(changed)}) "
                              f"since {where.name} was written; use another --out or the run's "
                              "own settings")
