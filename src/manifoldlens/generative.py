@@ -472,7 +472,8 @@ def _train_labeller(model, images, labels, num_classes, *, steps, batch_size, se
     def step_loss(xb, yb, step):
         return F.cross_entropy(labeller(xb[:, :k], xb[:, k:].reshape(-1, *model.shape)), yb)
 
-    fit(labeller, joined[fit_idx], labels[fit_idx], step_loss, opt, batch_size=batch_size,
+    fit(labeller, joined[fit_idx], labels[fit_idx], step_loss, opt,
+        batch_size=min(batch_size, len(fit_idx)),
         steps=steps, seed=seed, progress=progress, desc="labeller", device=device)
     labeller.eval()
     with torch.no_grad():

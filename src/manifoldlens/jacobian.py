@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import weakref
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -43,7 +41,16 @@ from ._checks import (
     check_output_type,
     check_positive_int,
 )
-from ._utils import chunks, progress_bar, scores_with_graph, to_scores
+from ._utils import chunks, model_fingerprint, scores_with_graph, tensor_sha256, to_scores
+from .blockgram import blocked_gram, tile_rows
+from .memory import (
+    cached_cost,
+    check_max_memory,
+    measure_cost,
+    meta_forward,
+    plan_chunk_size,
+    resolve_max_memory,
+)
 
 __all__ = [
     "OUTPUTS",
@@ -53,6 +60,8 @@ __all__ = [
     "score_jacobian",
     "transform_jacobian",
     "select_strategy",
+    "count_classes",
+    "jacobian_chunk_size",
     "jacobian_gram",
     "gram_spectrum",
     "class_correlation",
@@ -78,7 +87,7 @@ STRATEGIES = ("auto", "vjp", "vmap", "forward")
 
 def _jac_vjp(
     model: nn.Module, x: torch.Tensor, model_output: str, check: bool = True,
-    relative: bool = False,
+    relative: bool = False, passes: int | None = None,
 ):
     """C summed vector–Jacobian products over the batch.
 
@@ -86,26 +95,29 @@ def _jac_vjp(
     class yields the class-c row of every sample's Jacobian. ``relative=True`` returns the
     rows ∇(s_c − s_r) instead, r the top class of each sample (row r is zero), from C − 1
     passes: enough for ``J_logp`` and everything built on it, which do not change when one
-    vector is added to every row of ``J_s``.
+    vector is added to every row of ``J_s``. ``passes`` stops after that many passes (to
+    measure the memory of the loop, :func:`jacobian_chunk_size`).
     """
     with torch.enable_grad():
         xr, s = scores_with_graph(model, x, model_output, check)
         n, c = s.shape
         if not relative:
             jac = x.new_empty((n, c, *x.shape[1:]))
-            for k in range(c):
-                (g,) = torch.autograd.grad(s[:, k].sum(), xr, retain_graph=k < c - 1)
+            stop = c if passes is None else min(c, passes)
+            for k in range(stop):
+                (g,) = torch.autograd.grad(s[:, k].sum(), xr, retain_graph=k < stop - 1)
                 jac[:, k] = g
             return jac, s.detach()
         jac = x.new_zeros((n, c, *x.shape[1:]))
         ref = s.detach().argmax(1)
         rows = torch.arange(n, device=x.device)
-        for k in range(c - 1):
+        stop = c - 1 if passes is None else min(c - 1, passes)
+        for k in range(stop):
             cls = k + (k >= ref).long()  # the k-th class other than r
             grad = torch.zeros_like(s)
             grad[rows, cls] = 1
             grad[rows, ref] = -1
-            (g,) = torch.autograd.grad(s, xr, grad, retain_graph=k < c - 2)
+            (g,) = torch.autograd.grad(s, xr, grad, retain_graph=k < stop - 1)
             jac[rows, cls] = g
     return jac, s.detach()
 
@@ -131,8 +143,8 @@ def _jac_func(
 
 _STRATEGY_FNS = {
     "vjp": _jac_vjp,
-    "vmap": lambda m, x, mo, check=True, relative=False: _jac_func(m, x, mo, "vmap", check),
-    "forward": lambda m, x, mo, check=True, relative=False: _jac_func(m, x, mo, "forward", check),
+    "vmap": lambda m, x, mo, check=True, **_: _jac_func(m, x, mo, "vmap", check),
+    "forward": lambda m, x, mo, check=True, **_: _jac_func(m, x, mo, "forward", check),
 }
 
 _NUM_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -150,12 +162,115 @@ def select_strategy(model: nn.Module, x: torch.Tensor, num_classes: int | None =
     """
     d = math.prod(x.shape[1:])
     if num_classes is None:
-        num_classes = _NUM_CLASSES.get(model)
-    if num_classes is None:
-        with torch.no_grad():
-            num_classes = check_output_type(model(x[:1])).shape[-1]
-        _NUM_CLASSES[model] = num_classes
+        num_classes = count_classes(model, x)
     return "forward" if d < num_classes else "vjp"
+
+
+def count_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """C, the model's number of outputs, remembered per model: from one sample on the ``meta``
+    device (:func:`~manifoldlens.memory.meta_forward`, no work), else one no-grad forward
+    pass of ``x[:1]``."""
+    c = _NUM_CLASSES.get(model)
+    if c is None:
+        out = meta_forward(model, x)
+        if out is None:
+            with torch.no_grad():
+                out = model(x[:1])
+        c = check_output_type(out).shape[-1]
+        _NUM_CLASSES[model] = c
+    return c
+
+
+_HINTS = {
+    "vjp": "raise max_memory, or pass fewer samples (local_data_matrix(top_k=K) keeps K rows "
+           "instead of C)",
+    "vmap": "use strategy='vjp' or raise max_memory",
+    "forward": "use strategy='vjp' or raise max_memory",
+}
+
+
+def _forward_backward(model: nn.Module, x: torch.Tensor, model_output: str) -> torch.Tensor:
+    """One forward and one backward pass: the stand-in measured for models that do not run on
+    ``meta``."""
+    with torch.enable_grad():
+        xr, s = scores_with_graph(model, x, model_output, False)
+        (g,) = torch.autograd.grad(s.sum(), xr, allow_unused=True)
+    return g
+
+
+def _class_rows(model: nn.Module, x: torch.Tensor, model_output: str, held: int):
+    """What the loop of :func:`~manifoldlens.information.top_k_jacobian` holds at its peak:
+    the graph, one vector–Jacobian product u, two class rows, ``held`` rows and their stack
+    (copies: the same bytes). No data-dependent branch, so it runs on ``meta``."""
+    with torch.enable_grad():
+        xr, s = scores_with_graph(model, x, model_output, False)
+        v = torch.softmax(s.detach(), dim=1)
+        (u,) = torch.autograd.grad(s, xr, v, retain_graph=True)
+        (g,) = torch.autograd.grad(s, xr, v - 1, retain_graph=True)
+        parts = [-u, g - u] + [(g - u) for _ in range(held - 2)]
+        return torch.stack(parts[:held], dim=1)
+
+
+def jacobian_chunk_size(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output: Output = "logits",
+    model_output: ModelOutput = "logits",
+    strategy: Strategy = "auto",
+    relative: bool = False,
+    chunk_size: int | None = None,
+    max_memory: float | None = None,
+    top_k: int | None = None,
+    stacked: bool = True,
+) -> int:
+    """Samples per chunk that keep :func:`score_jacobian` within ``max_memory`` bytes (None:
+    :data:`~manifoldlens.memory.DEFAULT_FRACTION` of the memory available on x's device).
+
+    The strategy's own code is measured once per model and input shape on one and two
+    samples of the ``meta`` device (:func:`~manifoldlens.memory.measure_cost`): the vjp
+    loop's graph, buffer and two backward passes; ``vmap(jacrev)``'s C batched cotangents;
+    ``vmap(jacfwd)``'s d batched tangents; then the chain rule to ``output``. The n
+    results (n · C · d numbers) are held besides. ``top_k=K`` with ``strategy="vjp"``: the K
+    rows of :func:`~manifoldlens.information.top_k_jacobian` (``stacked=False``: rows reduced
+    one at a time, as :func:`~manifoldlens.information.trace_estimate` does). An explicit
+    ``chunk_size`` wins. Raises :class:`~manifoldlens.memory.MemoryBudgetError` (a
+    ``ValueError``) before any forward pass when one sample does not fit.
+    """
+    check_choice(output, OUTPUTS, "output")
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(strategy, STRATEGIES, "strategy")
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_positive_int(top_k, "top_k", allow_none=True)
+    budget = resolve_max_memory(max_memory, x.device)
+    c, d = count_classes(model, x), math.prod(x.shape[1:])
+    if strategy == "auto":
+        strategy = (select_strategy(model, x, c) if top_k is None else
+                    "forward" if d < top_k else "vjp")
+    shape, n, item = tuple(x.shape[1:]), x.shape[0], x.element_size()
+    if top_k is not None and strategy == "vjp":
+        held = max(top_k, 2) if stacked else 2
+        key = ("top_k", model_output, held, shape, x.dtype, x.device.type)
+        cost = cached_cost(model, key, lambda: measure_cost(
+            model, x, lambda m, xb: _class_rows(m, xb, model_output, held)))
+        return plan_chunk_size(n, cost, budget, chunk_size=chunk_size,
+                               result_per_sample=(top_k if stacked else 1) * d * item,
+                               what=f"G over the top {top_k} classes", shape=shape,
+                               hint="raise max_memory or lower top_k")
+    fn = _STRATEGY_FNS[strategy]
+
+    def run(m: nn.Module, xb: torch.Tensor):
+        j, s = fn(m, xb, model_output, check=False, relative=relative, passes=2)
+        return j, transform_jacobian(j, s, output)
+
+    out = c * d * item
+    factor = {"vjp": 1, "vmap": c, "forward": d}[strategy]
+    key = ("jacobian", strategy, model_output, relative, output, shape, x.dtype, x.device.type)
+    cost = cached_cost(model, key, lambda: measure_cost(
+        model, x, run, fallback=lambda m, xb: _forward_backward(m, xb, model_output),
+        factor=factor, extra=3 * out))
+    return plan_chunk_size(n, cost, budget, chunk_size=chunk_size, result_per_sample=out,
+                           what=f"strategy {strategy!r}", shape=shape, hint=_HINTS[strategy])
 
 
 def score_jacobian(
@@ -167,6 +282,8 @@ def score_jacobian(
     chunk_size: int | None = None,
     check_output: bool = True,
     relative: bool = False,
+    output: Output = "logits",
+    max_memory: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jacobian of the scores and the scores themselves: ``(J_s (n, C, *x.shape[1:]), s (n, C))``.
 
@@ -178,24 +295,40 @@ def score_jacobian(
     ``relative=True`` allows the ``"vjp"`` strategy to return ``J_s − 1 ∇s_r`` (r the top
     class) from C − 1 backward passes instead of C: the Jacobians of log p and p, and G, are
     the same for both (:func:`transform_jacobian` subtracts ``pᵀJ_s`` from every row).
+    ``output="log_softmax"`` or ``"softmax"`` returns that Jacobian instead of ``J_s``, formed
+    chunk by chunk (:func:`transform_jacobian`).
+
+    Memory: chunks of samples sized to ``max_memory`` bytes (None: half the memory available
+    on x's device) by :func:`jacobian_chunk_size`; an explicit ``chunk_size`` wins. A budget
+    too small for one sample raises ``ValueError`` before any forward pass. Chunking does not
+    change the values.
     """
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(output, OUTPUTS, "output")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_max_memory(max_memory)
     if check_output:
         check_batch(x)
         check_independent_samples(model, x)
     if strategy == "auto":
         strategy = select_strategy(model, x)
+    step = jacobian_chunk_size(model, x, output=output, model_output=model_output,
+                               strategy=strategy, relative=relative, chunk_size=chunk_size,
+                               max_memory=max_memory)
     fn = _STRATEGY_FNS[strategy]
-    jacs, scores = [], []
-    for sl in chunks(x.shape[0], chunk_size):
+    n = x.shape[0]
+    jac = scores = None
+    for sl in chunks(n, step):
         j, s = fn(model, x[sl], model_output, check=check_output, relative=relative)
-        jacs.append(j)
-        scores.append(s)
-    if len(jacs) == 1:
-        return jacs[0], scores[0]
-    return torch.cat(jacs), torch.cat(scores)
+        if output != "logits":
+            j = transform_jacobian(j, s, output)
+        if sl.stop - sl.start == n:
+            return j, s
+        if jac is None or scores is None:  # the results, written chunk by chunk (no cat)
+            jac, scores = j.new_empty((n, *j.shape[1:])), s.new_empty((n, *s.shape[1:]))
+        jac[sl], scores[sl] = j, s
+    return jac, scores
 
 
 def transform_jacobian(jac_s: torch.Tensor, scores: torch.Tensor, output: Output) -> torch.Tensor:
@@ -223,6 +356,7 @@ def jacobian(
     model_output: ModelOutput = "logits",
     strategy: Strategy = "auto",
     chunk_size: int | None = None,
+    max_memory: float | None = None,
 ) -> torch.Tensor:
     """Input Jacobians of a classifier, batched over the first axis.
 
@@ -245,7 +379,12 @@ def jacobian(
         ``torch.func.vmap(jacrev)``; ``"forward"``: ``vmap(jacfwd)``; ``"auto"``: see
         :func:`select_strategy`.
     chunk_size : int, optional
-        Samples per chunk; bounds peak memory to O(chunk · (activations + C·d)).
+        Samples per chunk; bounds peak memory to O(chunk · (activations + C·d)). Default:
+        as many as ``max_memory`` allows (:func:`jacobian_chunk_size`).
+    max_memory : float, optional
+        Budget in bytes for the work and the result; default half the memory available on
+        x's device (:data:`manifoldlens.memory.DEFAULT_FRACTION`). A strategy that cannot
+        fit one sample raises ``ValueError`` before any forward pass.
 
     Returns
     -------
@@ -265,21 +404,16 @@ def jacobian(
     True
     """
     check_choice(output, OUTPUTS, "output")
-    jac_s, scores = score_jacobian(
+    jac, _ = score_jacobian(
         model, x, model_output=model_output, strategy=strategy, chunk_size=chunk_size,
-        relative=output != "logits",
+        relative=output != "logits", output=output, max_memory=max_memory,
     )
-    return transform_jacobian(jac_s, scores, output)
+    return jac
 
 
 # --------------------------------------------------------------------------------------
 # Dataset Jacobian matrix and its correlation matrix (Shin)
 # --------------------------------------------------------------------------------------
-
-
-def _iterate(n: int, batch_size: int, progress: bool, desc: str):
-    return progress_bar(list(chunks(n, batch_size)), enabled=progress, desc=desc,
-                        unit="batch", leave=False)
 
 
 def jacobian_gram(
@@ -290,6 +424,7 @@ def jacobian_gram(
     model_output: ModelOutput = "logits",
     normalize: bool = False,
     batch_size: int = 256,
+    block_size: int | None = None,
     strategy: Strategy = "auto",
     low_memory: bool | None = None,
     max_memory: int = 2**30,
@@ -303,12 +438,20 @@ def jacobian_gram(
     as Shin does). With ``normalize=True`` the cosine ``M_ij / √(M_ii M_jj)`` (0 for
     samples whose Jacobian vanishes).
 
-    Memory: the Jacobians of ``batch_size`` samples are computed at a time. When 𝒥 (n·C·d
-    numbers) exceeds ``max_memory`` bytes, or ``low_memory=True``, the blocks go to a
-    memory-mapped scratch file (in ``cache_dir`` or the system temp dir) and M is formed
-    block pair by block pair: peak RAM is O(batch · C · d + n²). ``out`` names a ``.npy``
-    file that holds M as a memory map (for n too large for RAM); the returned tensor then
-    shares that memory.
+    Blocks (:func:`manifoldlens.blockgram.blocked_gram`): the Jacobians of ``batch_size``
+    samples are computed at a time, then M in tiles of ``block_size`` rows (default: as many
+    as keep two row blocks of 𝒥 within half of ``max_memory`` bytes, at most 2048). When 𝒥
+    (n·C·d numbers) exceeds ``max_memory`` bytes, or ``low_memory=True``, 𝒥 goes to a
+    scratch file (in ``cache_dir`` or the system temp dir): peak RAM O(block · C · d + n²).
+
+    ``out`` names a ``.npy`` file for M, written tile by tile (peak RAM O(block · C · d),
+    n limited by the disk); the returned tensor is a memory map of it. The run is
+    resumable: finished blocks are recorded in ``<out>.progress/`` with the fingerprints of
+    the model's weights and of x and these settings, and a later call with the same ones
+    computes only the missing blocks (one with others is refused; delete both to start
+    over). Under ``torch.distributed`` (e.g. ``torchrun``) every process calls this with the
+    same arguments and computes its share of the blocks; all get the same M, equal to the
+    single-process one bit for bit (``out`` must then lie on a file system they share).
 
     Examples
     --------
@@ -321,7 +464,12 @@ def jacobian_gram(
     check_batch(x)  # every check before the first forward pass: a refused call changes
     check_choice(output, OUTPUTS, "output")  # nothing (e.g. BatchNorm running statistics)
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(strategy, STRATEGIES, "strategy")
     check_positive_int(batch_size, "batch_size")
+    check_positive_int(block_size, "block_size", allow_none=True)
+    check_positive_int(max_memory, "max_memory")
+    if out is not None and not os.fspath(out).endswith(".npy"):
+        raise ValueError(f"out must be a path ending in .npy, got {os.fspath(out)!r}")
     check_independent_samples(model, x)
     n = x.shape[0]
     with torch.no_grad():
@@ -329,57 +477,25 @@ def jacobian_gram(
     width = c * math.prod(x.shape[1:])
     # half-precision inputs accumulate M in float32 (products overflow float16)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    itemsize = 8 if dtype == torch.float64 else 4
     if low_memory is None:
-        low_memory = n * width * np.dtype(np_dtype).itemsize > max_memory
+        low_memory = n * width * itemsize > max_memory
+    block_size = block_size or tile_rows(width, itemsize, max_memory)
+    settings = None
+    if out is not None:  # what decides M, for the record a resumed call is checked against
+        settings = {"n": n, "input_shape": list(x.shape[1:]), "input_dtype": str(x.dtype),
+                    "output": output, "model_output": model_output, "normalize": normalize,
+                    "batch_size": batch_size, "block_size": block_size, "strategy": strategy,
+                    "model": model_fingerprint(model), "data_sha256": tensor_sha256(x)}
 
-    if out is not None:
-        out = os.fspath(out)
-        if not out.endswith(".npy"):
-            raise ValueError(f"out must be a path ending in .npy, got {out!r}")
-        m_np = np.lib.format.open_memmap(out, mode="w+", dtype=np_dtype, shape=(n, n))
-        gram = torch.from_numpy(m_np)
-    else:
-        gram = torch.empty((n, n), dtype=dtype)
-
-    def block_jac(sl: slice) -> torch.Tensor:
-        j = jacobian(model, x[sl], output=output, model_output=model_output, strategy=strategy)
+    def rows(sl: slice) -> torch.Tensor:  # one batch exactly: the same on every process
+        j = jacobian(model, x[sl], output=output, model_output=model_output, strategy=strategy,
+                     chunk_size=batch_size)
         return j.reshape(j.shape[0], width).to(dtype)
 
-    slices = list(chunks(n, batch_size))
-    if not low_memory:
-        full = torch.empty((n, width), dtype=dtype, device=x.device)
-        for sl in _iterate(n, batch_size, progress, "jacobians"):
-            full[sl] = block_jac(sl)
-        for sl in slices:
-            gram[sl] = (full[sl] @ full.T).to(device="cpu", dtype=gram.dtype)
-    else:
-        tmp = tempfile.TemporaryDirectory(dir=cache_dir, prefix="manifoldlens-jac-")
-        try:
-            store = np.lib.format.open_memmap(
-                os.path.join(tmp.name, "jacobians.npy"), mode="w+", dtype=np_dtype,
-                shape=(n, width),
-            )
-            for sl in _iterate(n, batch_size, progress, "jacobians"):
-                store[sl] = block_jac(sl).detach().cpu().numpy()
-            store.flush()
-            device = x.device
-            for i, si in enumerate(_iterate(n, batch_size, progress, "gram blocks")):
-                ji = torch.from_numpy(np.asarray(store[si])).to(device)
-                for sj in slices[: i + 1]:
-                    jj = ji if sj == si else torch.from_numpy(np.asarray(store[sj])).to(device)
-                    blk = (ji @ jj.T).cpu().to(gram.dtype)
-                    gram[si, sj] = blk
-                    gram[sj, si] = blk.T
-            del store
-        finally:
-            tmp.cleanup()
-
-    if normalize:
-        cosine_gram(gram, inplace=True, batch_size=batch_size)
-    if out is not None:
-        m_np.flush()
-    return gram
+    return blocked_gram(rows, n, width, dtype, device=x.device, batch_size=batch_size,
+                        block_size=block_size, normalize=normalize, low_memory=low_memory,
+                        out=out, cache_dir=cache_dir, settings=settings, progress=progress)
 
 
 def cosine_gram(

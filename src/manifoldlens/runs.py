@@ -26,6 +26,7 @@ from ._version import __version__
 __all__ = [
     "Run",
     "RunDirectoryInUse",
+    "RunFollower",
     "default_run_dir",
     "environment",
     "read_records",
@@ -397,3 +398,53 @@ class Run:
             self.finish("interrupted", "interrupted by the user; resume with --resume")
         else:
             self.finish("failed", f"{exc_type.__name__}: {exc}")
+
+
+class RunFollower:
+    """What a process other than rank 0 of a ``torchrun`` launch holds of the run: the path of
+    the directory rank 0 owns (files that every process writes into through the library,
+    such as an out-of-core Gram matrix or a path state of its share, go there), the
+    settings, and writers that do nothing: only rank 0 writes the run's records, figures
+    and arrays, and only it prints."""
+
+    def __init__(self, path: str | os.PathLike, command: str,
+                 config: dict[str, Any] | None = None, **_: Any) -> None:
+        self.path = Path(path)
+        self.command = command
+        self.config = dict(config or {})
+        self.metrics: dict[str, Any] = {}
+        self._start = time.perf_counter()
+
+    @property
+    def wall_time(self) -> float:
+        return time.perf_counter() - self._start
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def _named(self, name: str, suffix: str) -> Path:
+        return self.path / (name if name.endswith(suffix) else name + suffix)
+
+    def save_figure(self, name: str, fig: Any, dpi: int = 150) -> Path:
+        return self._named(name, ".png")
+
+    def save_arrays(self, name: str, **arrays: Any) -> Path:
+        return self._named(name, ".npz")
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        return self._named(name, ".json")
+
+    def log(self, **record: Any) -> None:
+        pass
+
+    def read_log(self, key: str | None = None) -> list[dict[str, Any]]:
+        return []
+
+    def truncate_log(self, step: int) -> None:
+        pass
+
+    def checkpoint_state(self) -> None:
+        pass
+
+    def finish(self, status: str = "ok", error: str | None = None) -> None:
+        pass

@@ -29,10 +29,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._checks import check_batch, check_finite, check_independent_samples
+from ._checks import check_batch, check_finite, check_independent_samples, check_positive_int
 from ._utils import chunks
 from .information import local_data_matrix
 from .jacobian import ModelOutput
+from .memory import (
+    cached_cost,
+    check_max_memory,
+    measure_cost,
+    plan_chunk_size,
+    resolve_max_memory,
+)
 
 __all__ = ["TangentSpace", "principal_angles", "random_fraction_baseline"]
 
@@ -71,6 +78,32 @@ def _orthonormal_rows(
         rtol = max(d, k) * torch.finfo(work.dtype).eps
     mask = (s > rtol * s[:, :1]) & (s > 0)
     return (rows * mask.unsqueeze(-1).to(rows.dtype)).to(dtype), mask
+
+
+def _decoder_chunk(decoder: Callable[[torch.Tensor], torch.Tensor], zc: torch.Tensor,
+                   rtol: float | None, check: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Orthonormal rows (m, r, d), mask (m, r) and image shape of ``col(∂dec/∂z)`` at the codes
+    ``zc`` (m, k): k JVPs batched by ``vmap`` over the unit tangents."""
+    m, k = zc.shape
+    eye = torch.eye(k, dtype=zc.dtype, device=zc.device)
+    tangents = eye.unsqueeze(1).expand(k, m, k)
+
+    def push(t: torch.Tensor):
+        return torch.func.jvp(decoder, (zc,), (t,))
+
+    with torch.no_grad():
+        out, jac = torch.func.vmap(push, out_dims=(None, 0), randomness="same")(tangents)
+    if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != m:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the decoder must map z (n, k) to images (n, *image_shape) with "
+                         f"n = {m}, got {got}")
+    if check:
+        check_finite(out, "decoder output")
+        check_finite(jac.movedim(0, 1), "decoder Jacobian")
+    cols = jac.reshape(k, m, -1).permute(1, 2, 0)  # (m, d, k)
+    rows, mask = _orthonormal_rows(cols, rtol)
+    return rows, mask, tuple(out.shape[1:])
 
 
 class TangentSpace:
@@ -256,14 +289,19 @@ class TangentSpace:
         *,
         chunk_size: int | None = None,
         rtol: float | None = None,
+        max_memory: float | None = None,
     ) -> TangentSpace:
         """Tangent spaces of a decoder's image ``{dec(z)}``: ``T = col(∂dec/∂z)`` at z (n, k).
 
         The decoder maps (n, k) to (n, *image_shape). Its d × k Jacobian is computed in
         forward mode — k JVPs, batched over the samples and (``torch.func.vmap``) over the k
-        unit tangents, since k ≪ d — ``chunk_size`` samples at a time, then orthonormalised
-        as in :meth:`from_basis` (``rtol``). A decoder in train mode with BatchNorm couples
-        the samples and raises ``ValueError`` (call ``decoder.eval()``).
+        unit tangents, since k ≪ d — ``chunk_size`` samples at a time (default: as many as
+        ``max_memory`` bytes allow, None: half the memory available; measured on the ``meta``
+        device, :mod:`manifoldlens.memory`), then orthonormalised as in :meth:`from_basis`
+        (``rtol``). A decoder in train mode with BatchNorm couples
+        the samples and raises ``ValueError`` (call ``decoder.eval()``). A flow's ``decode``
+        works too, but a flow is a bijection, so its tangent space is all of ℝ^D:
+        :func:`manifoldlens.flows.tangent_space` gives its k-dimensional latent slices.
 
         Examples
         --------
@@ -283,31 +321,16 @@ class TangentSpace:
         check_batch(z, "z")
         if z.ndim != 2:
             raise ValueError(f"z must be latent codes shaped (n, k), got {tuple(z.shape)}")
+        check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        budget = resolve_max_memory(max_memory, z.device)
         n, k = z.shape
-        rows, masks, image_shape = [], [], None
-        eye = torch.eye(k, dtype=z.dtype, device=z.device)
-        for sl in chunks(n, chunk_size):
-            zc = z[sl].detach()
-            tangents = eye.unsqueeze(1).expand(k, zc.shape[0], k)
-
-            def push(t: torch.Tensor, zc: torch.Tensor = zc):
-                return torch.func.jvp(decoder, (zc,), (t,))
-
-            with torch.no_grad():
-                out, jac = torch.func.vmap(push, out_dims=(None, 0), randomness="same")(
-                    tangents
-                )
-            if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != len(zc):
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(
-                    f"the decoder must map z (n, k) to images (n, *image_shape) with "
-                    f"n = {len(zc)}, got {got}"
-                )
-            check_finite(out, "decoder output")
-            check_finite(jac.movedim(0, 1), "decoder Jacobian")
-            image_shape = tuple(out.shape[1:])
-            cols = jac.reshape(k, len(zc), -1).permute(1, 2, 0)  # (m, d, k)
-            r, m = _orthonormal_rows(cols, rtol)
+        cost = cached_cost(decoder, ("decoder", k, z.dtype, z.device.type), lambda: measure_cost(
+            decoder, z, lambda dec, zb: _decoder_chunk(dec, zb, rtol, check=False)))
+        step = plan_chunk_size(n, cost, budget, chunk_size=chunk_size, what="from_decoder",
+                               shape=(k,), hint="raise max_memory")
+        rows, masks, image_shape = [], [], ()
+        for sl in chunks(n, step):
+            r, m, image_shape = _decoder_chunk(decoder, z[sl].detach(), rtol)
             rows.append(r)
             masks.append(m)
         return cls(torch.cat(rows), torch.cat(masks), image_shape)
@@ -321,14 +344,20 @@ class TangentSpace:
         model_output: ModelOutput = "logits",
         rtol: float | None = None,
         chunk_size: int | None = None,
+        top_k: int | None = None,
+        max_memory: float | None = None,
     ) -> TangentSpace:
         """The classifier's own distribution ``D_x = (ker G)^⊥ = span{∇_x log p_c}``.
 
         From :func:`manifoldlens.information.local_data_matrix` and
         :meth:`LocalDataMatrix.basis` (``rtol``): at most C − 1 dimensions (Grementieri &
-        Fioresi, §2).
+        Fioresi, §2). ``top_k=K``: the span of the K most probable classes' gradients only
+        (K backward passes; at most K dimensions, a subspace of D_x). ``chunk_size`` defaults
+        to what ``max_memory`` bytes allow (None: half the memory available).
         """
-        G = local_data_matrix(model, x, model_output=model_output, chunk_size=chunk_size)
+        check_max_memory(max_memory)
+        G = local_data_matrix(model, x, model_output=model_output, chunk_size=chunk_size,
+                              top_k=top_k, max_memory=max_memory)
         vecs, mask = G.basis(rtol)
         return cls(vecs, mask, G.input_shape)
 

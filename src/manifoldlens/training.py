@@ -370,6 +370,7 @@ class _Checkpoints:
         if latest is None:
             return []
         meta = checkpoint_metadata(latest)
+        _check_resume_metadata(meta, latest)
         if int(meta.get("step", 0)) > total:
             raise ValueError(f"cannot resume {latest}: the run is at step {meta.get('step')}, "
                              f"past the {total} steps asked for; ask for more steps")
@@ -452,9 +453,13 @@ def check_schedule(n: int, batch_size: int, epochs: float | None, steps: int | N
                    warmup_steps: int = 0, clip_grad_norm: float | None = None
                    ) -> tuple[int, int]:
     """Validate a training schedule before anything runs; returns ``(steps per epoch, total
-    steps)``. ``clip_grad_norm`` must be None (no clipping) or > 0: a negative norm would
-    turn descent into ascent and 0 would freeze the model."""
+    steps)``. ``batch_size`` must not exceed the ``n`` points; ``clip_grad_norm`` must be None
+    (no clipping) or > 0: a negative norm would turn descent into ascent and 0 would freeze
+    the model."""
     check_positive_int(batch_size, "batch_size")
+    if batch_size > n:  # every batch would hold all n points, not the batch_size recorded
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} training points; give at "
+                         f"most {n}")
     check_positive_int(warmup_steps, "warmup_steps", minimum=0)
     check_number(clip_grad_norm, "clip_grad_norm", low=0.0, strict=True, allow_none=True)
     if (steps is None) == (epochs is None):
@@ -464,6 +469,35 @@ def check_schedule(n: int, batch_size: int, epochs: float | None, steps: int | N
     per_epoch = math.ceil(n / batch_size)
     total = steps if steps is not None else int(round(epochs * per_epoch))
     return per_epoch, total
+
+
+_RESUME_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,), "train_config": (dict,), "resumes": (list,), "metrics": (dict,),
+    "callbacks": (list,), "history": (list,), "rng_state": (list,), "cuda_rng_state": (list,),
+}
+
+
+def _check_resume_metadata(meta: dict[str, Any], path: Path) -> None:
+    """A checkpoint's training fields have the types :meth:`_Checkpoints.save` writes; a
+    hand-edited or hostile one is refused by name instead of failing deep inside."""
+    for key, kinds in _RESUME_FIELDS.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"cannot resume from {path}: its metadata field {key!r} should be "
+                             f"a {kinds[0].__name__}, got {type(value).__name__}")
+    if meta.get("step", 0) < 0:
+        raise ValueError(f"cannot resume from {path}: its step is negative ({meta['step']})")
+    rng = meta.get("rng_state")
+    if rng is not None and (len(rng) != torch.get_rng_state().numel() or not all(
+            isinstance(b, int) and 0 <= b <= 255 for b in rng)):
+        raise ValueError(f"cannot resume from {path}: its rng_state is not a CPU generator "
+                         "state")
+    for key in ("history", "resumes", "callbacks"):
+        if not all(isinstance(r, dict) for r in meta.get(key) or []):
+            raise ValueError(f"cannot resume from {path}: its metadata field {key!r} should "
+                             "hold objects")
 
 
 def _warm_up(opt: torch.optim.Optimizer, base_lrs: list[float], ramp: float) -> None:

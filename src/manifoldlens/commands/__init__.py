@@ -1,7 +1,7 @@
 """The work of the ``manifoldlens`` commands, one module per command group, named after what
 the user types: :mod:`.classifier` (``train``, ``spectrum``, ``gram``), :mod:`.leaf`
-(``leaf …``), :mod:`.flow` (``flow …``), :mod:`.manifold` (``manifold …``) and :mod:`.demo`
-(``demo``); :mod:`.common` holds what they share.
+(``leaf …``), :mod:`.flow` (``flow …``), :mod:`.manifold` (``manifold …``), :mod:`.ood`
+(``ood``) and :mod:`.demo` (``demo``); :mod:`.common` holds what they share.
 
 Each module has ``run_*`` functions, usable from Python, that take a
 :class:`~manifoldlens.runs.Run`, compute, write figures, arrays and metrics into it and

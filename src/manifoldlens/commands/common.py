@@ -23,7 +23,7 @@ from torch import nn
 
 from .._checks import check_positive_int
 from .._utils import predict_probs, tensor_sha256
-from ..data import ImageDataset, load_dataset
+from ..data import DATASETS, ImageDataset, load_dataset
 
 __all__ = [
     "DATA_HELP",
@@ -51,6 +51,7 @@ __all__ = [
     "pick",
     "pick_pairs",
     "split_sha256",
+    "verify_split",
     "progress",
 ]
 
@@ -215,7 +216,7 @@ def allow_change(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(getattr(args, "allow_change", None) or ())
 
 
-DATA_HELP = "digits, fashion-mnist, mnist, kmnist or an IDX directory"
+DATA_HELP = f"{', '.join(DATASETS)} or an IDX directory"
 ROOT_HELP = ("directory holding the dataset's IDX files (default: $MANIFOLDLENS_DATA, else "
              "/usr/share/datasets/<name>)")
 
@@ -271,14 +272,22 @@ def dataset_for(meta: dict[str, Any], data: str | None = None, split: str = "tes
     if name is None:
         raise ValueError("the checkpoint does not record its dataset: pass --data")
     ds = load_dataset(name, split, root)
-    recorded = (meta.get("data_sha256") or {}).get(split)
-    if data is None and recorded is not None and recorded != split_sha256(ds):
-        raise ValueError(
-            f"the {split} split found for {name!r} is not the data the model was trained "
-            "with (its sha256 differs): pass --root to that data, or --data to evaluate on "
-            "other data on purpose"
-        )
+    if data is None:
+        verify_split(meta, ds, split, "pass --root to that data, or --data to evaluate on "
+                     "other data on purpose")
+    if limit is not None and limit > len(ds):
+        raise ValueError(f"limit={limit} exceeds the {len(ds)} images of the {split} split "
+                         f"of {name!r}")
     return ds.subset(limit, seed=seed) if limit is not None and limit < len(ds) else ds
+
+
+def verify_split(meta: dict[str, Any], ds: ImageDataset, split: str, hint: str) -> None:
+    """Refuse a split whose sha256 differs from the one a checkpoint's ``data_sha256``
+    records (a dataset rewritten under the same name); checkpoints that record none pass."""
+    recorded = (meta.get("data_sha256") or {}).get(split)
+    if recorded is not None and recorded != split_sha256(ds):
+        raise ValueError(f"the {split} split found for {ds.name!r} is not the data the model "
+                         f"was trained with (its sha256 differs): {hint}")
 
 
 def split_sha256(ds: ImageDataset) -> str:

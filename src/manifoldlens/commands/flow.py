@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .. import viz
+from .._checks import check_choice, check_positive_int
 from .._utils import latest_checkpoint
 from ..data import load_dataset, make_toy_2d
 from ..flows.models import NICE, Flow, Glow, RealNVP, interpolate
@@ -239,11 +240,17 @@ def run_flow_interpolate(run: Run, checkpoint: str, *, data: str | None = None,
                          method: str = "linear", device: str = "cpu",
                          seed: int = 0) -> dict[str, Any]:
     """Latent interpolation between pairs of test images (lecture slides): strips figure."""
+    check_positive_int(pairs, "pairs")
+    check_positive_int(steps, "steps", minimum=2)
+    check_choice(method, ("linear", "slerp"), "method")
     model, meta = _load_flow(checkpoint, device)
     name = data or meta.get("data")
     if name is None or name in TOYS:
         raise ValueError("interpolation needs an image dataset: pass --data")
     x, _, ds = flow_data(name, "test", root, None, seed)
+    if 2 * pairs > x.shape[0]:
+        raise ValueError(f"pairs={pairs} needs {2 * pairs} test images; {name!r} has "
+                         f"{x.shape[0]}")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(x.shape[0], generator=g)[: 2 * pairs]
     dtype = next(model.parameters()).dtype
@@ -308,8 +315,7 @@ def _add_train(sub: Any) -> None:
     fn = run_flow_train
     p = add_command(sub, "train", _train, "maximum-likelihood training on a 2-D toy or images")
     add_common(p, fn)
-    add_data(p, fn, help=f"{', '.join(TOYS)}, digits, fashion-mnist, mnist, kmnist or an IDX "
-                         "directory")
+    add_data(p, fn, help=f"{', '.join(TOYS)}, {DATA_HELP}")
     option(p, "--model", fn, "kind", choices=list(KINDS),
            help="the flow (default: realnvp for 2-D toys, glow for images)")
     for name, text in MODEL_OPTIONS:
@@ -370,6 +376,7 @@ def add_arguments(sub: Any) -> None:
     add_data(p, run_flow_interpolate,
              help=f"{DATA_HELP} (default: the dataset the checkpoint records)")
     option(p, "--pairs", run_flow_interpolate, type=int, help="pairs of test images")
-    option(p, "--steps", run_flow_interpolate, type=int, help="frames per interpolation")
+    option(p, "--steps", run_flow_interpolate, type=int, low=2,
+           help="frames per interpolation, endpoints included")
     option(p, "--method", run_flow_interpolate, choices=["linear", "slerp"],
            help="interpolation in the latent space")

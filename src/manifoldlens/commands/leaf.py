@@ -26,7 +26,8 @@ from torch import nn
 
 from .. import viz
 from ..data import ImageDataset
-from ..foliation import horizontal_path, involutivity_residual, leaf_crossing_path
+from ..distributed import gather, gather_objects, is_main, shard, world_size
+from ..foliation import PathResult, horizontal_path, involutivity_residual, leaf_crossing_path
 from ..runs import Run
 from .classifier import run_train
 from .common import (
@@ -90,19 +91,70 @@ def _class_changes(probs: torch.Tensor) -> torch.Tensor:
     return (pred[1:] != pred[:-1]).sum(0)
 
 
+def _share(n: int, what: str) -> slice:
+    """This process's paths (all of them in one process); a ValueError on every rank when
+    there are fewer paths than processes."""
+    if n < world_size():
+        raise ValueError(f"{n} {what} cannot be shared by {world_size()} processes: ask for at "
+                         "least as many as there are processes")
+    return shard(n)
+
+
+def _state_dir(run: Run, name: str, part: slice) -> Any:
+    """Where a share of the paths keeps its resumable state: ``<run>/<name>`` in one process,
+    ``<run>/<name>-<start>-<stop>`` for each share under torch.distributed."""
+    return run.path / (name if world_size() == 1 else f"{name}-{part.start}-{part.stop}")
+
+
+def _gathered(res: PathResult, every: int) -> PathResult:
+    """Every process's share of a batch of paths, in order, recorded as one process records
+    them: at 0, every ``every`` steps and at the step where the last path of all stopped (a
+    share that stopped earlier repeats its final record; its own last record is kept only
+    where one process would have made it)."""
+    if world_size() == 1:
+        return res
+    last = max(gather_objects(int(res.record_steps[-1])))
+    grid = sorted({*range(0, last + 1, every), last})
+    own = res.record_steps.tolist()
+    at = torch.tensor([own.index(t) if t in own else len(own) - 1 for t in grid])
+
+    def paths(t: torch.Tensor) -> torch.Tensor:  # (T, n, ...) gathered along n
+        return gather(t[at].transpose(0, 1).contiguous()).transpose(0, 1)
+
+    return PathResult(
+        points=paths(res.points), distances=paths(res.distances), probs=paths(res.probs),
+        steps=gather(res.steps), reached=gather(res.reached),
+        status=[s for part in gather_objects(res.status) for s in part],
+        length=gather(res.length), record_steps=torch.tensor(grid),
+        residuals=paths(res.residuals) if res.residuals.numel() else res.residuals)
+
+
 def run_leaf_across(
     run: Run, model: nn.Module, dataset: ImageDataset, *, n: int = 8, steps: int = 1000,
     step_size: float = 0.1, seed: int = 0, record_every: int = 10,
     clamp: tuple[float, float] | None = (0.0, 1.0), model_output: str = "logits",
-    progress: bool = True,
+    top_k: int | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Figure 3 of Grementieri & Fioresi (2022): from ``n`` test images, ``steps`` steps across
-    the leaves (on ker G), kept in the data domain ``clamp`` (None: not clamped)."""
+    the leaves (on ker G), kept in the data domain ``clamp`` (None: not clamped). ``top_k``:
+    G over the K most probable classes at each point.
+
+    Under ``torch.distributed`` each process follows a share of the images (the random
+    directions drawn for all ``n`` as one process draws them) and rank 0 writes the gathered
+    paths (the others return ``{}``)."""
     idx = pick(dataset, n, seed)
     x = dataset.images[idx]
-    res = leaf_crossing_path(model, x, steps=steps, step_size=step_size, seed=seed,
-                             record_every=record_every, clamp=clamp, model_output=model_output,
-                             checkpoint_dir=run.path / "state", progress=progress)
+    part = _share(n, "images")
+    g = torch.Generator().manual_seed(seed)  # leaf_crossing_path's own draw, for all n
+    r = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x)
+    res = leaf_crossing_path(model, x[part], direction=r[part], steps=steps,
+                             step_size=step_size, seed=seed, record_every=record_every,
+                             clamp=clamp, model_output=model_output, top_k=top_k,
+                             checkpoint_dir=_state_dir(run, "state", part),
+                             progress=progress and is_main())
+    res = _gathered(res, record_every)
+    if not is_main():
+        return {}
     start = res.probs[0].argmax(-1)
     m = _path_metrics(res, start)
     run.save_arrays("across", indices=idx, points=res.points, probs=res.probs,
@@ -133,18 +185,27 @@ def run_leaf_horizontal(
     steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
     record_every: int = 50, clamp: tuple[float, float] | None = (0.0, 1.0),
     mirror: bool = False, model_output: str = "logits", progress: bool = True,
-    name: str = "horizontal", capped: bool = False,
+    name: str = "horizontal", capped: bool = False, top_k: int | None = None,
 ) -> dict[str, Any]:
     """Figure 4 of Grementieri & Fioresi (2022) (and Figure 5 with ``mirror=True``: targets
     flipped left–right): horizontal paths between test images beside the straight line
-    between them."""
+    between them. ``top_k``: G over the K most probable classes at each point.
+
+    Under ``torch.distributed`` each process follows a share of the pairs and rank 0 writes
+    the gathered paths (the others return ``{}``)."""
     si, ti = pick_pairs(dataset, pairs, seed)
     src, tgt = dataset.images[si], dataset.images[ti]
     if mirror:
         tgt = tgt.flip(-1)
-    res = horizontal_path(model, src, tgt, step_size=step_size, max_steps=steps, tol=tol,
-                          record_every=record_every, clamp=clamp, model_output=model_output,
-                          checkpoint_dir=run.path / "state", progress=progress, capped=capped)
+    part = _share(pairs, "pairs")
+    res = horizontal_path(model, src[part], tgt[part], step_size=step_size, max_steps=steps,
+                          tol=tol, record_every=record_every, clamp=clamp,
+                          model_output=model_output, top_k=top_k, capped=capped,
+                          checkpoint_dir=_state_dir(run, "state", part),
+                          progress=progress and is_main())
+    res = _gathered(res, record_every)
+    if not is_main():
+        return {}
     lin = interpolation(model, src, tgt, 33, model_output)
     straight = (tgt - src).reshape(pairs, -1).norm(dim=1)
     reached = res.reached
@@ -187,6 +248,7 @@ def run_leaf_mirror(
     steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
     record_every: int = 50, clamp: tuple[float, float] | None = (0.0, 1.0),
     model_output: str = "logits", progress: bool = True, capped: bool = False,
+    top_k: int | None = None,
 ) -> dict[str, Any]:
     """Figure 5 of Grementieri & Fioresi (2022): horizontal paths from test images towards
     other test images flipped left–right (:func:`run_leaf_horizontal` with ``mirror=True``;
@@ -194,7 +256,7 @@ def run_leaf_mirror(
     return run_leaf_horizontal(
         run, model, dataset, pairs=pairs, steps=steps, step_size=step_size, tol=tol, seed=seed,
         record_every=record_every, clamp=clamp, mirror=True, model_output=model_output,
-        progress=progress, name="mirror", capped=capped,
+        progress=progress, name="mirror", capped=capped, top_k=top_k,
     )
 
 
@@ -203,17 +265,21 @@ def run_leaf_noisy(
     steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
     record_every: int = 50, clamp: tuple[float, float] | None = (0.0, 1.0),
     model_output: str = "logits", progress: bool = True, capped: bool = False,
+    top_k: int | None = None,
 ) -> dict[str, Any]:
     """Figure 6 of Grementieri & Fioresi (2022): move a valid image ``noise_steps`` across the
-    leaves, then try to reach another valid image by a horizontal path; the noise persists."""
+    leaves, then try to reach another valid image by a horizontal path; the noise persists.
+    ``top_k``: G over the K most probable classes at each point, in both walks."""
     si, ti = pick_pairs(dataset, n, seed)
     x0, tgt = dataset.images[si], dataset.images[ti]
     noisy = leaf_crossing_path(model, x0, steps=noise_steps, step_size=step_size, seed=seed,
                                record_every=noise_steps, model_output=model_output, clamp=clamp,
-                               checkpoint_dir=run.path / "state_noise", progress=progress).final
+                               checkpoint_dir=run.path / "state_noise", progress=progress,
+                               top_k=top_k).final
     res = horizontal_path(model, noisy, tgt, step_size=step_size, max_steps=steps, tol=tol,
                           record_every=record_every, model_output=model_output, clamp=clamp,
-                          checkpoint_dir=run.path / "state", progress=progress, capped=capped)
+                          checkpoint_dir=run.path / "state", progress=progress, capped=capped,
+                          top_k=top_k)
     noise = (noisy - x0).reshape(n, -1)
     residual = (res.final - tgt).reshape(n, -1)
     cos = torch.nn.functional.cosine_similarity(noise, residual, dim=1)
@@ -275,7 +341,7 @@ def _path_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options every path experiment shares, ``--no-clamp`` turned into ``clamp=None``."""
     return {"steps": args.steps, "step_size": args.step_size, "record_every": args.record_every,
             "clamp": None if args.no_clamp else tuple(args.clamp), "seed": args.seed,
-            "model_output": args.model_output, "progress": progress(args)}
+            "model_output": args.model_output, "top_k": args.top_k, "progress": progress(args)}
 
 
 def _across(args: argparse.Namespace, run: Run) -> None:
@@ -349,6 +415,10 @@ def _add_path(sub: Any, name: str, handler: Any, fn: Any, help: str,
     option(p, "--clamp", fn, type=float, low=None, nargs=2, metavar=("LO", "HI"),
            help="keep points in the data domain, as the code of Grementieri & Fioresi does")
     p.add_argument("--no-clamp", action="store_true", help="do not clamp")
+    option(p, "--top-k", fn, type=int,
+           help="G over the K most probable classes at each point (default: all C)")
+    if fn is not run_leaf_noisy:  # shares its paths under torchrun
+        p.set_defaults(distributed=True)
     return p
 
 

@@ -5,13 +5,14 @@ manifold, after Bordt et al. (2023).
    side (Bordt et al.: MNIST at 32 × 32), with reconstructions and latent traversals;
 2. ``dataset``: a dataset on a known manifold (generative approach, Algorithm 1, or the
    reconstructive approach), optionally upsampled;
-3. ``train``: a classifier on it, standard or ℓ2-adversarial, following the fraction of its
-   gradient in tangent space (Figure 6);
+3. ``train``: a classifier on it, standard or ℓ2-adversarial, with true or random labels
+   (§5.1), following the fraction of its gradient in tangent space (Figures 6, 15);
 4. ``fraction``: attributions split into tangent and orthogonal parts (Figure 2), their
    fractions in tangent space against the random baseline (Figures 3 and 7), and the
    classifier's own D_x against the data's tangent space (principal angles);
 5. ``roar``: remove-and-retrain for every method and the tangent space's feature importance
-   (Figure 5).
+   (Figure 5);
+6. ``theorem1`` and ``sanity`` (§5.2–5.3), in :mod:`.manifold_checks`, registered here.
 
 References
 ----------
@@ -22,6 +23,7 @@ Gradient-Based Explanations. arXiv:2206.07387.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 from pathlib import Path
@@ -35,11 +37,11 @@ from .._utils import differing, tensor_sha256, write_atomic
 from ..attribution import METHODS, explain
 from ..callbacks import TangentFractionDuringTraining
 from ..data import load_dataset
+from ..distributed import gather, is_main, shard, world_size
 from ..generative import (
     VAE,
     AutoEncoder,
     BetaTCVAE,
-    ManifoldDataset,
     generative_dataset,
     latent_code,
     latent_traversal,
@@ -47,6 +49,7 @@ from ..generative import (
     train_generative,
 )
 from ..models import (
+    checkpoint_metadata,
     checkpoint_sha256,
     count_parameters,
     create_model,
@@ -57,6 +60,7 @@ from ..roar import roar, tangent_importance
 from ..runs import Run
 from ..tangent import TangentSpace, principal_angles, random_fraction_baseline
 from ..training import RunOptions, evaluate, train_classifier
+from . import manifold_checks
 from .common import (
     add_command,
     add_common,
@@ -68,6 +72,15 @@ from .common import (
     names,
     option,
     progress,
+    split_sha256,
+    verify_split,
+)
+from .manifold_checks import (
+    CHUNKS,
+    load_manifold_dataset,
+    manifold_split_sha256,
+    summary,
+    verify_manifold_split,
 )
 
 __all__ = [
@@ -79,6 +92,9 @@ __all__ = [
     "run_manifold_fraction",
     "run_manifold_roar",
     "load_manifold_dataset",
+    "CHUNKS",
+    "summary",
+    "verify_manifold_split",
 ]
 
 KINDS = {"betatcvae": BetaTCVAE, "vae": VAE, "autoencoder": AutoEncoder}
@@ -109,6 +125,7 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
         raise ValueError(f"unknown model {kind!r}; known: {sorted(KINDS)}")
     train = load_dataset(data, "train", root)
     test = load_dataset(data, "test", root)
+    splits = {"train": split_sha256(train), "test": split_sha256(test)}  # the data's identity
     if limit is not None:
         train = train.subset(limit, seed=seed)
     x = resize_images(train.images, size)
@@ -121,7 +138,7 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
                           gamma=gamma)
     else:
         model = KINDS[kind](shape, latent_dim, network=network)
-    meta = {"data": train.name, "classes": train.classes, "size": size}
+    meta = {"data": train.name, "classes": train.classes, "size": size, "data_sha256": splits}
     res = train_generative(model, x, steps=steps, epochs=epochs if steps is None else None,
                            batch_size=batch_size, lr=lr, seed=seed,
                            run=RunOptions(run, checkpoint_every=checkpoint_every, resume=resume,
@@ -147,11 +164,6 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
     return run.metrics
 
 
-def load_manifold_dataset(directory: str | Path, split: str) -> ManifoldDataset:
-    """``<directory>/<split>.json`` written by :func:`run_manifold_dataset`."""
-    return ManifoldDataset.load(Path(directory) / split)
-
-
 def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_test: int = 1000,
                          approach: str = "generative", upsample: int | None = None,
                          labeller_steps: int = 2000, root: str | None = None,
@@ -159,30 +171,34 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
     """A dataset on a known manifold from a trained (β-TC)VAE or autoencoder (Bordt et al.,
     Algorithm 1, or the reconstructive approach): ``train`` and ``test`` splits with labels,
     latent codes and tangent bases, a figure of samples, and k/d with the random baseline."""
+    if approach not in ("generative", "reconstructive"):
+        raise ValueError(f"approach must be 'generative' or 'reconstructive', got {approach!r}")
     model, meta = load_checkpoint(checkpoint)
     model.eval()
     name, size = meta.get("data"), int(meta.get("size", model.shape[-1]))
     if name is None:
         raise ValueError(f"{checkpoint} does not record its dataset")
     classes = meta.get("classes")
+    hint = "pass --root to the data the model was trained with"
     if approach == "generative":
         train = load_dataset(name, "train", root)
+        verify_split(meta, train, "train", hint)
         x = resize_images(train.images, size)
         ds, info = generative_dataset(model, x, train.labels, n_train + n_test, classes=classes,
                                       upsample=upsample, labeller_steps=labeller_steps,
                                       seed=seed, progress=progress)
         tr, te = ds.subset(slice(0, n_train)), ds.subset(slice(n_train, n_train + n_test))
-    elif approach == "reconstructive":
+    else:  # reconstructive
         parts = []
         for split, n in (("train", n_train), ("test", n_test)):
-            real = load_dataset(name, split, root).subset(n, seed=seed)
+            real = load_dataset(name, split, root)
+            verify_split(meta, real, split, hint)
+            real = real.subset(n, seed=seed)
             parts.append(reconstructive_dataset(model, resize_images(real.images, size),
                                                 real.labels, classes=classes,
                                                 upsample=upsample))
         tr, te = parts
         info = dict(tr.info)
-    else:
-        raise ValueError(f"approach must be 'generative' or 'reconstructive', got {approach!r}")
     tr.save(run.path / "train")
     te.save(run.path / "test")
     k, d = model.latent_dim, math.prod(tr.shape)
@@ -198,11 +214,20 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
     return run.metrics
 
 
+def _check_adversarial(adversarial: bool, eps: tuple[float, ...], pgd_steps: int) -> None:
+    defaults = inspect.signature(run_manifold_train).parameters
+    if not adversarial and (tuple(eps) != defaults["eps"].default
+                            or pgd_steps != defaults["pgd_steps"].default):
+        raise ValueError("eps and pgd_steps set the adversarial training: give them with "
+                         "adversarial=True (CLI: --adversarial), or leave them out")
+
+
 def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
                        epochs: float = 5.0, lr: float = 1e-3, batch_size: int = 64,
                        adversarial: bool | dict[str, Any] | None = False,
                        eps: tuple[float, ...] = (1.0, 4.0, 8.0), pgd_steps: int = 100,
-                       probe: int = 200,
+                       probe: int | None = None, random_labels: bool = False,
+                       beside: str | None = None,
                        fraction_every: int = 100, checkpoint_every: int | None = 500,
                        resume: bool = False, allow_changes: tuple[str, ...] = (),
                        progress: bool = True, device: str = "cpu",
@@ -210,65 +235,104 @@ def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
     """Train a classifier on a manifold dataset with Adam (Bordt et al.: lr 1e-4 decayed 10×
     every 10 epochs for 50 epochs; the CPU default here is lr 1e-3 for 5 epochs), standard or
     ℓ2-adversarial, recording the fraction of its gradient in tangent space on ``probe`` test
-    images every ``fraction_every`` steps (Figure 6).
+    images (default: the first 200, or all when fewer) every ``fraction_every`` steps
+    (Figure 6).
 
     ``adversarial=True``: ℓ2-PGD training with a radius drawn from ``eps`` at every step and
     ``pgd_steps`` iterations (Bordt et al.: ε ∈ {1, 4, 8}, 100 iterations); a dict is passed
     to :func:`~manifoldlens.training.train_classifier` as it is.
+
+    ``random_labels=True`` (§5.1, Figure 15 right): every training image gets a class drawn
+    uniformly at random (seeded by ``seed``, independent of the image), so all the model can
+    learn about the data manifold it learns without labels; test accuracy is at chance.
+    Bordt et al. train 3000 epochs to fit the random labels. ``beside``: the run directory of
+    another ``manifold train`` run (e.g. the same data with true labels) whose fraction over
+    training is drawn in the same figure.
     """
+    _check_adversarial(bool(adversarial), eps, pgd_steps)
+    other = _beside_records(beside) if beside is not None else None
     if adversarial is True:
         adversarial = {"eps": tuple(float(e) for e in eps), "steps": pgd_steps}
     adversarial = adversarial or None
     tr = load_manifold_dataset(dataset_dir, "train")
     te = load_manifold_dataset(dataset_dir, "test")
+    if probe is None:
+        probe = min(200, len(te))
+    elif probe > len(te):
+        raise ValueError(f"probe={probe} exceeds the {len(te)} test images of {dataset_dir}")
+    identity = {"train": manifold_split_sha256(tr), "test": manifold_split_sha256(te)}
+    labels = tr.labels
+    if random_labels:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(tr.num_classes, tr.labels.shape, generator=g)
     torch.manual_seed(seed)
     model = create_model(arch, tr.shape, tr.num_classes)
     probe_ts = te.subset(slice(0, probe)).tangent_space()
     cb = TangentFractionDuringTraining(te.images[:probe], probe_ts, every=fraction_every)
-    res = train_classifier(model, (tr.images, tr.labels), test_data=(te.images, te.labels),
+    res = train_classifier(model, (tr.images, labels), test_data=(te.images, te.labels),
                            optimizer="adam", lr=lr, batch_size=batch_size, epochs=epochs,
                            seed=seed, callbacks=[cb], progress=progress, device=device,
                            adversarial=adversarial,
                            run=RunOptions(run, checkpoint_every=checkpoint_every, resume=resume,
                                           allow_changes=allow_changes,
                                           metadata={"dataset": str(dataset_dir),
-                                                    "classes": tr.classes}))
+                                                    "dataset_sha256": identity,
+                                                    "classes": tr.classes,
+                                                    "random_labels": random_labels}))
     save_checkpoint(run.path / "model", model, metadata={
-        "dataset": str(dataset_dir), "classes": tr.classes, "metrics": res.metrics,
-        "adversarial": adversarial})
+        "dataset": str(dataset_dir), "dataset_sha256": identity, "classes": tr.classes,
+        "metrics": res.metrics, "adversarial": adversarial, "random_labels": random_labels})
     k, d = tr.tangent.shape[1], math.prod(tr.shape)
     base = random_fraction_baseline(k, d)
+    curves: Any = cb.records
+    if other is not None:
+        curves = {_training_name(adversarial, random_labels): cb.records, **other}
     run.save_figure("fraction_over_training", viz.plot_fraction_over_training(
-        cb.records, baseline=base, title="fraction of the gradient in tangent space"))
+        curves, baseline=base, title="fraction of the gradient in tangent space"))
     run.save_json("fraction_over_training", cb.records)
+    fit = evaluate(model, (tr.images, labels), device=device)
     run.metrics.update({**res.metrics, "fraction_start": cb.records[0]["mean"],
-                        "fraction_end": cb.records[-1]["mean"], "random_baseline": base,
-                        "adversarial": adversarial})
+                        "fraction_end": cb.records[-1]["mean"],
+                        "fraction_max": max(r["mean"] for r in cb.records),
+                        "random_baseline": base, "probe": probe, "adversarial": adversarial,
+                        "random_labels": random_labels, "train_accuracy": fit["accuracy"]})
     return run.metrics
 
 
-# memory bounds: at most 512 interpolated inputs (IG) or 25 noisy copies (SmoothGrad) per pass
-_CHUNKS = {"integrated_gradients": {"internal_batch_size": 512},
-           "smoothgrad": {"samples_batch_size": 25}}
+def _training_name(adversarial: Any, random_labels: bool) -> str:
+    """How a ``manifold train`` run is named in a figure beside another."""
+    return ("ℓ2-adversarial" if adversarial else "standard") + (
+        ", random labels" if random_labels else ", true labels")
 
 
-def _summary(f: torch.Tensor) -> dict[str, float]:
-    f = f.double()
-    f = f[~torch.isnan(f)]  # undefined principal angles (a point of lower dimension)
-    return {"mean": float(f.mean()), "median": float(f.median()), "std": float(f.std()),
-            "q05": float(torch.quantile(f, 0.05)), "q95": float(torch.quantile(f, 0.95))}
+def _beside_records(directory: str) -> dict[str, list[dict[str, float]]]:
+    """The fraction-over-training records of another ``manifold train`` run, by its name."""
+    path = Path(directory) / "fraction_over_training.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"beside={directory!r}: {path} not found; give the run "
+                                "directory of a finished `manifold train` run")
+    records = json.loads(path.read_text())
+    meta = Path(directory) / "run.json"
+    metrics = json.loads(meta.read_text()).get("metrics", {}) if meta.is_file() else {}
+    name = _training_name(metrics.get("adversarial"), bool(metrics.get("random_labels")))
+    return {f"{name} ({Path(directory).name})": records}
 
 
 def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
                           methods: tuple[str, ...] = METHODS, n: int = 500,
                           names: list[str] | None = None, options: dict[str, dict] | None = None,
                           figure_images: int = 8, batch_size: int = 32, device: str = "cpu",
-                          seed: int = 0) -> dict[str, Any]:
+                          seed: int = 0, top_k: int | None = None) -> dict[str, Any]:
     """Fractions of each attribution in the data's tangent space (Figures 2, 3, 7) and in the
     classifier's own D_x, and the principal angles between D_x and the tangent space.
 
     ``checkpoints``: one or more classifiers (e.g. standard and ℓ2-robust) evaluated on the
     first ``n`` test images of the manifold dataset, attributions towards the predicted class.
+    ``top_k=K``: D_x spanned by the K most probable classes' gradients only.
+
+    Under ``torch.distributed`` each process explains a share of the images and rank 0
+    writes the gathered results (the others return ``{}``); SmoothGrad's noise is drawn per
+    share, so it differs from a single process's (the other methods are deterministic).
     """
     names = names or [Path(c).parent.name or Path(c).stem for c in checkpoints]
     if len(names) != len(checkpoints):
@@ -276,37 +340,53 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
     if len(set(names)) != len(names):  # each names its figures and its entry in the results
         raise ValueError(f"the classifiers' names {list(names)} are not distinct; give "
                          "distinct ones (CLI: --names a,b)")
-    te = load_manifold_dataset(dataset_dir, "test").subset(slice(0, n))
+    full = load_manifold_dataset(dataset_dir, "test")
+    if n > len(full):
+        raise ValueError(f"n={n} exceeds the {len(full)} test images of {dataset_dir}")
+    loaded = [load_checkpoint(c, map_location=device) for c in checkpoints]
+    for ckpt, (_, meta) in zip(checkpoints, loaded, strict=True):
+        verify_manifold_split(ckpt, meta, full, "test", dataset_dir)
+    if n < world_size():
+        raise ValueError(f"n={n} images cannot be shared by {world_size()} processes")
+    te = full.subset(slice(0, n))
     ts = te.tangent_space()
+    part = shard(n)  # this process's images (all of them in one process)
+    ts_part = te.tangent_space(part)
     k, d = te.tangent.shape[1], math.prod(te.shape)
     base = random_fraction_baseline(k, d)
     g = torch.Generator().manual_seed(seed)
     rnd = torch.randn(te.images.shape, generator=g)
     results: dict[str, Any] = {"k": k, "d": d, "random_baseline": base,
-                               "random_vectors": _summary(ts.fraction(rnd)), "models": {}}
+                               "random_vectors": summary(ts.fraction(rnd)), "models": {}}
     by_method: dict[str, torch.Tensor] = {}
-    for name, ckpt in zip(names, checkpoints, strict=True):
-        model, _ = load_checkpoint(ckpt, map_location=device)
-        x = te.images.to(device)
-        acc = evaluate(model, (x, te.labels.to(device)))["accuracy"]
-        dx = TangentSpace.from_model(model, x).to(dtype=torch.float32, device="cpu")
-        angles = principal_angles(dx, ts)
+    for name, (model, _) in zip(names, loaded, strict=True):
+        x = te.images[part].to(device)
+        acc = evaluate(model, (x, te.labels[part].to(device)))["accuracy"]
+        if world_size() > 1:  # the share's correct answers, summed
+            acc = float(gather(torch.tensor([round(acc * x.shape[0])])).sum()) / n
+        dx = TangentSpace.from_model(model, x, top_k=top_k).to(dtype=torch.float32, device="cpu")
+        angles = gather(principal_angles(dx, ts_part))
         entry: dict[str, Any] = {"test_accuracy": acc, "methods": {},
-                                 "dx_dim_mean": float(dx.dim.double().mean()),
-                                 "smallest_angle_deg": _summary(angles[:, 0].rad2deg()),
-                                 "mean_angle_deg": _summary(angles.nanmean(1).rad2deg()),
-                                 "random_in_dx": _summary(dx.fraction(rnd))}
+                                 "dx_dim_mean": float(gather(dx.dim).double().mean()),
+                                 "smallest_angle_deg": summary(angles[:, 0].rad2deg()),
+                                 "mean_angle_deg": summary(angles.nanmean(1).rad2deg()),
+                                 "random_in_dx": summary(gather(dx.fraction(rnd[part])))}
+        if top_k is not None:
+            entry["top_k"] = top_k
         parts = {}
         for method in methods:
-            opts = {**_CHUNKS.get(method, {}), **(options or {}).get(method, {})}
+            opts = {**CHUNKS.get(method, {}), **(options or {}).get(method, {})}
             a = explain(model, x, method, batch_size=batch_size, **opts).cpu()
+            in_dx = gather(dx.fraction(a))
+            a = gather(a)
             f_t = ts.fraction(a)
-            entry["methods"][method] = {"tangent": _summary(f_t),
-                                        "dx": _summary(dx.fraction(a))}
+            entry["methods"][method] = {"tangent": summary(f_t), "dx": summary(in_dx)}
             by_method[f"{method} ({name})" if len(checkpoints) > 1 else method] = f_t
             m = figure_images
             parts[method] = {"attribution": a[:m], "tangent": ts.project(a)[:m],
                              "orthogonal": ts.orthogonal(a)[:m]}
+        if not is_main():
+            continue
         run.save_figure(f"decomposition_{name}", viz.plot_attribution_decomposition(
             te.images[:figure_images], parts,
             labels=[te.classes[int(c)] for c in te.labels[:figure_images]],
@@ -314,6 +394,8 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
         run.save_figure(f"principal_angles_{name}", viz.plot_principal_angles(
             angles, title=f"D_x of {name} against the data's tangent space"))
         results["models"][name] = entry
+    if not is_main():
+        return {}
     run.save_figure("fraction_by_method", viz.plot_fraction_by_method(
         {k_: v.numpy() for k_, v in by_method.items()}, baseline=base,
         title="fraction of each attribution in the tangent space"))
@@ -344,12 +426,18 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
 
     tr = load_manifold_dataset(dataset_dir, "train")
     te = load_manifold_dataset(dataset_dir, "test")
-    if n_train:
-        tr = tr.subset(slice(0, n_train))
+    if n_train is not None and n_train > len(tr):
+        raise ValueError(f"n_train={n_train} exceeds the {len(tr)} training images of "
+                         f"{dataset_dir}")
     try:  # the manifest a .json, .safetensors, stem or directory path names
         model_sha256 = checkpoint_sha256(checkpoint)
+        meta = checkpoint_metadata(checkpoint)
     except FileNotFoundError:
-        model_sha256 = None
+        model_sha256, meta = None, {}
+    for split, part in (("train", tr), ("test", te)):
+        verify_manifold_split(checkpoint, meta, part, split, dataset_dir)
+    if n_train:
+        tr = tr.subset(slice(0, n_train))
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "dataset": str(
         Path(dataset_dir).resolve()), "methods": list(methods), "fractions": [
         float(q) for q in fractions], "n_train": len(tr), "arch": arch, "epochs": float(epochs),
@@ -384,7 +472,7 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
         model, _ = load_checkpoint(checkpoint, map_location=device)
         scores = {}
         for method in methods:
-            opts = _CHUNKS.get(method, {})
+            opts = CHUNKS.get(method, {})
             scores[method] = tuple(explain(model, part.images.to(device), method,
                                            batch_size=64, **opts).cpu() for part in (tr, te))
         scores["tangent space"] = (tangent_importance(tr.tangent_space()),
@@ -443,6 +531,7 @@ def _train(args: argparse.Namespace, run: Run) -> None:
     run_manifold_train(run, args.dataset, arch=args.arch, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, adversarial=args.adversarial, eps=args.eps,
                        pgd_steps=args.pgd_steps, fraction_every=args.fraction_every,
+                       random_labels=args.random_labels, beside=args.beside,
                        resume=args.resume, allow_changes=allow_change(args),
                        progress=progress(args), device=args.device,
                        seed=args.seed)
@@ -451,7 +540,7 @@ def _train(args: argparse.Namespace, run: Run) -> None:
 def _fraction(args: argparse.Namespace, run: Run) -> None:
     run_manifold_fraction(run, args.checkpoints, args.dataset, methods=args.methods, n=args.n,
                           names=list(args.names) if args.names else None, device=args.device,
-                          seed=args.seed)
+                          seed=args.seed, top_k=args.top_k)
 
 
 def _roar(args: argparse.Namespace, run: Run) -> None:
@@ -509,7 +598,19 @@ def _add_train(sub: Any) -> None:
     option(p, "--pgd-steps", fn, type=int, help="PGD iterations (Bordt et al.: 100)")
     option(p, "--fraction-every", fn, type=int,
            help="steps between measurements of the gradient's fraction in tangent space")
+    option(p, "--random-labels", fn, action="store_true",
+           help="train on classes drawn uniformly at random (Bordt et al. §5.1)")
+    option(p, "--beside", fn, metavar="RUN",
+           help="another `manifold train` run whose fraction over training is drawn beside")
     add_resume(p, fn)
+    p.set_defaults(check=_check_train)
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    """``manifold train``'s checks across options, before the run directory exists."""
+    _check_adversarial(args.adversarial, args.eps, args.pgd_steps)
+    if args.beside is not None:
+        _beside_records(args.beside)
 
 
 def _add_fraction(sub: Any) -> None:
@@ -523,6 +624,9 @@ def _add_fraction(sub: Any) -> None:
            help="comma-separated names of the classifiers (default: their run directories)")
     option(p, "--methods", fn, type=names, help="comma-separated attribution methods")
     option(p, "--n", fn, type=int, help="test images")
+    option(p, "--top-k", fn, type=int,
+           help="D_x from the K most probable classes' gradients (default: all C)")
+    p.set_defaults(distributed=True)  # shares its images under torchrun
 
 
 def _add_roar(sub: Any) -> None:
@@ -554,3 +658,4 @@ def add_arguments(sub: Any) -> None:
     _add_train(msub)
     _add_fraction(msub)
     _add_roar(msub)
+    manifold_checks.add_subcommands(msub)

@@ -1,7 +1,9 @@
 """Normalizing flows: NICE [1]_, RealNVP [2]_ and Glow [3]_ with exact likelihood.
 
 The three models are architectures of :mod:`manifoldlens.models` (``"nice"``, ``"realnvp"``,
-``"glow"``), registered where :mod:`manifoldlens.flows.models` defines them.
+``"glow"``), registered where :mod:`manifoldlens.flows.models` defines them. A flow's decoder is a
+bijection; the k-dimensional manifolds it gives (slices of its latent space) and their tangent
+spaces are in :mod:`manifoldlens.flows.manifold` (:func:`tangent_space`).
 
 >>> import torch
 >>> from manifoldlens import flows
@@ -21,7 +23,7 @@ References
    ICLR 2016. arXiv:1511.01844 (dequantization, bits per dimension)
 """
 
-from . import layers, layouts
+from . import layers, layouts, manifold
 from .bpd import bits_per_dim, dequantize
 from .layers import (
     ActNorm,
@@ -44,11 +46,13 @@ from .layouts import (
     Layout,
     MaskLayout,
 )
+from .manifold import LatentSlice, principal_directions, tangent_space
 from .models import NICE, Flow, Glow, RealNVP, Reshape, initialize, interpolate
 
 __all__ = [
     "layers",
     "layouts",
+    "manifold",
     "Flow",
     "NICE",
     "RealNVP",
@@ -75,4 +79,7 @@ __all__ = [
     "dequantize",
     "initialize",
     "interpolate",
+    "LatentSlice",
+    "principal_directions",
+    "tangent_space",
 ]

@@ -114,7 +114,11 @@ def _channels_last(module: nn.Module) -> None:
 
 
 def _as_channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    """x (n, C, H, W) with channels-last strides: the same copy as
+    ``x.contiguous(memory_format=torch.channels_last)`` (none if x already is), spelled as
+    ``permute → contiguous → permute`` because functorch's vmap (forward-mode tangent spaces
+    of a decoder) implements no other memory format than the default."""
+    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if x.ndim == 4 else x
 
 
 class GlowCouplingNet(nn.Module):

@@ -20,6 +20,7 @@ cited in full in :mod:`manifoldlens.flows`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -140,6 +141,17 @@ class Flow(nn.Module):
             logdet = logdet + ld
         parts.append(h.reshape(x.shape[0], -1))
         return torch.cat(parts, 1), logdet
+
+    def latent_scales(self) -> list[slice]:
+        """Where each scale's latent lies in z (n, D), in the order of :meth:`encode`: those
+        that leave at the multi-scale splits first (finest), the output of the last step
+        (coarsest) last. One slice, all of z, for a flow without splits.
+
+        >>> Glow((1, 8, 8), levels=2, depth=1, hidden_channels=4).latent_scales()
+        [slice(0, 32, None), slice(32, 64, None)]
+        """
+        ends = list(itertools.accumulate(math.prod(s) for s in self._latent_shapes))
+        return [slice(a, b) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The latent z (n, D) of x: all scales concatenated, standardized by their priors."""

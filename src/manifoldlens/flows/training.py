@@ -117,7 +117,8 @@ def train_flow(
         if n_bins is None:
             return -model.log_prob(xb).mean()
         y = dequantize(xb, n_bins, _noise(seed, step))
-        return bits_per_dim(model, y, n_bins, dequantize_input=False).mean()
+        return bits_per_dim(model, y, n_bins, dequantize_input=False,
+                            differentiable=True).mean()
 
     def run_eval():
         return evaluate_flow(model, test_data, n_bins=n_bins, device=device)

@@ -9,10 +9,26 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from .style import BLUE, GREY, PURPLE, RED, as_image, image_batch, style_axes, to_numpy
+from .style import (
+    BLUE,
+    GREY,
+    PURPLE,
+    RED,
+    as_image,
+    image_batch,
+    point_style,
+    row_label,
+    style_axes,
+    suptitle,
+    to_numpy,
+    wrap,
+)
 
 __all__ = [
+    "decomposition_rows",
+    "decomposition_caption",
     "plot_attribution_decomposition",
     "plot_fraction_by_method",
     "plot_fraction_over_training",
@@ -37,6 +53,34 @@ def _signed_map(a: np.ndarray) -> tuple[np.ndarray, float]:
     return m, lim or 1.0
 
 
+def decomposition_rows(methods: Sequence[str]) -> list[str]:
+    """The row labels of :func:`plot_attribution_decomposition` in the drawn order, top to
+    bottom: "image", then per method its name (the attribution), "name: tangent" and
+    "name: orthogonal" (drawn with a line break after the colon).
+
+    >>> decomposition_rows(["gradient"])
+    ['image', 'gradient', 'gradient: tangent', 'gradient: orthogonal']
+    """
+    return ["image"] + [name if k == "attribution" else f"{name}: {k}"
+                        for name in map(str, methods) for k in _PARTS]
+
+
+def decomposition_caption(methods: Sequence[str], images: str = "the images") -> str:
+    """A caption naming the rows of :func:`plot_attribution_decomposition` for ``methods``
+    (in the order of its ``parts``), numbered from 1 at the top.
+
+    >>> decomposition_caption(["gradient", "smoothgrad"])  # doctest: +NORMALIZE_WHITESPACE
+    'Row 1: the images. Rows 2–4: gradient; rows 5–7: smoothgrad: in each group the
+    attribution, its part in the tangent space and its part orthogonal to it.'
+    """
+    groups = "; ".join(f"rows {2 + 3 * m}–{4 + 3 * m}: {name}"
+                       for m, name in enumerate(map(str, methods)))
+    if not groups:
+        return f"Row 1: {images}."
+    return (f"Row 1: {images}. {groups[0].upper()}{groups[1:]}: in each group the "
+            "attribution, its part in the tangent space and its part orthogonal to it.")
+
+
 def plot_attribution_decomposition(images, parts: dict, *, labels: Sequence[str] | None = None,
                                    title: str | None = None) -> Figure:
     """Bordt et al. 2023, Fig. 2: one column per image; the image (first row), then for each
@@ -44,7 +88,9 @@ def plot_attribution_decomposition(images, parts: dict, *, labels: Sequence[str]
     three rows: the attribution, its part in the tangent space and its part orthogonal to it.
     Signed maps (channels summed) on "RdBu_r" (red > 0, blue < 0, white 0), each panel on its
     own symmetric scale ±max|value|, written under it; under the tangent part also its
-    fraction ‖tangent‖ / ‖attribution‖. ``labels``: one per image, above the image row."""
+    fraction ‖tangent‖ / ‖attribution‖. ``labels``: one per image, above the image row. Row
+    labels (:func:`decomposition_rows`) stand horizontally left of their rows; the figure
+    keeps them as ``fig.row_labels``."""
     imgs = image_batch(images)
     n = imgs.shape[0]
     if labels is not None and len(labels) != n:
@@ -61,19 +107,22 @@ def plot_attribution_decomposition(images, parts: dict, *, labels: Sequence[str]
                 raise ValueError(f"parts[{name!r}][{k!r}] has shape {a.shape}, "
                                  f"the images {imgs.shape}")
             maps[name][k] = a.reshape(imgs.shape)
-    rows = 1 + 3 * len(maps)
-    fig = Figure(figsize=(1.15 * n + 1.4, 1.2 * rows + 0.5), layout="constrained")
+    names = decomposition_rows(list(maps))
+    rows = len(names)
+    width = max(len(line) for name in names for line in name.split(": "))  # label characters
+    fig = Figure(figsize=(max(1.15 * n + 0.6 + 0.06 * width, 4.0), 1.2 * rows + 0.6),
+                 layout="constrained")
     axes = np.asarray(fig.subplots(rows, n, squeeze=False))
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        row_label(ax, name.replace(": ", ":\n"))
     for j in range(n):
         ax = axes[0, j]
         ax.imshow(as_image(imgs[j]), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         if labels is not None:
             ax.set_title(labels[j], fontsize=7)
-    axes[0, 0].set_ylabel("image", fontsize=7)
-    for m, (name, p) in enumerate(maps.items()):
+    for m, p in enumerate(maps.values()):
         for r, k in enumerate(_PARTS):
             row = 1 + 3 * m + r
-            axes[row, 0].set_ylabel(name if k == "attribution" else f"{name}: {k}", fontsize=7)
             for j in range(n):
                 ax = axes[row, j]
                 v, lim = _signed_map(p[k][j])
@@ -82,13 +131,14 @@ def plot_attribution_decomposition(images, parts: dict, *, labels: Sequence[str]
                 if k == "tangent":
                     full = float(np.linalg.norm(p["attribution"][j]))
                     if full > 0 and np.isfinite(full):
-                        note += f" · frac {np.linalg.norm(p[k][j]) / full:.2f}"
+                        note += f"\nfrac {np.linalg.norm(p[k][j]) / full:.2f}"
                 ax.set_xlabel(note, fontsize=6, labelpad=1)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title or "Attributions and their parts in and orthogonal to the tangent space"
-                 "\n(red > 0, blue < 0; each panel on its own scale ±max|value|)", fontsize=9)
+    suptitle(fig, title or "Attributions and their parts in and orthogonal to the tangent "
+             "space\n(red > 0, blue < 0; each panel on its own scale ±max|value|)", fontsize=9)
+    fig.row_labels = names
     return fig
 
 
@@ -147,13 +197,14 @@ def plot_fraction_by_method(fractions: dict, *, baseline: float | None = None,
                   ha="right" if long else "center", fontsize=8)
     ax.set_xlim(0.4, len(names) + 0.6)
     ax.set_ylim(0, 1)
+    ax.set_xlabel("method (model)" if groups != [str(s) for s in names] else "method")
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False, fontsize=8, loc="best")
     style_axes(ax)
     sizes = {d.size for d in data}
     count = f"n = {sizes.pop()} per box" if len(sizes) == 1 else "n varies"
-    ax.set_title(title or f"Fraction in tangent space ({count}; mean above each box)",
-                 fontsize=10, pad=14)
+    ax.set_title(wrap(title or f"Fraction in tangent space ({count}; mean above each box)",
+                      fig.get_figwidth() - 0.3, 10), fontsize=10, pad=14)
     return fig
 
 
@@ -183,13 +234,21 @@ def plot_fraction_over_training(records, *, baseline: float | None = None,
         one = name is None  # one series: every element in the legend; several: their names
         ax.fill_between(steps, col["q05"], col["q95"], color=color, alpha=0.18, lw=0,
                         label="5–95 % of points" if one else None)
-        ax.plot(steps, col["mean"], color=color, lw=1.8, label="mean" if one else str(name))
+        few = point_style(len(steps))
+        if few:  # a band over one step has no area: the 5–95 % range as error bars too
+            ax.errorbar(steps, col["mean"], yerr=[col["mean"] - col["q05"],
+                                                  col["q95"] - col["mean"]],
+                        fmt="none", ecolor=color, alpha=0.6, capsize=4)
+        ax.plot(steps, col["mean"], color=color, lw=1.8, label="mean" if one else str(name),
+                **few)
         if all("median" in r for r in recs):
             med = np.array([float(r["median"]) for r in recs])[order]
-            ax.plot(steps, med, color=color, lw=1.0, ls=":", label="median" if one else None)
+            ax.plot(steps, med, color=color, lw=1.0, ls=":", label="median" if one else None,
+                    **point_style(len(steps), "x"))
     _baseline_line(ax, baseline)
     ax.set_ylim(0, 1)
     ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("fraction in tangent space")
     key = None if None in series else "line: mean, dotted: median, band: 5–95 %"
     ax.legend(frameon=False, fontsize=8, title=key, title_fontsize=7)

@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .._utils import eval_mode
-from .style import BLUE, GREY, RED, as_image, image_batch, to_numpy
+from .style import BLUE, GREY, RED, as_image, image_batch, row_label, suptitle, to_numpy
 
 __all__ = [
     "flow_density_2d",
@@ -156,12 +156,14 @@ def flow_volume_change(model, data=None, *, bounds=None, grid: int = 200, lines:
     fig = Figure(figsize=(10, 4.4), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)
     if len(pts):
-        ax.scatter(pts[:, 0], pts[:, 1], s=3, color=GREY, alpha=0.35, lw=0, rasterized=True)
+        ax.scatter(pts[:, 0], pts[:, 1], s=3, color=GREY, alpha=0.35, lw=0, rasterized=True,
+                   label="data")
     axis = np.isclose(levels, 0.0, atol=1e-9 * span)
-    for k, color in enumerate((BLUE, RED)):
+    for k, (color, name) in enumerate(((BLUE, "z₂ = const"), (RED, "z₁ = const"))):
         for i in range(lines):
             ax.plot(x[k, i, :, 0], x[k, i, :, 1], color=color, lw=1.4 if axis[i] else 0.6,
-                    alpha=0.9)
+                    alpha=0.9, label=name if i == 0 else None)
+    ax.legend(frameon=True, framealpha=0.8, fontsize=7, loc="upper right", markerscale=3)
     ax.set_title(f"latent grid [−{span:g}, {span:g}]² mapped by decode\n"
                  "blue: z₂ = const, red: z₁ = const", fontsize=9)
     fin = ld[np.isfinite(ld)]
@@ -204,7 +206,8 @@ def sample_grid(samples, *, temperatures=None, nrow: int | None = None,
     (n, C, H, W), or a dict {temperature: (n, C, H, W)} for one labelled block ("T = 0.7")
     per temperature, in ``temperatures``' order when given (else sorted), or a list / 5-D
     tensor of such batches labelled by ``temperatures``. Values clipped to [0, 1]; C = 1 is
-    drawn in gray (ink dark, as elsewhere in this module), C = 3 as RGB."""
+    drawn in gray (ink dark, as elsewhere in this module), C = 3 as RGB. ``title``: default
+    "n samples"."""
     from matplotlib import colormaps
 
     if isinstance(samples, dict):
@@ -225,7 +228,8 @@ def sample_grid(samples, *, temperatures=None, nrow: int | None = None,
     h, w = batches[0][1].shape[2:]
     rows = [-(-len(b) // cols) for _, b in batches]
     tile = min(1.0, 10.0 / cols)  # inches per image: about 1, at most 10 in. per row
-    fig = Figure(figsize=(max(2.5, cols * tile + 0.6),
+    margin = 0.6 + 0.5 * any(label for label, _ in batches)  # room for "T = 0.7"
+    fig = Figure(figsize=(max(2.5, cols * tile + margin),
                           max(1.5, sum(r * tile * h / w + 0.3 for r in rows) + 0.4)),
                  layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(batches), 1, height_ratios=rows))
@@ -238,8 +242,8 @@ def sample_grid(samples, *, temperatures=None, nrow: int | None = None,
             s.set_visible(False)
         if label:
             ax.set_ylabel(label, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    total = sum(len(b) for _, b in batches)
+    suptitle(fig, title or f"{total} sample{'s' if total != 1 else ''}", fontsize=10)
     return fig
 
 
@@ -271,7 +275,7 @@ def interpolation_strips(frames, *, title: str | None = None,
                 name = "start" if j == 0 else "end" if j == steps - 1 else f"t = {t:.2f}"
                 ax.set_title(name, fontsize=7, color=RED if end else "k")
         if labels is not None:
-            axes[r, 0].set_ylabel(labels[r], fontsize=7)
+            row_label(axes[r, 0], labels[r])
     if title:
-        fig.suptitle(title, fontsize=9)
+        suptitle(fig, title, fontsize=9)
     return fig

@@ -1,0 +1,278 @@
+"""Many processes: under torch.distributed (two gloo processes on the CPU) the sharded library
+calls and commands give what one process gives, ``torchrun … -m manifoldlens gram`` writes
+the same M as the single-process command, and the out-of-core Gram resumes after a kill,
+computing only the blocks it had not recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from manifoldlens import blockgram, distributed
+from manifoldlens.cli import main
+from manifoldlens.generative import ManifoldDataset
+from manifoldlens.jacobian import jacobian_gram
+from manifoldlens.models import create_model, save_checkpoint
+
+from helpers import TinyCNN, make
+
+TESTS = Path(__file__).resolve().parent
+jacobian_module = import_module("manifoldlens.jacobian")  # the package exports a function so named
+COMMON = ["--no-progress"]
+
+
+def _gram_inputs(n: int = 23):
+    model = make(TinyCNN())
+    x = torch.randn(n, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    return model, x
+
+
+def _commands(files: Path, out: Path) -> list[list[str]]:
+    """The sharded commands, small: each writes into ``out/<its last word>``."""
+    clf, mclf, mds = str(files / "clf.json"), str(files / "mclf.json"), str(files / "mds")
+    commands = {
+        "spectrum": ["spectrum", clf, "--limit", "30", "--batch-size", "7", "--top-k", "4"],
+        "across": ["leaf", "across", clf, "--n", "5", "--steps", "7", "--record-every", "3"],
+        "horizontal": ["leaf", "horizontal", clf, "--n", "5", "--steps", "9", "--record-every",
+                       "2", "--tol", "4", "--capped", "--step-size", "0.3"],
+        "fraction": ["manifold", "fraction", mds, mclf, "--methods",
+                     "gradient,input_x_gradient,integrated_gradients", "--n", "11",
+                     "--top-k", "2"],
+    }
+    return [[*argv, "--out", str(out / name), *COMMON] for name, argv in commands.items()]
+
+
+def _worker(rank: int, world: int, tmp: Path) -> None:
+    """One of two spawned processes: the library under a group it made, then the commands."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp / 'rendezvous'}", rank=rank,
+                            world_size=world)
+    try:
+        part = distributed.shard(11)
+        got = {"shards": distributed.gather(torch.arange(11)[part] * 10),
+               "flags": distributed.gather(torch.arange(11)[part] % 2 == 0),
+               "objects": distributed.gather_objects(rank)}
+        model, x = _gram_inputs()
+        got["ram"] = jacobian_gram(model, x, batch_size=4, block_size=5)
+        (tmp / "cache").mkdir(exist_ok=True)
+        got["scratch"] = jacobian_gram(model, x, batch_size=4, block_size=5, low_memory=True,
+                                       cache_dir=tmp / "cache")
+        got["file"] = jacobian_gram(model, x, batch_size=4, block_size=5, normalize=True,
+                                    out=tmp / "m.npy").clone()
+        if rank == 0:
+            torch.save(got, tmp / "library.pt")
+        for argv in _commands(tmp / "files", tmp / "two"):
+            assert main(argv) == 0, argv
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """A digits classifier, and a manifold dataset with a classifier of its images."""
+    root = tmp_path_factory.mktemp("files")
+    torch.manual_seed(0)
+    save_checkpoint(root / "clf", create_model("mlp", (1, 8, 8), 10, hidden=(16,)),
+                    metadata={"data": "digits", "classes": [str(i) for i in range(10)]})
+    g = torch.Generator().manual_seed(1)
+    n, k, d = 11, 3, 64
+    tangent = torch.linalg.qr(torch.randn(n, d, k, generator=g)).Q.mT.contiguous()
+    ManifoldDataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 2, (n,), generator=g),
+                    torch.randn(n, k, generator=g), tangent, ["a", "b"], {}).save(root / "mds"
+                                                                                   / "test")
+    save_checkpoint(root / "mclf", create_model("mlp", (1, 8, 8), 2, hidden=(12,)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def two(files, tmp_path_factory) -> Path:
+    """Everything the two processes wrote."""
+    tmp = tmp_path_factory.mktemp("two")
+    shutil.copytree(files, tmp / "files")
+    mp.spawn(_worker, args=(2, tmp), nprocs=2, join=True)
+    return tmp
+
+
+def test_without_a_group_everything_is_one_process():
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.shard(7) == slice(0, 7) == distributed.shard(7, align=3)
+    t = torch.arange(5)
+    assert distributed.gather(t) is t
+    assert distributed.gather_objects("a") == ["a"] and distributed.broadcast_object(3) == 3
+    distributed.barrier()
+
+
+def test_gather_joins_unequal_shards_in_order(two):
+    got = torch.load(two / "library.pt")
+    assert torch.equal(got["shards"], torch.arange(11) * 10)  # shares of 5 and 6
+    assert torch.equal(got["flags"], torch.arange(11) % 2 == 0) and got["objects"] == [0, 1]
+
+
+def test_gram_in_two_processes_equals_one_bit_for_bit(two, tmp_path):
+    got = torch.load(two / "library.pt")
+    model, x = _gram_inputs()
+    one = jacobian_gram(model, x, batch_size=4, block_size=5)
+    assert torch.equal(got["ram"], one) and torch.equal(got["scratch"], one)
+    cos = jacobian_gram(model, x, batch_size=4, block_size=5, normalize=True,
+                        out=tmp_path / "m.npy")
+    assert torch.equal(got["file"], cos)
+    flat = jacobian_module.jacobian(model, x, output="softmax").reshape(len(x), -1)
+    torch.testing.assert_close(one, flat @ flat.T)
+    assert not list((two / "cache").iterdir())  # the shared scratch file is gone
+
+
+def test_commands_in_two_processes_equal_one(files, two, tmp_path):
+    for argv in _commands(files, tmp_path / "one"):
+        assert main(argv) == 0, argv
+    one, par = tmp_path / "one", two / "two"
+    doc = json.loads((par / "spectrum" / "run.json").read_text())
+    assert doc["status"] == "ok" and doc["config"]["world_size"] == 2
+    assert doc["config"]["top_k"] == 4 and doc["metrics"]["spectrum"]["top_k"] == 4
+    summaries = [line for line in (par / "spectrum" / "metrics.jsonl").read_text().splitlines()
+                 if "summary" in line]
+    assert len(summaries) == 1  # rank 0 alone writes
+    for name, arrays in (("spectrum", "spectrum.npz"), ("across", "across.npz"),
+                         ("horizontal", "horizontal.npz")):
+        a, b = np.load(one / name / arrays), np.load(par / name / arrays)
+        assert sorted(a.files) == sorted(b.files), name
+        for key in a.files:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert {p.name for p in (par / "across").iterdir() if p.name.startswith("state")} == {
+        "state-0-2", "state-2-5"}  # each share's resumable state
+    a = json.loads((one / "horizontal" / "results.json").read_text())
+    b = json.loads((par / "horizontal" / "results.json").read_text())
+    assert a["status_counts"] == b["status_counts"] and a["reached_share"] == b["reached_share"]
+    a = json.loads((one / "fraction" / "results.json").read_text())["models"]["mclf"]
+    b = json.loads((par / "fraction" / "results.json").read_text())["models"]["mclf"]
+    assert a["test_accuracy"] == b["test_accuracy"] and a["top_k"] == b["top_k"] == 2
+    for method, entry in a["methods"].items():
+        for where in ("tangent", "dx"):
+            for stat, value in entry[where].items():
+                assert b["methods"][method][where][stat] == pytest.approx(value, rel=1e-5,
+                                                                          abs=1e-6)
+
+
+def _torchrun() -> list[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def test_torchrun_gram_writes_the_single_process_matrix(files, tmp_path):
+    args = ["gram", str(files / "clf.json"), "--limit", "30", "--batch-size", "4",
+            "--block-size", "7"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m",
+                           "manifoldlens", *args, "--out", str(tmp_path / "two"), *COMMON],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gram: ") == 1  # rank 0 alone prints
+    assert main([*args, "--out", str(tmp_path / "one"), *COMMON]) == 0
+    one, two = np.load(tmp_path / "one" / "gram.npy"), np.load(tmp_path / "two" / "gram.npy")
+    assert np.array_equal(one, two)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["config"]["world_size"] == 2
+
+
+def test_commands_that_do_not_shard_refuse_torchrun(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["leaf", "involutivity", str(files / "clf.json"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ out of core, resumable
+
+KILLED = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from helpers import TinyCNN, make
+import torch
+from manifoldlens import blockgram
+from manifoldlens.jacobian import jacobian_gram
+
+tile = blockgram.gram_tile
+def slow(a, b, normalize):
+    time.sleep(0.04)
+    return tile(a, b, normalize)
+blockgram.gram_tile = slow
+model = make(TinyCNN())
+x = torch.randn(40, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+jacobian_gram(model, x, batch_size=6, block_size=4, out=sys.argv[1])
+"""
+
+
+def _recorded(progress: Path, kind: str) -> set[int]:
+    done: set[int] = set()
+    for part in progress.glob("rank-*.json"):
+        try:
+            value = int(json.loads(part.read_text())[kind], 16)
+        except (ValueError, KeyError):
+            continue
+        done |= {i for i in range(value.bit_length()) if value >> i & 1}
+    return done
+
+
+def _counting(monkeypatch) -> dict[str, int]:
+    counts = {"rows": 0, "tiles": 0}
+    jac, tile = jacobian_module.jacobian, blockgram.gram_tile
+
+    def rows(model, x, **kw):
+        counts["rows"] += x.shape[0]
+        return jac(model, x, **kw)
+
+    def tiles(a, b, normalize):
+        counts["tiles"] += 1
+        return tile(a, b, normalize)
+
+    monkeypatch.setattr(jacobian_module, "jacobian", rows)
+    monkeypatch.setattr(blockgram, "gram_tile", tiles)
+    return counts
+
+
+def test_out_of_core_gram_resumes_after_a_kill(tmp_path, monkeypatch):
+    out = tmp_path / "M.npy"
+    progress = tmp_path / "M.npy.progress"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED.format(tests=str(TESTS)), str(out)])
+    deadline = time.monotonic() + 120
+    try:
+        while len(_recorded(progress, "tiles")) < 6:
+            assert proc.poll() is None, "finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = _recorded(progress, "tiles")
+    assert 6 <= len(done) < 55  # 10 tiles of 4 rows: 55 in the lower triangle
+    assert len(_recorded(progress, "jacobians")) == 7  # every row block before any tile
+
+    counts = _counting(monkeypatch)
+    model, x = _gram_inputs(40)
+    m = jacobian_gram(model, x, batch_size=6, block_size=4, out=out)
+    assert counts == {"rows": 0, "tiles": 55 - len(done)}  # only what was missing
+    whole = jacobian_gram(model, x, batch_size=6, block_size=4, out=tmp_path / "whole.npy")
+    assert torch.equal(m, whole)
+    assert json.loads((progress / "state.json").read_text())["complete"]
+    assert not (progress / "jacobians.npy").exists()  # the scratch rows are deleted
+
+    counts.update(rows=0, tiles=0)
+    again = jacobian_gram(model, x, batch_size=6, block_size=4, out=out)
+    assert torch.equal(again, whole) and counts == {"rows": 0, "tiles": 0}
+    with pytest.raises(ValueError, match="differing: .*normalize"):
+        jacobian_gram(model, x, batch_size=6, block_size=4, out=out, normalize=True)
+    with pytest.raises(ValueError, match="data_sha256"):
+        jacobian_gram(model, x * 2, batch_size=6, block_size=4, out=out)
