@@ -137,9 +137,11 @@ def round_robin(
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn, m = methods[name], inner.get(name, 1)
+            sync()
             t0 = time.perf_counter()
             for _ in range(m):
                 fn()
+            sync()  # GPU work is asynchronous: time it to its end
             ms = (time.perf_counter() - t0) * 1e3 / m
             if r >= warmup:
                 times[name].append(ms)
@@ -147,6 +149,18 @@ def round_robin(
         done = ", ".join(f"{n}={times[n][-1]:.1f}ms" if r >= warmup else n for n in names)
         log(f"{label} {tag}: {done}".lstrip())
     return times
+
+
+def sync() -> None:
+    """Wait for the CUDA device's queued work (nothing on a machine without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def add_device(p: object, default: str = "cpu") -> None:
+    """``--device`` of a benchmark (cpu, cuda, cuda:1 ...): every script takes it."""
+    p.add_argument("--device", default=default,  # type: ignore[attr-defined]
+                   help=f"torch device to run on (default {default})")
 
 
 def stats(values: Sequence[float], digits: int = 4) -> dict[str, float]:

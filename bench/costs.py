@@ -1,6 +1,7 @@
 """What the README's steps cost: wall and CPU seconds of each, best of ``--repeats``.
 
     python bench/costs.py [--only classifier,flow,path,autoencoder] [--repeats 2] [--threads 1]
+                          [--device cpu|cuda]
 
 - ``classifier``: ``train_classifier`` of the README's small CNN on the digits, 400 steps;
 - ``flow``: ``train_flow`` of the README's Glow (2 levels, depth 2, 32 channels) on the
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from _common import loadavg, make_logger, print_json, run_metadata
+from _common import add_device, loadavg, make_logger, print_json, run_metadata, sync
 from manifoldlens import horizontal_path
 from manifoldlens.data import load_dataset
 from manifoldlens.flows import Glow
@@ -38,6 +39,7 @@ def _timed(fn, repeats: int) -> tuple[dict[str, object], object]:
     for _ in range(repeats):
         w, c = time.perf_counter(), time.process_time()
         out = fn()
+        sync()
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
     best = min(range(repeats), key=walls.__getitem__)
@@ -52,6 +54,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--flow-steps", type=int, default=2000)
     p.add_argument("--path-steps", type=int, default=1000)
+    add_device(p)
     args = p.parse_args()
     tasks = args.only.split(",")
     if unknown := set(tasks) - set(TASKS):
@@ -61,7 +64,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     meta = run_metadata("costs")
-    meta.update(repeats=args.repeats, loadavg_at_start=loadavg())
+    meta.update(repeats=args.repeats, device=args.device, loadavg_at_start=loadavg())
+    dev = args.device
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     results: dict[str, object] = {}
 
@@ -69,7 +73,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model("small_cnn", train.shape, train.num_classes)
         return train_classifier(model, train, test_data=test, steps=400, momentum=0.9,
-                                progress=False).model
+                                progress=False, device=dev).model
 
     if "classifier" in tasks or "path" in tasks:
         log("classifier: 400 steps")
@@ -83,12 +87,12 @@ def main() -> None:
             torch.manual_seed(0)
             glow = Glow((1, 8, 8), levels=2, depth=2, hidden_channels=32)
             return train_flow(glow, train.images, test_data=test.images, n_bins=17,
-                              steps=args.flow_steps, progress=False)
+                              steps=args.flow_steps, progress=False, device=dev)
 
         results[f"flow_glow_{args.flow_steps}_steps"] = _timed(flow, args.repeats)[0]
     if "path" in tasks:
         log(f"path: 8 pairs × {args.path_steps} steps")
-        x = test.images[:16]
+        x = test.images[:16].to(dev)
         timing, path = _timed(lambda: horizontal_path(
             model, x[:8], x[8:], step_size=0.05, max_steps=args.path_steps, tol=0.0,
             progress=False), args.repeats)
@@ -101,7 +105,8 @@ def main() -> None:
         def autoencoder():
             torch.manual_seed(0)
             ae = AutoEncoder((1, 8, 8), latent_dim=6, network="mlp", hidden=128)
-            return train_generative(ae, train.images, steps=500, lr=2e-3, progress=False)
+            return train_generative(ae, train.images, steps=500, lr=2e-3, progress=False,
+                                    device=dev)
 
         results["autoencoder_500_steps"] = _timed(autoencoder, args.repeats)[0]
     print_json({"meta": meta, "results": results}, t0)

@@ -3,12 +3,13 @@
 Usage::
 
     .venv/bin/python bench/flows.py [--quick] [--threads N] [--repeats R] [--steps S]
-                                    [--budget-s S] [--test-n N]
+                                    [--budget-s S] [--test-n N] [--device D]
 
 Needs the ``bench`` extra (``pip install -c constraints.txt -e '.[bench]'``, i.e.
 ``normflows==1.7.3``). Prints ONE JSON object on stdout; progress goes to stderr. Data:
-Fashion-MNIST train images (1×28×28, float32, CPU), dequantized ``(k + u) / 256`` with a
-fixed generator; every model is trained on the same batches with the same loss (bits/dim,
+Fashion-MNIST train images (1×28×28, float32, on ``--device``, default CPU), dequantized
+``(k + u) / 256`` with a fixed generator; every model is trained on the same batches with
+the same loss (bits/dim,
 ``(−log p(y) + D ln 256) / (D ln 2)``, through :func:`manifoldlens.flows.bits_per_dim` for
 both libraries), Adam (lr 1e-3), batch 64. Models: ours Glow / RealNVP (image, multi-scale)
 / NICE, and ``normflows`` Glow, RealNVP and NICE assembled from its own pieces
@@ -69,6 +70,8 @@ SHAPE = (1, 28, 28)
 DIM = math.prod(SHAPE)
 N_BINS = 256
 LR = 1e-3
+#: Where models and batches live (``--device``).
+DEVICE = torch.device("cpu")
 DATASET = "fashion-mnist"
 MODELS = ("ours_glow", "normflows_glow", "ours_realnvp", "normflows_realnvp", "ours_nice",
           "normflows_nice")
@@ -213,7 +216,11 @@ def normflows_nice(hidden: int, depth: int) -> nn.Module:
 
 def build_model(name: str, cfg: dict) -> nn.Module:
     """A fresh model with ``log_prob(x)`` (n,), seeded (normflows draws its 1×1 convolutions
-    from the global generator)."""
+    from the global generator), on :data:`DEVICE`."""
+    return _build_model(name, cfg).to(DEVICE)
+
+
+def _build_model(name: str, cfg: dict) -> nn.Module:
     torch.manual_seed(SEED)
     if name == "ours_glow":
         return flows.Glow(SHAPE, levels=cfg["levels"], depth=cfg["depth"],
@@ -307,7 +314,7 @@ def train_images(n: int | None = None) -> torch.Tensor:
 
 def dequantized_batches(images: torch.Tensor, batch: int, count: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return [flows.dequantize(images[i * batch:(i + 1) * batch], N_BINS, generator=g)
+    return [flows.dequantize(images[i * batch:(i + 1) * batch], N_BINS, generator=g).to(DEVICE)
             for i in range(count)]
 
 
@@ -324,7 +331,7 @@ class BatchStream:
             self.order, self.pos = torch.randperm(len(self.images), generator=self.g), 0
         idx = self.order[self.pos:self.pos + self.batch]
         self.pos += self.batch
-        return flows.dequantize(self.images[idx], N_BINS, generator=self.g)
+        return flows.dequantize(self.images[idx], N_BINS, generator=self.g).to(DEVICE)
 
 
 # --------------------------------------------------------------------------------------
@@ -537,7 +544,7 @@ def bench_memory(names: list[str], cfg: dict, threads: int) -> dict:
         log(f"memory: {name} (child process)")
         out[name] = common.run_json_child(
             __file__, ["--_child-memory", name, "--threads", str(threads), "--_config",
-                       json.dumps(cfg)])
+                       json.dumps(cfg), "--device", str(DEVICE)])
         if "error" in out[name]:
             continue
         inc = out[name]["peak_rss_increase_MiB"]
@@ -631,9 +638,10 @@ def bench_budget(names: list[str], cfg: dict, images: torch.Tensor, budget_s: fl
                  slices: int, test_n: int) -> dict:
     batch = cfg["batch"]
     test = load_dataset(DATASET, split="test").images[:test_n]
-    y_test = flows.dequantize(test, N_BINS, generator=torch.Generator().manual_seed(SEED + 3))
+    y_test = flows.dequantize(test, N_BINS, generator=torch.Generator().manual_seed(
+        SEED + 3)).to(DEVICE)
     init_batch = flows.dequantize(images[:batch], N_BINS,
-                                  generator=torch.Generator().manual_seed(SEED + 4))
+                                  generator=torch.Generator().manual_seed(SEED + 4)).to(DEVICE)
     state = {}
     for name in names:
         model = build_model(name, cfg)
@@ -732,6 +740,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--skip-memory", action="store_true", help="skip the memory children")
+    common.add_device(p)
     p.add_argument("--_child-memory", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_config", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -810,7 +819,9 @@ NOTES = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     args = parse_args(argv)
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
 
@@ -832,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         **common.run_metadata(
             "bench/flows.py", versions={"normflows": getattr(nf, "__version__", "unknown")}),
-        "device": "cpu",
+        "device": str(DEVICE),
         "dtype": "float32",
         "dataset": f"{DATASET} (1x28x28)",
         "quick": args.quick,

@@ -2,7 +2,10 @@
 
 Usage::
 
-    .venv/bin/python bench/jacobian.py [--quick] [--threads N] [--repeats R]
+    .venv/bin/python bench/jacobian.py [--quick] [--threads N] [--repeats R] [--device D]
+
+Every section runs on ``--device`` (default ``cpu``; ``cuda`` on a GPU), the reference
+methods too.
 
 Prints ONE JSON object on stdout; progress goes to stderr. Three sections:
 
@@ -52,6 +55,8 @@ from manifoldlens.jacobian import select_strategy
 from manifoldlens.models import Seed001CNN
 
 SEED = 0
+#: Where every section runs (``--device``; the reference methods too).
+DEVICE = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------
@@ -66,7 +71,7 @@ def projected_jacobian(n: int, c: int, d: int, dtype: torch.dtype, gen: torch.Ge
     jac = torch.randn(n, c, d, generator=gen, dtype=dtype)
     mean = torch.einsum("nc,ncd->nd", probs, jac)  # p-weighted mean row, (n, d)
     jac.sub_(mean.unsqueeze(1))  # in place: no second (n, C, d) buffer
-    return jac, probs
+    return jac.to(DEVICE), probs.to(DEVICE)
 
 
 # --------------------------------------------------------------------------------------
@@ -76,8 +81,8 @@ def projected_jacobian(n: int, c: int, d: int, dtype: torch.dtype, gen: torch.Ge
 
 def bench_jacobian_engine(repeats: int, warmup: int, batch: int, fwd_batch: int) -> dict:
     torch.manual_seed(SEED)
-    model = Seed001CNN(in_shape=(1, 28, 28), num_classes=10).eval()
-    x = torch.randn(batch, 1, 28, 28)
+    model = Seed001CNN(in_shape=(1, 28, 28), num_classes=10).eval().to(DEVICE)
+    x = torch.randn(batch, 1, 28, 28).to(DEVICE)
     x_fwd = x[:fwd_batch]
     num_classes = 10
 
@@ -161,7 +166,7 @@ def bench_jacobian_engine(repeats: int, warmup: int, batch: int, fwd_batch: int)
             "d": 784,
             "C": num_classes,
             "dtype": "float32",
-            "device": "cpu",
+            "device": str(DEVICE),
             "output": "log_softmax",
             "repeats": repeats,
             "warmup_rounds": warmup,
@@ -314,6 +319,7 @@ def spectrum_large_child(repeats: int, c: int, d: int) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
         log(f"section 3: repeat {r + 1}/{repeats}: {times[-1]:.0f} ms")
 
+    common.sync()
     row_sq = torch.linalg.vector_norm(jac[0], dim=1, dtype=torch.float64) ** 2  # (C,)
     trace = float((probs[0].double() * row_sq).sum())  # Tr G = sum_c p_c |J_c|^2
     j_mb = jac.numel() * jac.element_size() / 2**20
@@ -377,7 +383,7 @@ def spectrum_large_child(repeats: int, c: int, d: int) -> dict:
 
 def bench_spectrum_large(threads: int, repeats: int, c: int, d: int) -> dict:
     args = ["--_child-large", "--threads", str(threads), "--repeats", str(repeats),
-            "--_large-c", str(c), "--_large-d", str(d)]
+            "--_large-c", str(c), "--_large-d", str(d), "--device", str(DEVICE)]
     result = common.run_json_child(__file__, args)
     if "error" in result:
         return {**result, "command": [sys.executable, os.path.abspath(__file__), *args]}
@@ -405,7 +411,7 @@ def _mlp_c1000(d: int, c: int, logit_scale: float) -> torch.nn.Module:
     model = torch.nn.Sequential(
         torch.nn.Linear(d, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
         torch.nn.Linear(256, c),
-    ).eval()
+    ).eval().to(DEVICE)
     with torch.no_grad():
         model[-1].weight.mul_(logit_scale)
     return model
@@ -434,7 +440,7 @@ def _top_k_accuracy(model: torch.nn.Module, x: torch.Tensor, k: int, samples: in
 def bench_top_k(repeats: int, warmup: int, n: int, d: int, c: int, k: int,
                 samples: int) -> dict:
     peaked = _mlp_c1000(d, c, logit_scale=50.0)
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(SEED + 4))
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(SEED + 4)).to(DEVICE)
     methods = {
         "full": lambda: local_data_matrix(peaked, x).trace,
         "top_k": lambda: local_data_matrix(peaked, x, top_k=k).trace,
@@ -443,7 +449,7 @@ def bench_top_k(repeats: int, warmup: int, n: int, d: int, c: int, k: int,
     times = round_robin(methods, repeats, warmup, label="top_k")
     return {
         "config": {
-            "model": f"MLP {d}-256-256-{c} (ReLU), random init, eval, float32, cpu",
+            "model": f"MLP {d}-256-256-{c} (ReLU), random init, eval, float32, {DEVICE}",
             "batch": n, "d": d, "C": c, "top_k": k, "samples": samples,
             "full_strategy": select_strategy(peaked, x),
             "backward_passes": {"full": c - 1, "top_k": k, "trace_estimate": k + samples},
@@ -491,6 +497,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--only", choices=("all", "top_k"), default="all",
                    help="run every section (default) or section 4 (top_k) alone")
+    common.add_device(p)
     p.add_argument("--_child-large", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_large-c", type=int, default=1000, help=argparse.SUPPRESS)
     p.add_argument("--_large-d", type=int, default=3 * 224 * 224, help=argparse.SUPPRESS)
@@ -498,7 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     args = parse_args(argv)
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
@@ -516,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "repeats": repeats,
         "seed": SEED,
+        "device": str(DEVICE),
         "loadavg_at_start": common.loadavg(),
     }
     log(f"torch {torch.__version__}, {meta['threads']} threads, {meta['cpu_model']}")

@@ -7,10 +7,11 @@ onto ker G through a complete d × d QR and least squares on its d − C + 1 ker
 (kernel step), clamps to the data domain and evaluates the model once more for the record.
 Ours advances ``--pairs`` points together through :func:`manifoldlens.horizontal_path` and
 :func:`manifoldlens.leaf_crossing_path`, also clamping and recording every step. Same model
-(the seed-001 CNN), same inputs, CPU.
+(the seed-001 CNN), same inputs, on ``--device`` (default CPU).
 Methods are timed round-robin; the JSON reports ms per pair-step and the ratios.
 
     python bench/paths.py [--pairs 32] [--steps 5] [--ref-pairs 4] [--repeats 3] [--threads 2]
+                          [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -71,14 +72,16 @@ def main(argv=None) -> int:
     p.add_argument("--ref-pairs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda ...)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Seed001CNN((1, 28, 28), 10).eval()
+    dev = torch.device(args.device)
+    model = Seed001CNN((1, 28, 28), 10).eval().to(dev)
     g = torch.Generator().manual_seed(1)
-    src = torch.rand(args.pairs, 1, 28, 28, generator=g)
-    tgt = torch.rand(args.pairs, 1, 28, 28, generator=g)
-    r = torch.randn(args.pairs, 1, 28, 28, generator=g)
+    src = torch.rand(args.pairs, 1, 28, 28, generator=g).to(dev)
+    tgt = torch.rand(args.pairs, 1, 28, 28, generator=g).to(dev)
+    r = torch.randn(args.pairs, 1, 28, 28, generator=g).to(dev)
     s, k = args.steps, args.ref_pairs
 
     methods = {
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
 
     out = {
         "meta": {
-            **run_metadata("bench/paths.py", machine=False), "device": "cpu",
+            **run_metadata("bench/paths.py", machine=False), "device": args.device,
             "model": "Seed001CNN (1x28x28, C=10), random init, eval, float32",
             "pairs": args.pairs, "steps_per_round": s, "ref_pairs": k, "repeats": args.repeats,
         },

@@ -4,13 +4,13 @@ reference (one backward pass per output pixel).
 Usage::
 
     .venv/bin/python bench/tangent.py [--quick] [--threads N] [--repeats R] [--batch B]
-                                      [--ref-images M]
+                                      [--ref-images M] [--device cpu|cuda]
 
 Prints ONE JSON object on stdout; progress goes to stderr.
 
 Decoder: the β-TCVAE decoder shape of seed 004 (MNIST32): ``Linear(10→256) → ReLU →
 Linear(256→64·4·4) → ReLU → ConvTranspose2d 64→32→32→1`` (4 × 4 → 32 × 32) → sigmoid; random
-init, eval, float32, CPU; k = 10 latent dims, d = 1024 pixels.
+init, eval, float32, on ``--device`` (default CPU); k = 10 latent dims, d = 1024 pixels.
 
 * ``ours``: :meth:`manifoldlens.tangent.TangentSpace.from_decoder` on a batch of ``--batch``
   codes: k JVPs (``torch.func.jvp`` under ``vmap`` over the unit tangents), then a thin QR
@@ -36,7 +36,16 @@ import time
 import torch
 from torch import nn
 
-from _common import loadavg, make_logger, print_json, ratio, round_robin, run_metadata, stats
+from _common import (
+    add_device,
+    loadavg,
+    make_logger,
+    print_json,
+    ratio,
+    round_robin,
+    run_metadata,
+    stats,
+)
 from manifoldlens.tangent import TangentSpace, principal_angles
 
 SEED = 0
@@ -68,7 +77,7 @@ def reference_tangent_space(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor
     """Seed 004, one code z (k,): d backward passes, then an orthonormal basis (k, d)."""
     z = z.detach().clone().requires_grad_(True)
     out = decoder(z[None]).reshape(-1)
-    jac = torch.zeros(z.shape[0], out.shape[0])
+    jac = torch.zeros(z.shape[0], out.shape[0], device=z.device)
     for i in range(out.shape[0]):
         (g,) = torch.autograd.grad(out[i], z, retain_graph=i < out.shape[0] - 1)
         jac[:, i] = g
@@ -88,10 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="codes for the reference (default 2, quick 1)")
     p.add_argument("--attr-batch", type=int, default=None,
                    help="images for the attribution throughput (default 128, quick 8)")
+    add_device(p)
     return p.parse_args(argv)
 
 
-def attribution_throughput(batch: int, repeats: int) -> dict:
+def attribution_throughput(batch: int, repeats: int, device: str = "cpu") -> dict:
     """Images per second of each attribution method (seed 004's settings: IG 50 steps,
     SmoothGrad 25 samples at noise 0.02) on the seed-001 CNN at 1×32×32 (MNIST32), next to
     the bare gradient."""
@@ -99,8 +109,8 @@ def attribution_throughput(batch: int, repeats: int) -> dict:
     from manifoldlens.models import Seed001CNN
 
     torch.manual_seed(SEED)
-    model = Seed001CNN((1, 32, 32), 10).eval()
-    x = torch.rand(batch, 1, 32, 32, generator=torch.Generator().manual_seed(SEED + 2))
+    model = Seed001CNN((1, 32, 32), 10).eval().to(device)
+    x = torch.rand(batch, 1, 32, 32, generator=torch.Generator().manual_seed(SEED + 2)).to(device)
     options = {"integrated_gradients": {"steps": 50, "internal_batch_size": 512},
                "smoothgrad": {"samples": 25, "noise_level": 0.02, "seed": 0,
                               "samples_batch_size": 25}}
@@ -126,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     load_start = loadavg()
     torch.manual_seed(SEED)
-    decoder = BetaTCVAEDecoder().eval()
-    z = torch.randn(batch, LATENT, generator=torch.Generator().manual_seed(SEED + 1))
+    decoder = BetaTCVAEDecoder().eval().to(args.device)
+    z = torch.randn(batch, LATENT, generator=torch.Generator().manual_seed(SEED + 1)).to(
+        args.device)
     d = decoder(z[:1]).numel()
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d = {d}, k = {LATENT}")
 
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ts, refs = ours(), reference()
     ref_space = TangentSpace(
         torch.stack([torch.cat([r, r.new_zeros(LATENT - r.shape[0], d)]) for r in refs]),
-        torch.stack([torch.arange(LATENT) < r.shape[0] for r in refs]),
+        torch.stack([torch.arange(LATENT, device=r.device) < r.shape[0] for r in refs]),
     )
     mine = TangentSpace(ts.basis[:ref_images], ts.mask[:ref_images], ts.input_shape)
     angles = principal_angles(mine, ref_space)
@@ -173,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "k": LATENT,
             "d": d,
             "dtype": "float32",
-            "device": "cpu",
+            "device": args.device,
             "batch_ours": batch,
             "images_reference": ref_images,
         },
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {"reference_over_ours": ratio(per_image["reference"], per_image["ours"],
                                                 TARGET, digits=2)},
         "agreement": agreement,
-        "attribution": attribution_throughput(attr_batch, repeats),
+        "attribution": attribution_throughput(attr_batch, repeats, args.device),
         "notes": [
             "ours = TangentSpace.from_decoder(decoder, z) on the whole batch: k JVPs "
             "(vmap over unit tangents), thin QR + SVD of the k x k factor, masks",

@@ -23,9 +23,14 @@ import torch.multiprocessing as mp
 
 from manifoldlens import blockgram, distributed
 from manifoldlens.cli import main
+from manifoldlens.commands.classifier import run_gram, run_spectrum
+from manifoldlens.commands.common import dataset_for
+from manifoldlens.commands.leaf import run_leaf_across, run_leaf_horizontal
+from manifoldlens.commands.manifold import run_manifold_fraction
 from manifoldlens.generative import ManifoldDataset
 from manifoldlens.jacobian import jacobian_gram
-from manifoldlens.models import create_model, save_checkpoint
+from manifoldlens.models import create_model, load_checkpoint, save_checkpoint
+from manifoldlens.runs import RunFollower
 
 from helpers import TinyCNN, make
 
@@ -40,23 +45,53 @@ def _gram_inputs(n: int = 23):
     return model, x
 
 
-def _commands(files: Path, out: Path) -> list[list[str]]:
-    """The sharded commands, small: each writes into ``out/<its last word>``."""
-    clf, mclf, mds = str(files / "clf.json"), str(files / "mclf.json"), str(files / "mds")
-    commands = {
-        "spectrum": ["spectrum", clf, "--limit", "30", "--batch-size", "7", "--top-k", "4"],
-        "across": ["leaf", "across", clf, "--n", "5", "--steps", "7", "--record-every", "3"],
-        "horizontal": ["leaf", "horizontal", clf, "--n", "5", "--steps", "9", "--record-every",
-                       "2", "--tol", "4", "--capped", "--step-size", "0.3"],
-        "fraction": ["manifold", "fraction", mds, mclf, "--methods",
-                     "gradient,input_x_gradient,integrated_gradients", "--n", "11",
-                     "--top-k", "2"],
+class Captured(RunFollower):
+    """A run that keeps what a command saves (arrays, JSON) in memory and draws nothing."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "test")
+        path.mkdir(parents=True, exist_ok=True)
+        self.saved: dict[str, object] = {}
+
+    def save_arrays(self, name: str, **arrays) -> Path:
+        self.saved[name] = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+        return super().save_arrays(name, **arrays)
+
+    def save_json(self, name: str, obj) -> Path:
+        self.saved[name] = json.loads(json.dumps(obj, default=float))
+        return super().save_json(name, obj)
+
+
+def _sharded(files: Path, out: Path) -> dict[str, dict[str, object]]:
+    """The sharded commands' functions, small, each on a :class:`Captured` run in
+    ``out/<name>``: what each saved."""
+    model, meta = load_checkpoint(files / "clf.json")
+    ds = dataset_for(meta, limit=30)
+    calls = {
+        "gram": lambda run: run_gram(run, model, ds, batch_size=4, block_size=7, neighbors=3,
+                                     progress=False),
+        "spectrum": lambda run: run_spectrum(run, model, ds, batch_size=7, top_k=4,
+                                             progress=False),
+        "across": lambda run: run_leaf_across(run, model, ds, n=5, steps=7, record_every=3,
+                                              progress=False),
+        "horizontal": lambda run: run_leaf_horizontal(
+            run, model, ds, pairs=5, steps=9, record_every=2, tol=4.0, capped=True,
+            step_size=0.3, progress=False),
+        "fraction": lambda run: run_manifold_fraction(
+            run, [str(files / "mclf.json")], str(files / "mds"), names=["m"], n=11, top_k=2,
+            methods=("gradient", "input_x_gradient", "integrated_gradients")),
     }
-    return [[*argv, "--out", str(out / name), *COMMON] for name, argv in commands.items()]
+    saved = {}
+    for name, call in calls.items():
+        run = Captured(out / name)
+        metrics = call(run)
+        saved[name] = {**run.saved, "metrics": metrics}
+    return saved
 
 
 def _worker(rank: int, world: int, tmp: Path) -> None:
-    """One of two spawned processes: the library under a group it made, then the commands."""
+    """One of two spawned processes: the library, the sharded commands' functions and one
+    whole command, under a group it made itself."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'rendezvous'}", rank=rank,
                             world_size=world)
@@ -72,10 +107,11 @@ def _worker(rank: int, world: int, tmp: Path) -> None:
                                        cache_dir=tmp / "cache")
         got["file"] = jacobian_gram(model, x, batch_size=4, block_size=5, normalize=True,
                                     out=tmp / "m.npy").clone()
+        got["commands"] = _sharded(tmp / "files", tmp / "two")
         if rank == 0:
             torch.save(got, tmp / "library.pt")
-        for argv in _commands(tmp / "files", tmp / "two"):
-            assert main(argv) == 0, argv
+        assert main(["leaf", "across", str(tmp / "files" / "clf.json"), "--n", "3", "--steps",
+                     "4", "--out", str(tmp / "across"), *COMMON]) == 0
     finally:
         dist.destroy_process_group()
 
@@ -134,35 +170,43 @@ def test_gram_in_two_processes_equals_one_bit_for_bit(two, tmp_path):
     assert not list((two / "cache").iterdir())  # the shared scratch file is gone
 
 
-def test_commands_in_two_processes_equal_one(files, two, tmp_path):
-    for argv in _commands(files, tmp_path / "one"):
-        assert main(argv) == 0, argv
-    one, par = tmp_path / "one", two / "two"
-    doc = json.loads((par / "spectrum" / "run.json").read_text())
+def _close(a: object, b: object, where: str) -> None:
+    """Equal structures; numbers and tensors equal to float32 rounding."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            _close(u, v, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=where)
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6, nan_ok=True), where
+    else:
+        assert a == b, where
+
+
+def test_sharded_commands_in_two_processes_equal_one(files, two, tmp_path):
+    got = torch.load(two / "library.pt")["commands"]
+    one = _sharded(files, tmp_path)
+    assert set(got) == set(one) == {"gram", "spectrum", "across", "horizontal", "fraction"}
+    for name in one:
+        _close(one[name], got[name], name)
+    assert got["spectrum"]["metrics"]["top_k"] == 4 and got["fraction"]["results"]["models"][
+        "m"]["top_k"] == 2
+    gram = np.load(two / "two" / "gram" / "gram.npy")
+    assert np.array_equal(gram, np.load(tmp_path / "gram" / "gram.npy"))  # bit for bit
+    assert {p.name for p in (two / "two" / "across").iterdir()} == {"state-0-2", "state-2-5"}
+
+
+def test_a_command_in_a_group_writes_once_from_rank_0(two):
+    doc = json.loads((two / "across" / "run.json").read_text())
     assert doc["status"] == "ok" and doc["config"]["world_size"] == 2
-    assert doc["config"]["top_k"] == 4 and doc["metrics"]["spectrum"]["top_k"] == 4
-    summaries = [line for line in (par / "spectrum" / "metrics.jsonl").read_text().splitlines()
-                 if "summary" in line]
-    assert len(summaries) == 1  # rank 0 alone writes
-    for name, arrays in (("spectrum", "spectrum.npz"), ("across", "across.npz"),
-                         ("horizontal", "horizontal.npz")):
-        a, b = np.load(one / name / arrays), np.load(par / name / arrays)
-        assert sorted(a.files) == sorted(b.files), name
-        for key in a.files:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    assert {p.name for p in (par / "across").iterdir() if p.name.startswith("state")} == {
-        "state-0-2", "state-2-5"}  # each share's resumable state
-    a = json.loads((one / "horizontal" / "results.json").read_text())
-    b = json.loads((par / "horizontal" / "results.json").read_text())
-    assert a["status_counts"] == b["status_counts"] and a["reached_share"] == b["reached_share"]
-    a = json.loads((one / "fraction" / "results.json").read_text())["models"]["mclf"]
-    b = json.loads((par / "fraction" / "results.json").read_text())["models"]["mclf"]
-    assert a["test_accuracy"] == b["test_accuracy"] and a["top_k"] == b["top_k"] == 2
-    for method, entry in a["methods"].items():
-        for where in ("tangent", "dx"):
-            for stat, value in entry[where].items():
-                assert b["methods"][method][where][stat] == pytest.approx(value, rel=1e-5,
-                                                                          abs=1e-6)
+    lines = (two / "across" / "metrics.jsonl").read_text().splitlines()
+    assert sum("summary" in line for line in lines) == 1
+    assert np.load(two / "across" / "across.npz")["points"].shape[1] == 3
 
 
 def _torchrun() -> list[str]:
@@ -192,6 +236,22 @@ def test_commands_that_do_not_shard_refuse_torchrun(files, tmp_path, monkeypatch
                  str(tmp_path / "o")]) == 2
     assert "without torchrun" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_top_k_is_an_option_of_the_commands_that_build_G(files, tmp_path, capsys):
+    clf = str(files / "clf.json")
+    out = tmp_path / "k3"
+    assert main(["leaf", "across", clf, "--n", "2", "--steps", "2", "--top-k", "3", "--out",
+                 str(out), *COMMON]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["top_k"] == 3
+    assert main(["leaf", "across", clf, "--n", "2", "--steps", "2", "--top-k", "11", "--out",
+                 str(tmp_path / "k11"), *COMMON]) == 2  # C = 10
+    assert "top_k must be an integer in [1, C] = [1, 10]" in capsys.readouterr().err
+    for argv in (["spectrum", clf], ["leaf", "horizontal", clf], ["leaf", "mirror", clf],
+                 ["leaf", "noisy", clf], ["manifold", "fraction", "ds", "m.json"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--top-k", "0"])  # a usage error of argparse: top-k >= 1
+    assert "--top-k: must be >= 1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ out of core, resumable

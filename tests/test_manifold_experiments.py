@@ -128,3 +128,18 @@ def test_checkpoints_record_their_data_and_refuse_another_manifold_dataset(pipel
                  "--methods", "gradient", "--n", "41", "--out", str(tmp_path / "n"),
                  "--no-progress"]) == 2
     assert "n=41 exceeds the 40 test images" in capsys.readouterr().err
+
+
+def test_reconstructive_splits_are_shuffled(pipeline, tmp_path):
+    """Real splits may be sorted by class (mnist-5k): the first test images of a
+    reconstructive dataset (probes, ``fraction --n``) must not all be one class."""
+    out = tmp_path / "rec"
+    assert main(["manifold", "dataset", str(pipeline / "vae" / "model.json"), "--approach",
+                 "reconstructive", "--n-train", "60", "--n-test", "40", "--out", str(out),
+                 "--no-progress"]) == 0
+    test = ManifoldDataset.load(out / "test")
+    from manifoldlens.data import load_dataset
+
+    drawn = load_dataset("digits", "test").subset(40, seed=0).labels.tolist()
+    assert sorted(test.labels.tolist()) == sorted(drawn)  # the same images, shuffled
+    assert test.labels.tolist() != drawn

@@ -50,6 +50,7 @@ from ._checks import (
     check_finite,
     check_independent_samples,
     check_model_output,
+    check_output_type,
     check_positive_int,
 )
 from ._utils import chunks, scores_with_graph, to_scores
@@ -217,6 +218,19 @@ def _gradient(
     return g
 
 
+def _gradient_probe(model: Callable, x: torch.Tensor, model_output: str) -> torch.Tensor | None:
+    """What :func:`_gradient` allocates, for :func:`~manifoldlens.memory.measure_cost`: the
+    values are not checked (a ``meta`` run has none), the type of the output is."""
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        s = to_scores(check_output_type(model(xr)), model_output)
+        selected = s.gather(1, s.detach().argmax(1, keepdim=True)).sum()
+        if not selected.requires_grad:
+            return None
+        (g,) = torch.autograd.grad(selected, xr)
+    return g
+
+
 def _predicted(
     model: Callable, x: torch.Tensor, target: torch.Tensor | None, model_output: str, offset: int
 ) -> torch.Tensor:
@@ -236,7 +250,7 @@ def _inputs_per_pass(model: Any, x: torch.Tensor, model_output: str, max_memory:
     budget = resolve_max_memory(max_memory, x.device)
     key = ("gradient", model_output, tuple(x.shape[1:]), x.dtype, x.device.type)
     cost = cached_cost(model, key, lambda: measure_cost(
-        model, x, lambda m, xb: _gradient(m, xb, None, model_output, check=False)))
+        model, x, lambda m, xb: _gradient_probe(m, xb, model_output)))
     cost = MemoryCost(cost.fixed, cost.per_sample + extra, cost.exact)
     return plan_chunk_size(cap, cost, budget, held=x[0].numel() * x.element_size() * len(x),
                            what=what, shape=tuple(x.shape[1:]))

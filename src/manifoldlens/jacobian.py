@@ -194,6 +194,8 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, model_output: str) -> t
     ``meta``."""
     with torch.enable_grad():
         xr, s = scores_with_graph(model, x, model_output, False)
+        if not s.requires_grad:  # scores that do not depend on x
+            return s
         (g,) = torch.autograd.grad(s.sum(), xr, allow_unused=True)
     return g
 
@@ -230,12 +232,13 @@ def jacobian_chunk_size(
     The strategy's own code is measured once per model and input shape on one and two
     samples of the ``meta`` device (:func:`~manifoldlens.memory.measure_cost`): the vjp
     loop's graph, buffer and two backward passes; ``vmap(jacrev)``'s C batched cotangents;
-    ``vmap(jacfwd)``'s d batched tangents; then the chain rule to ``output``. The n
-    results (n · C · d numbers) are held besides. ``top_k=K`` with ``strategy="vjp"``: the K
-    rows of :func:`~manifoldlens.information.top_k_jacobian` (``stacked=False``: rows reduced
-    one at a time, as :func:`~manifoldlens.information.trace_estimate` does). An explicit
-    ``chunk_size`` wins. Raises :class:`~manifoldlens.memory.MemoryBudgetError` (a
-    ``ValueError``) before any forward pass when one sample does not fit.
+    ``vmap(jacfwd)``'s d batched tangents. The n results (n · C · d numbers) are held
+    besides; the chain rule to ``output`` runs on them in place. ``top_k=K`` with
+    ``strategy="vjp"``: the K rows of :func:`~manifoldlens.information.top_k_jacobian`
+    (``stacked=False``: rows reduced one at a time, as
+    :func:`~manifoldlens.information.trace_estimate` does). An explicit ``chunk_size`` wins.
+    Raises :class:`~manifoldlens.memory.MemoryBudgetError` (a ``ValueError``) before any
+    forward pass when one sample does not fit.
     """
     check_choice(output, OUTPUTS, "output")
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
@@ -259,9 +262,8 @@ def jacobian_chunk_size(
                                hint="raise max_memory or lower top_k")
     fn = _STRATEGY_FNS[strategy]
 
-    def run(m: nn.Module, xb: torch.Tensor):
-        j, s = fn(m, xb, model_output, check=False, relative=relative, passes=2)
-        return j, transform_jacobian(j, s, output)
+    def run(m: nn.Module, xb: torch.Tensor):  # the chain rule runs in place, on all n
+        return fn(m, xb, model_output, check=False, relative=relative, passes=2)
 
     out = c * d * item
     factor = {"vjp": 1, "vmap": c, "forward": d}[strategy]
@@ -295,13 +297,15 @@ def score_jacobian(
     ``relative=True`` allows the ``"vjp"`` strategy to return ``J_s − 1 ∇s_r`` (r the top
     class) from C − 1 backward passes instead of C: the Jacobians of log p and p, and G, are
     the same for both (:func:`transform_jacobian` subtracts ``pᵀJ_s`` from every row).
-    ``output="log_softmax"`` or ``"softmax"`` returns that Jacobian instead of ``J_s``, formed
-    chunk by chunk (:func:`transform_jacobian`).
+    ``output="log_softmax"`` or ``"softmax"`` returns that Jacobian instead of ``J_s``
+    (:func:`transform_jacobian`, applied in place to all n at the end).
 
     Memory: chunks of samples sized to ``max_memory`` bytes (None: half the memory available
     on x's device) by :func:`jacobian_chunk_size`; an explicit ``chunk_size`` wins. A budget
-    too small for one sample raises ``ValueError`` before any forward pass. Chunking does not
-    change the values.
+    too small for one sample raises ``ValueError`` before any forward pass. When all samples
+    fit, the computation is the one of a single chunk; other chunk sizes give the same
+    values up to the rounding of batched kernels (BLAS and convolutions may sum in another
+    order for another batch size).
     """
     check_choice(model_output, MODEL_OUTPUTS, "model_output")
     check_choice(strategy, STRATEGIES, "strategy")
@@ -321,14 +325,14 @@ def score_jacobian(
     jac = scores = None
     for sl in chunks(n, step):
         j, s = fn(model, x[sl], model_output, check=check_output, relative=relative)
-        if output != "logits":
-            j = transform_jacobian(j, s, output)
         if sl.stop - sl.start == n:
-            return j, s
+            jac, scores = j, s
+            break
         if jac is None or scores is None:  # the results, written chunk by chunk (no cat)
             jac, scores = j.new_empty((n, *j.shape[1:])), s.new_empty((n, *s.shape[1:]))
         jac[sl], scores[sl] = j, s
-    return jac, scores
+    assert jac is not None and scores is not None
+    return _transform_in_place(jac, scores, output), scores
 
 
 def transform_jacobian(jac_s: torch.Tensor, scores: torch.Tensor, output: Output) -> torch.Tensor:
@@ -346,6 +350,19 @@ def transform_jacobian(jac_s: torch.Tensor, scores: torch.Tensor, output: Output
     if output == "softmax":
         j_logp = p.unsqueeze(-1) * j_logp
     return j_logp.reshape(jac_s.shape)
+
+
+def _transform_in_place(jac_s: torch.Tensor, scores: torch.Tensor, output: str) -> torch.Tensor:
+    """:func:`transform_jacobian` on a buffer of ours, overwritten (the same operations, so the
+    same values, without two more copies of n · C · d numbers)."""
+    if output == "logits":
+        return jac_s
+    p = torch.softmax(scores, dim=1)
+    flat = jac_s.reshape(jac_s.shape[0], jac_s.shape[1], -1)
+    flat.sub_(torch.einsum("nc,ncd->nd", p, flat).unsqueeze(1))  # J_logp = J_s − 1 E_p[∇s]
+    if output == "softmax":
+        flat.mul_(p.unsqueeze(-1))
+    return flat.reshape(jac_s.shape)
 
 
 def jacobian(

@@ -52,6 +52,7 @@ __all__ = [
     "check_max_memory",
     "format_bytes",
     "measure_cost",
+    "measured_costs",
     "meta_callable",
     "meta_forward",
     "plan_chunk_size",
@@ -327,6 +328,16 @@ def cached_cost(model: Any, key: tuple, compute: Callable[[], MemoryCost]) -> Me
     if key not in table:
         table[key] = compute()
     return table[key]
+
+
+def measured_costs(model: Any) -> dict[tuple, MemoryCost]:
+    """The costs measured for ``model`` so far, by key: ``(routine, its settings…, input shape,
+    dtype, device type)``; e.g. ``("jacobian", "vjp", "logits", True, "log_softmax", (3, 64,
+    64), torch.float32, "cpu")``."""
+    try:
+        return dict(_COSTS.get(model, {}))
+    except TypeError:
+        return {}
 
 
 def plan_chunk_size(

@@ -298,7 +298,8 @@ class TangentSpace:
         unit tangents, since k ≪ d — ``chunk_size`` samples at a time (default: as many as
         ``max_memory`` bytes allow, None: half the memory available; measured on the ``meta``
         device, :mod:`manifoldlens.memory`), then orthonormalised as in :meth:`from_basis`
-        (``rtol``). A decoder in train mode with BatchNorm couples
+        (``rtol``). A decoder that decodes only its own n codes (a flow's ``LatentSlice``) is
+        not measured: it runs in one chunk. A decoder in train mode with BatchNorm couples
         the samples and raises ``ValueError`` (call ``decoder.eval()``). A flow's ``decode``
         works too, but a flow is a bijection, so its tangent space is all of ℝ^D:
         :func:`manifoldlens.flows.tangent_space` gives its k-dimensional latent slices.
@@ -324,10 +325,14 @@ class TangentSpace:
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
         budget = resolve_max_memory(max_memory, z.device)
         n, k = z.shape
-        cost = cached_cost(decoder, ("decoder", k, z.dtype, z.device.type), lambda: measure_cost(
-            decoder, z, lambda dec, zb: _decoder_chunk(dec, zb, rtol, check=False)))
-        step = plan_chunk_size(n, cost, budget, chunk_size=chunk_size, what="from_decoder",
-                               shape=(k,), hint="raise max_memory")
+        try:
+            cost = cached_cost(decoder, ("decoder", k, z.dtype, z.device.type), lambda: (
+                measure_cost(decoder, z, lambda d, zb: _decoder_chunk(d, zb, rtol, False))))
+        except Exception:  # noqa: BLE001 — it decodes only its own n codes (a LatentSlice)
+            cost = None
+        step = chunk_size if cost is None else plan_chunk_size(
+            n, cost, budget, chunk_size=chunk_size, what="from_decoder", shape=(k,),
+            hint="raise max_memory")
         rows, masks, image_shape = [], [], ()
         for sl in chunks(n, step):
             r, m, image_shape = _decoder_chunk(decoder, z[sl].detach(), rtol)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from .. import viz
 from ..data import ImageDataset
 from ..distributed import gather, gather_objects, is_main, shard, world_size
 from ..foliation import PathResult, horizontal_path, involutivity_residual, leaf_crossing_path
+from ..models import Seed001CNN, register_architecture
 from ..runs import Run
 from .classifier import run_train
 from .common import (
@@ -53,27 +55,83 @@ __all__ = [
     "run_leaf_mirror",
     "run_leaf_noisy",
     "run_leaf_train",
+    "trace_criterion_step",
 ]
 
 CITE = "Grementieri & Fioresi 2022"
 
+#: the ``Normalize`` constants of the seed-001 code (MNIST's mean and standard deviation)
+PAPER_NORMALIZE = (0.1307, 0.3081)
+
+
+@register_architecture("seed001_cnn_normalized")
+class NormalizedSeed001CNN(Seed001CNN):
+    """:class:`~manifoldlens.models.Seed001CNN` that first maps its [0, 1] input to
+    ``(x − mean)/std``, as the seed-001 code feeds MNIST (``Normalize(0.1307, 0.3081)``):
+    trained on [0, 1] images it takes exactly the SGD steps the paper's network takes on
+    normalised ones. Its leaves are the same sets in either units; lengths in the paper's
+    units are those in [0, 1] units divided by ``std`` (α = 0.1, tol = 1 there are
+    ``0.1·std``, ``std`` here)."""
+
+    def __init__(self, in_shape: Any = (1, 28, 28), num_classes: int = 10,
+                 log_softmax: bool = False, mean: float = PAPER_NORMALIZE[0],
+                 std: float = PAPER_NORMALIZE[1]) -> None:
+        super().__init__(in_shape, num_classes, log_softmax)
+        if not (float(std) > 0 and abs(float(mean)) < float("inf")):
+            raise ValueError(f"normalisation needs a finite mean and std > 0, got {mean}, {std}")
+        self.mean, self.std = float(mean), float(std)
+        self.spec = {**self.spec, "arch": "seed001_cnn_normalized", "mean": self.mean,
+                     "std": self.std}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - self.mean) / self.std)
+
+
+def trace_criterion_step(records: list[dict[str, Any]], within: float = 0.1) -> int | None:
+    """The paper's checkpoint criterion (§4.1): the first recorded step after the peak of the
+    smoothed trace (``ema_trace``) at which it is back near its starting value, i.e. within
+    ``within`` of its rise above the start (``ema ≤ start + within·(peak − start)``); None
+    if it never comes back."""
+    if not records:
+        return None
+    ema = [r["ema_trace"] for r in records]
+    start, top = ema[0], max(range(len(ema)), key=ema.__getitem__)
+    if top == 0:  # it never rose
+        return None
+    bound = start + within * (ema[top] - start)
+    return next((records[i]["step"] for i in range(top, len(ema)) if ema[i] <= bound), None)
+
 
 def run_leaf_train(run: Run, *, data: str = "fashion-mnist", root: str | None = None,
                    steps: int = 10000, trace_every: int = 100, seed: int = 0,
+                   normalize: tuple[float, float] | None = None,
+                   keep_every: int | None = None,
                    resume: bool = False, allow_changes: tuple[str, ...] = (),
                    progress: bool = True,
                    device: str = "cpu") -> dict[str, Any]:
-    """Figure 2 of Grementieri & Fioresi (2022): their CNN (``seed001_cnn``) trained with SGD,
-    batch 60, learning rate 0.01 for ``steps`` steps, following the trace of G on 60 test
-    images; checkpoints every 1000 steps, the step-10000 one kept for the other
-    experiments."""
-    return run_train(
-        run, data=data, root=root, arch="seed001_cnn", trace_every=trace_every, probe_size=60,
+    """Figure 2 of Grementieri & Fioresi (2022): their CNN (``seed001_cnn``) trained as their
+    code does, plain SGD (no momentum), batch 60, learning rate 0.01, for ``steps`` steps,
+    following the trace of G on 60 test images; checkpoints every 1000 steps, the step-10000
+    one kept for the other experiments (``keep_every``: every ``keep_every`` steps instead,
+    all kept). ``normalize=(mean, std)``: the network normalises its input as theirs
+    (:class:`NormalizedSeed001CNN`; the paper's: :data:`PAPER_NORMALIZE`). The metrics record
+    :func:`trace_criterion_step`, the step the paper's criterion picks."""
+    every = keep_every or 1000
+    metrics = run_train(
+        run, data=data, root=root,
+        arch="seed001_cnn" if normalize is None else "seed001_cnn_normalized",
+        arch_options=None if normalize is None else {"mean": normalize[0], "std": normalize[1]},
+        trace_every=trace_every, probe_size=60,
         resume=resume, allow_changes=allow_changes, progress=progress, optimizer="sgd", lr=0.01,
-        batch_size=60, steps=steps,
-        seed=seed, eval_every=1000, checkpoint_every=1000, keep_checkpoints=(10000,),
+        momentum=0.0, batch_size=60, steps=steps,
+        seed=seed, eval_every=every, checkpoint_every=every,
+        keep_checkpoints=tuple(range(every, steps + 1, every)) if keep_every else (10000,),
         device=device,
     )
+    file = run.path / "trace_of_g.json"  # the callback's records, resumes included once
+    records = json.loads(file.read_text()) if file.exists() else []
+    run.metrics["trace_criterion_step"] = trace_criterion_step(records)
+    return run.metrics
 
 
 def _path_metrics(res, start_class: torch.Tensor) -> dict[str, Any]:
@@ -180,20 +238,54 @@ def run_leaf_across(
     return out
 
 
+PAIR_KINDS = ("different-class", "same-class", "any", "nearest")
+
+
+def _pick_pairs(dataset: ImageDataset, n: int, seed: int, kind: str) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
+    """``n`` (source, target) index pairs of ``kind``: ``different-class`` (labels differ),
+    ``same-class``, ``any`` (two distinct images drawn independently, as the seed-001 scripts
+    draw them) or ``nearest`` (each source's nearest other image, in Euclidean distance)."""
+    if kind not in PAIR_KINDS:
+        raise ValueError(f"pair kind must be one of {', '.join(PAIR_KINDS)}, got {kind!r}")
+    if kind == "different-class":
+        return pick_pairs(dataset, n, seed)
+    if kind == "nearest":
+        src = pick(dataset, n, seed)
+        flat = dataset.images.reshape(len(dataset), -1)
+        d = torch.cdist(flat[src], flat)
+        d[torch.arange(n), src] = float("inf")
+        return src, d.argmin(1).cpu()
+    labels = dataset.labels.cpu()
+    if kind == "same-class" and int(labels.bincount().max()) < 2:
+        raise ValueError("same-class pairs need a class with two images in the split")
+    g = torch.Generator().manual_seed(seed)
+    src: list[int] = []
+    tgt: list[int] = []
+    while len(src) < n:
+        i, j = torch.randint(len(dataset), (2,), generator=g).tolist()
+        if i != j and (kind == "any" or labels[i] == labels[j]):
+            src.append(i)
+            tgt.append(j)
+    return torch.tensor(src), torch.tensor(tgt)
+
+
 def run_leaf_horizontal(
     run: Run, model: nn.Module, dataset: ImageDataset, *, pairs: int = 20,
     steps: int = 10000, step_size: float = 0.1, tol: float = 1.0, seed: int = 0,
     record_every: int = 50, clamp: tuple[float, float] | None = (0.0, 1.0),
     mirror: bool = False, model_output: str = "logits", progress: bool = True,
     name: str = "horizontal", capped: bool = False, top_k: int | None = None,
+    pair_kind: str = "different-class",
 ) -> dict[str, Any]:
     """Figure 4 of Grementieri & Fioresi (2022) (and Figure 5 with ``mirror=True``: targets
     flipped left–right): horizontal paths between test images beside the straight line
-    between them. ``top_k``: G over the K most probable classes at each point.
+    between them. ``top_k``: G over the K most probable classes at each point. ``pair_kind``:
+    which pairs (:data:`PAIR_KINDS`; their code draws ``any`` two).
 
     Under ``torch.distributed`` each process follows a share of the pairs and rank 0 writes
     the gathered paths (the others return ``{}``)."""
-    si, ti = pick_pairs(dataset, pairs, seed)
+    si, ti = _pick_pairs(dataset, pairs, seed, pair_kind)
     src, tgt = dataset.images[si], dataset.images[ti]
     if mirror:
         tgt = tgt.flip(-1)
@@ -224,9 +316,11 @@ def run_leaf_horizontal(
         res.record_steps, {"distance to target": res.distances}, logy=("distance to target",)))
     steps_reached = res.steps[reached].double()
     out = {
-        "pairs": pairs, "max_steps": steps, "step_size": step_size, "tol": tol,
-        "mirror": mirror, "capped": capped, "clamp": clamp,
+        "pairs": pairs, "pair_kind": pair_kind, "max_steps": steps, "step_size": step_size,
+        "tol": tol, "mirror": mirror, "capped": capped, "clamp": clamp,
         "reached_share": float(reached.double().mean()),
+        "reached": int(reached.sum()),
+        "steps_median": float(res.steps.double().median()),
         "steps_to_reach_median": float(steps_reached.median()) if reached.any() else None,
         "steps_to_reach_max": int(steps_reached.max()) if reached.any() else None,
         "final_distance_median": float(res.distances[-1].median()),
@@ -333,6 +427,8 @@ def run_leaf_involutivity(
 def _train(args: argparse.Namespace, run: Run) -> None:
     run_leaf_train(run, data=args.data, root=args.root, steps=args.steps,
                    trace_every=args.trace_every, seed=args.seed, resume=args.resume,
+                   normalize=tuple(args.normalize) if args.normalize else None,
+                   keep_every=args.keep_every,
                    allow_changes=allow_change(args),
                    progress=progress(args), device=args.device)
 
@@ -352,7 +448,7 @@ def _across(args: argparse.Namespace, run: Run) -> None:
 def _horizontal(args: argparse.Namespace, run: Run) -> None:
     model, ds = checkpoint_data(args)
     run_leaf_horizontal(run, model, ds, pairs=args.n, tol=args.tol, capped=args.capped,
-                        **_path_options(args))
+                        pair_kind=args.pair_kind, **_path_options(args))
 
 
 def _mirror(args: argparse.Namespace, run: Run) -> None:
@@ -381,6 +477,12 @@ def _add_train(sub: Any) -> None:
     add_data(p, run_leaf_train)
     option(p, "--steps", run_leaf_train, type=int, help="training steps")
     option(p, "--trace-every", run_leaf_train, type=int, help="steps between Tr G probes")
+    option(p, "--normalize", run_leaf_train, type=float, low=None, nargs=2,
+           metavar=("MEAN", "STD"), help="the network normalises its input to (x − MEAN)/STD "
+           f"as theirs does (theirs: {PAPER_NORMALIZE[0]} {PAPER_NORMALIZE[1]})")
+    option(p, "--keep-every", run_leaf_train, type=int,
+           help="checkpoint and evaluate every this many steps and keep them all "
+                "(default: every 1000, the step-10000 one kept)")
     add_resume(p, run_leaf_train)
 
 
@@ -409,6 +511,9 @@ def _add_path(sub: Any, name: str, handler: Any, fn: Any, help: str,
         option(p, "--capped", fn, action="store_true",
                help="steps of min(α, ‖v‖): stop at the leaf's point nearest the target "
                     "instead of stepping α as Algorithm 1 does")
+    if "pair_kind" in _params(fn):
+        option(p, "--pair-kind", fn, choices=list(PAIR_KINDS),
+               help="which test images to pair (their code draws any two)")
     if "noise_steps" in _params(fn):
         option(p, "--noise-steps", fn, type=int, low=0,
                help="steps across the leaves that add noise")

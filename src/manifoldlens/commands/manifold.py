@@ -194,8 +194,10 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
             real = load_dataset(name, split, root)
             verify_split(meta, real, split, hint)
             real = real.subset(n, seed=seed)
-            parts.append(reconstructive_dataset(model, resize_images(real.images, size),
-                                                real.labels, classes=classes,
+            # shuffled: a split sorted by class (mnist-5k) would give probes of one class
+            order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
+            parts.append(reconstructive_dataset(model, resize_images(real.images[order], size),
+                                                real.labels[order], classes=classes,
                                                 upsample=upsample))
         tr, te = parts
         info = dict(tr.info)

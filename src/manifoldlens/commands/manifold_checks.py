@@ -154,9 +154,9 @@ def run_manifold_sanity(run: Run, dataset_dir: str, checkpoint: str, *,
                         mode: str = "cascading", layers: tuple[str, ...] | None = None,
                         figure_images: int = 4, batch_size: int = 64, device: str = "cpu",
                         seed: int = 0) -> dict[str, Any]:
-    """Adebayo et al.'s model-parameter randomisation test on the first ``n`` test images of a
-    manifold dataset for the classifier ``checkpoint``, beside Bordt et al.'s fraction in
-    tangent space (§5.3). The layers (default: every layer with parameters) are
+    """Adebayo et al.'s model-parameter randomisation test on ``n`` test images (drawn with
+    ``seed``) of a manifold dataset for the classifier ``checkpoint``, beside Bordt et al.'s
+    fraction in tangent space (§5.3). The layers (default: every layer with parameters) are
     re-initialised top first, ``cascading`` (each stage keeps the previous ones random) or
     ``independent`` (one layer at a time); at every stage each method explains the class the
     trained model predicts, compared with the trained model's attribution by Spearman's ρ of
@@ -174,7 +174,8 @@ def run_manifold_sanity(run: Run, dataset_dir: str, checkpoint: str, *,
         raise ValueError(f"layers {list(layers)}: the model's layers with parameters, top "
                          f"first, are {known}")
     model.eval()
-    te = full.subset(slice(0, n))
+    pick = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:n]
+    te = full.subset(pick.sort().values)  # n test images drawn with the seed, in their order
     ts = te.tangent_space()
     res = sanity_check(model, te.images, ts, methods=methods, labels=te.labels, layers=layers,
                        mode=mode, options={m: CHUNKS.get(m, {}) for m in methods},
@@ -183,6 +184,7 @@ def run_manifold_sanity(run: Run, dataset_dir: str, checkpoint: str, *,
     base = random_fraction_baseline(k, d)
     curves = {m: {**res.similarity[m], "fraction": res.fraction[m]} for m in res.fraction}
     results = {"k": k, "d": d, "random_baseline": base, "n": n, "mode": mode,
+               "test_indices": pick.sort().values.tolist(),
                "stages": res.stages, "accuracy": res.accuracy,
                "similarity_of": "the trained model's attribution; spearman_abs ranks |a|, "
                                 "spearman the signed a, ssim compares |a|/max|a| (L = 1)",
