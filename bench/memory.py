@@ -28,6 +28,14 @@ Cases, all under the default budget (``max_memory=None``: half of MemAvailable) 
   largest difference, relative to max |J| (float32 convolutions round differently for other
   batch sizes; float64 and linear layers agree bit for bit, see ``tests/test_memory.py``).
 * ``vmap_small``: ``"vmap"`` on 2 images at 3 × 16 × 16.
+* ``allocator``: the estimate for 3 samples of three small models (an MLP, a CNN with
+  max-pooling, a residual block with BatchNorm; 3 × 16 × 16, C = 10) against the peak bytes
+  the CPU allocator itself reports (``torch.profiler`` with ``profile_memory``: its
+  allocation and free events), for each strategy.
+* ``overhead``: what the measurement costs, in a fresh process: the first call (imports of
+  torch's meta kernels), a second model (its probe), the same call again (cached), on the
+  seed-001 CNN (1 × 28 × 28, C = 10, batch 16), against the Jacobian itself; and the probe of
+  the ResNet-18 at 3 × 64 × 64.
 
 RSS includes what is not a tensor (the probe's Python objects, allocator arenas, thread
 stacks): 10–30 MB here, visible in the refused cases.
@@ -160,13 +168,99 @@ def run_case(name: str, n: int, classes: int) -> dict:
     return out
 
 
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.a, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.b(torch.relu(self.bn(self.a(h)))))
+        return self.fc(h.mean((2, 3)))
+
+
+def _allocator_peak(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, b in events:
+        live += b
+        peak = max(peak, live)
+    return peak
+
+
+def run_allocator() -> dict:
+    torch.manual_seed(SEED)
+    models = {
+        "mlp": nn.Sequential(nn.Flatten(), nn.Linear(768, 64), nn.Tanh(), nn.Linear(64, 10)),
+        "cnn": nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(512, 10)),
+        "residual": _Residual(),
+    }
+    x = torch.randn(3, 3, 16, 16)
+    out: dict = {}
+    for name, model in models.items():
+        model.eval()
+        for strategy in ("vjp", "vmap", "forward"):
+            jacobian_chunk_size(model, x, output="log_softmax", strategy=strategy,
+                                relative=True)
+            key = ("jacobian", strategy, "logits", True, "log_softmax", (3, 16, 16),
+                   x.dtype, "cpu")
+            est = measured_costs(model)[key].bytes(3)
+            got = _allocator_peak(lambda m=model, s=strategy: jacobian(m, x, strategy=s))
+            out[f"{name}/{strategy}"] = {"estimate_kb": round(est / 1024),
+                                         "allocator_peak_kb": round(got / 1024),
+                                         "ratio": round(est / max(got, 1), 2)}
+    return out
+
+
+def run_overhead() -> dict:
+    from manifoldlens.models import Seed001CNN
+
+    def cnn() -> nn.Module:
+        torch.manual_seed(SEED)
+        return Seed001CNN(in_shape=(1, 28, 28), num_classes=10).eval()
+
+    x = torch.rand(16, 1, 28, 28)
+    out: dict = {}
+    for label, model in (("first_call_s", cnn()), ("new_model_s", cnn()), ("cached_s", None)):
+        model = model or out.pop("_model")
+        t0 = time.perf_counter()
+        jacobian_chunk_size(model, x, output="log_softmax", relative=True)
+        out[label] = round(time.perf_counter() - t0, 3)
+        out["_model"] = model
+    model = out.pop("_model")
+    t0 = time.perf_counter()
+    jacobian(model, x)
+    out["jacobian_s"] = round(time.perf_counter() - t0, 3)
+    big = ResNet18().eval()
+    for strategy in ("vjp", "vmap", "forward"):
+        t0 = time.perf_counter()
+        try:
+            jacobian_chunk_size(big, torch.rand(4, 3, 64, 64), strategy=strategy,
+                                output="log_softmax", relative=True)
+        except MemoryBudgetError:
+            pass
+        out[f"resnet18_probe_{strategy}_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+EXTRA = {"allocator": run_allocator, "overhead": run_overhead}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 images and 10 classes (smoke run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n", type=int, default=4, help="images per call")
     p.add_argument("--classes", type=int, default=CLASSES, help="C, the model's outputs")
-    p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=[*sorted(CASES), *EXTRA], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -175,12 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     n, classes = (2, 10) if args.quick else (args.n, args.classes)
     if args.case:
-        print(json.dumps(run_case(args.case, n, classes)))
+        result = (EXTRA[args.case]() if args.case in EXTRA else
+                  run_case(args.case, n, classes))
+        print(json.dumps(result))
         return 0
     t_start = time.perf_counter()
     out: dict = {"meta": {**run_metadata("memory"), "n": n, "classes": classes,
                           "loadavg_at_start": common.loadavg()}}
-    for name in CASES:
+    for name in [*CASES, *EXTRA]:
         log(f"case {name}")
         child = ["--case", name, "--threads", str(args.threads), "--n", str(n),
                  "--classes", str(classes)]

@@ -21,7 +21,9 @@ always all C columns). The reference's networks run on the GPU when there is one
         [--seed 0] [--out DIR]
 
 Writes ``reference_paths.json`` (and prints it): reached pairs, steps, distances, the number of
-columns the fit used (gelsy reports it), the part of the steps outside D_x.
+columns the fit used (gelsy reports it), the part of the steps outside D_x; with ``--out`` also
+the recorded points (``reference_paths.npz``) and each path as a strip beside the straight line
+(``reference_strips.png``, as the paper's Figure 4).
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
-from manifoldlens.commands.common import dataset_for
+from manifoldlens import viz
+from manifoldlens.commands.common import dataset_for, interpolation
 from manifoldlens.commands.leaf import PAIR_KINDS, _pick_pairs  # registers the normalised CNN
 from manifoldlens.information import LocalDataMatrix
 from manifoldlens.models import load_checkpoint
@@ -75,6 +80,9 @@ def main(argv=None) -> int:
     length = torch.zeros(n, dtype=torch.float64)
     off_disp = torch.zeros(n, dtype=torch.float64)  # Σ ‖P_ker Δ‖ over the steps
     cols, offs, curve = [], [], []
+    with torch.no_grad():
+        p0 = torch.softmax(model(x), 1)
+    rec_steps, rec_points, rec_probs = [0], [x.clone()], [p0]
     for t in range(args.steps):
         idx = running.nonzero()[:, 0]
         if len(idx) == 0:
@@ -103,6 +111,10 @@ def main(argv=None) -> int:
             steps[idx] += 1
             d = (tgt - x).reshape(n, -1).norm(dim=1)
             running &= d >= args.tol
+            if (t + 1) % args.record_every == 0 or not running.any() or t + 1 == args.steps:
+                rec_steps.append(t + 1)
+                rec_points.append(x.clone())
+                rec_probs.append(torch.softmax(model(x), 1))
             if t % args.record_every == 0:
                 curve.append({"step": t + 1, "median_distance": d.median().item(),
                               "mean_off_fraction": off.mean().item()})
@@ -128,8 +140,21 @@ def main(argv=None) -> int:
     }
     text = json.dumps(out, indent=1)
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "reference_paths.json").write_text(text + "\n")
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "reference_paths.json").write_text(text + "\n")
+        res = SimpleNamespace(points=torch.stack(rec_points), probs=torch.stack(rec_probs),
+                              record_steps=torch.tensor(rec_steps))
+        np.savez_compressed(out_dir / "reference_paths.npz", sources=si.numpy(),
+                            targets=ti.numpy(), points=res.points.numpy(),
+                            probs=res.probs.numpy(), record_steps=res.record_steps.numpy())
+        lin = interpolation(model, ds.images[si], tgt, 33, "logits")
+        rows = []
+        for i in range(min(n, 4)):
+            rows += [(res, i, f"path {i} ({args.driver})"), (lin, i, f"line {i}")]
+        viz.plot_path_grid(rows, frames=9, classes=ds.classes,
+                           title=f"Reference-code horizontal paths ({args.driver})"
+                           ).savefig(out_dir / "reference_strips.png", dpi=100)
     print(text)
     return 0
 

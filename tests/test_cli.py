@@ -151,7 +151,7 @@ def test_every_subcommand_has_help_with_every_default(capsys):
     from manifoldlens.commands.common import HelpFormatter
 
     leaves = list(_leaves(build_parser()))
-    assert len(leaves) == 19
+    assert len(leaves) == 22  # + manifold theorem1, manifold sanity, ood
     for words, parser in leaves:
         with pytest.raises(SystemExit) as e:
             main([*words, "--help"])

@@ -99,7 +99,8 @@ def _worker(rank: int, world: int, tmp: Path) -> None:
         part = distributed.shard(11)
         got = {"shards": distributed.gather(torch.arange(11)[part] * 10),
                "flags": distributed.gather(torch.arange(11)[part] % 2 == 0),
-               "objects": distributed.gather_objects(rank)}
+               "objects": distributed.gather_objects(rank),
+               "aligned": [(s.start, s.stop) for s in distributed.shares(10, align=4)]}
         model, x = _gram_inputs()
         got["ram"] = jacobian_gram(model, x, batch_size=4, block_size=5)
         (tmp / "cache").mkdir(exist_ok=True)
@@ -155,6 +156,7 @@ def test_gather_joins_unequal_shards_in_order(two):
     got = torch.load(two / "library.pt")
     assert torch.equal(got["shards"], torch.arange(11) * 10)  # shares of 5 and 6
     assert torch.equal(got["flags"], torch.arange(11) % 2 == 0) and got["objects"] == [0, 1]
+    assert got["aligned"] == [(0, 4), (4, 10)]  # whole groups of 4
 
 
 def test_gram_in_two_processes_equals_one_bit_for_bit(two, tmp_path):
@@ -162,6 +164,7 @@ def test_gram_in_two_processes_equals_one_bit_for_bit(two, tmp_path):
     model, x = _gram_inputs()
     one = jacobian_gram(model, x, batch_size=4, block_size=5)
     assert torch.equal(got["ram"], one) and torch.equal(got["scratch"], one)
+    assert torch.equal(one, one.T)  # exactly symmetric
     cos = jacobian_gram(model, x, batch_size=4, block_size=5, normalize=True,
                         out=tmp_path / "m.npy")
     assert torch.equal(got["file"], cos)

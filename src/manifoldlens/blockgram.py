@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ._utils import chunks, differing, json_text, progress_bar, write_atomic
-from .distributed import barrier, broadcast_object, gather, is_main, rank, shard, world_size
+from .distributed import barrier, broadcast_object, gather, is_main, rank, shares, world_size
 
 __all__ = ["BlockRecord", "NpyMatrix", "blocked_gram", "gram_tile", "tile_rows"]
 
@@ -259,9 +259,12 @@ class _Tiles:
         self.data = None if file is not None else torch.empty((n, n), dtype=dtype)
 
     def put(self, rows: slice, cols: slice, tile: torch.Tensor) -> None:
+        if rows == cols:  # exactly symmetric, whatever the product's rounding did
+            tile = torch.tril(tile) + torch.tril(tile, -1).T
         if self.file is None:
             self.data[rows, cols] = tile
-            self.data[cols, rows] = tile.T
+            if rows != cols:
+                self.data[cols, rows] = tile.T
         else:
             t = tile.numpy()
             self.file.write_tile(rows, cols, t)
@@ -273,32 +276,39 @@ def _phase(todo: list[Any], compute: Callable[[Any], torch.Tensor],
            put: Callable[[Any, torch.Tensor], None], shape_of: Callable[[Any], tuple[int, ...]],
            *, shared: bool, record: Callable[[Any], None] | None, desc: str, progress: bool,
            empty: torch.Tensor) -> None:
-    """Compute this rank's contiguous share of ``todo`` and ``put`` each result; then make
-    every rank see every result: a barrier when the store is a shared file, else an
-    all-gather of the results in order (``empty``: a tensor of their dtype and device)."""
-    mine = todo[shard(len(todo))]
-    kept = []
-    for item in progress_bar(mine, enabled=progress and is_main(), desc=desc, unit="block",
-                             leave=False):
-        value = compute(item)
-        put(item, value)
-        if record is not None:
-            record(item)
-        if not shared and world_size() > 1:
-            kept.append(value.reshape(-1))
-    if world_size() == 1:
-        return
-    if shared:
+    """Compute this rank's contiguous share of ``todo`` and ``put`` each result, and make
+    every rank see every result: through the shared file (a barrier at the end), or by one
+    all-gather per round, round k bringing every rank's k-th result (``empty``: a tensor of
+    their dtype and device, for a rank that has none left), so that no more than one
+    result per rank is in flight."""
+    w, r = world_size(), rank()
+    parts = [todo[sl] for sl in shares(len(todo))]
+    mine = parts[r]
+    exchange = not shared and w > 1
+    bar = progress_bar(total=len(mine), enabled=progress and is_main(), desc=desc,
+                       unit="block", leave=False)
+    for k in range(max(map(len, parts)) if exchange else len(mine)):
+        value = None
+        if k < len(mine):
+            value = compute(mine[k])
+            put(mine[k], value)
+            if record is not None:
+                record(mine[k])
+            if bar is not None:
+                bar.update(1)
+        if exchange:
+            flat = gather(value.reshape(-1) if value is not None else empty)
+            start = 0
+            for q, share in enumerate(parts):
+                if k < len(share):
+                    shape = shape_of(share[k])
+                    if q != r:
+                        put(share[k], flat[start:start + math.prod(shape)].reshape(shape))
+                    start += math.prod(shape)
+    if bar is not None:
+        bar.close()
+    if shared and w > 1:
         barrier()
-        return
-    flat = gather(torch.cat(kept) if kept else empty)
-    start, own = 0, set(mine)
-    for item in todo:
-        shape = shape_of(item)
-        size = math.prod(shape)
-        if item not in own:
-            put(item, flat[start:start + size].reshape(shape))
-        start += size
 
 
 def _run(rows_fn: Callable[[slice], torch.Tensor], jac: _Rows, gram: _Tiles, *,

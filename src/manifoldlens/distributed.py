@@ -34,6 +34,7 @@ __all__ = [
     "process_group",
     "rank",
     "shard",
+    "shares",
     "world_size",
 ]
 
@@ -58,15 +59,20 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def shares(n: int, align: int = 1) -> list[slice]:
+    """Every rank's contiguous share of ``range(n)``, in rank order: rank r of W gets
+    ``[r·n // W, (r+1)·n // W)``, together covering ``range(n)`` (some may be empty when
+    n < W). With ``align``, shares are made of whole groups of ``align`` items (the last
+    group may be shorter): a routine that works in batches of ``align`` then sees the same
+    batches as one process does."""
+    w, groups = world_size(), -(-n // align)
+    return [slice(min(r * groups // w * align, n), min((r + 1) * groups // w * align, n))
+            for r in range(w)]
+
+
 def shard(n: int, align: int = 1) -> slice:
-    """This rank's contiguous share of ``range(n)``: rank r of W gets
-    ``[r·n // W, (r+1)·n // W)``; the shares of ranks 0 … W−1 cover ``range(n)`` in order
-    (some may be empty when n < W). With ``align``, shares are made of whole groups of
-    ``align`` items (the last group may be shorter): a routine that works in batches of
-    ``align`` then sees the same batches as one process does."""
-    r, w = rank(), world_size()
-    groups = -(-n // align)
-    return slice(min(r * groups // w * align, n), min((r + 1) * groups // w * align, n))
+    """This rank's share of ``range(n)`` (:func:`shares`)."""
+    return shares(n, align)[rank()]
 
 
 def barrier() -> None:

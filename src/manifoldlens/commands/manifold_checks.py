@@ -198,7 +198,7 @@ def run_manifold_sanity(run: Run, dataset_dir: str, checkpoint: str, *,
     for i in range(figure_images):
         run.save_figure(f"randomization_maps_{i}", viz.plot_randomization_maps(
             te.images[i], {m: v[:, i] for m, v in res.maps.items()}, res.stages,
-            label=f"class {labels[i]}"))
+            label=f"class {labels[i]}", mode=mode))
     run.save_figure("necessary_not_sufficient", viz.plot_necessary_not_sufficient(
         {m: f[0] for m, f in res.fraction.items()},
         {m: c["spearman_abs"][-1] for m, c in res.similarity.items()}, baseline=base,

@@ -120,6 +120,7 @@ def plot_cascading_randomization(stages: Sequence[str], curves: dict, *,
     fig = Figure(figsize=(3.3 * len(measures) + 1.8, 3.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(measures)))
     for ax, measure in zip(axes, measures, strict=True):
+        bottom = 0.0 if measure == "fraction" else -0.1
         for name in names:
             if measure not in curves[name]:
                 raise ValueError(f"curves[{name!r}] lacks {measure!r}")
@@ -130,12 +131,14 @@ def plot_cascading_randomization(stages: Sequence[str], curves: dict, *,
             ls = "--" if name in CONTROLS else "-"
             ax.fill_between(xs, lo, hi, color=colors[name], alpha=0.12, lw=0)
             ax.plot(xs, mean, ls, color=colors[name], marker="o", ms=3.5, lw=1.6, label=name)
+            if np.isfinite(lo).any():
+                bottom = min(bottom, float(np.nanmin(lo)) - 0.05)
         if measure == "fraction" and baseline is not None:
             ax.axhline(baseline, color="k", ls=":", lw=1.0, label=f"random √(k/d) ≈ {baseline:.2f}")
         ax.set_xticks(xs, list(stages), rotation=40, ha="right", fontsize=8)
         ax.set_xlabel(f"layers randomised ({mode}, top first)")
         ax.set_ylabel(MEASURES[measure], fontsize=8)
-        ax.set_ylim(-0.45 if measure != "fraction" else 0, 1.05)
+        ax.set_ylim(max(bottom, -1.05), 1.05)  # every band whole
         ax.axhline(0, color="k", lw=0.5)
         style_axes(ax)
     handles, labels = axes[-1].get_legend_handles_labels()
@@ -147,11 +150,13 @@ def plot_cascading_randomization(stages: Sequence[str], curves: dict, *,
 
 
 def plot_randomization_maps(image, maps: dict, stages: Sequence[str], *,
-                            label: str | None = None, title: str | None = None) -> Figure:
+                            label: str | None = None, mode: str = "cascading",
+                            title: str | None = None) -> Figure:
     """Adebayo et al. 2018, Fig. 2: for one image, one row per method of ``maps`` (name →
     (stages, C, H, W) attributions) and one column per stage of the randomisation, each map
     drawn as |a| / max|a| (channels summed first) in grey on one colour bar; the image left
-    of each row. ``label``: the image's class, above it."""
+    of each row. ``label``: the image's class, above it; ``mode``: how the stages randomise
+    (``"cascading"``: the layer named and all above it; ``"independent"``: it alone)."""
     img = image_batch(np.asarray(to_numpy(image))[None])[0]
     names = list(maps)
     if not names:
@@ -180,8 +185,10 @@ def plot_randomization_maps(image, maps: dict, stages: Sequence[str], *,
         ax.set_yticks([])
     fig.colorbar(im, ax=axes[:, -1].tolist(), label="|attribution| / max |attribution|",
                  shrink=0.8)
-    suptitle(fig, title or "Attributions as the layers are randomised, top first (columns: "
-             "the trained model, then each layer randomised in turn)", fontsize=9)
+    how = ("that layer and all above it randomised" if mode == "cascading"
+           else "that layer alone randomised")
+    suptitle(fig, title or f"Attributions as the layers are randomised, top first (columns: "
+             f"the trained model, then {how})", fontsize=9)
     return fig
 
 
