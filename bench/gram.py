@@ -255,8 +255,17 @@ def bench_out_of_core(args: argparse.Namespace, work: Path) -> dict:
                 peak[pid] = max(peak.get(pid, 0.0), hwm)
         done = _tiles_done(progress)
         if done >= args.kill_at * total:
+            # torchrun starts its workers in sessions of their own: kill each of them too
+            workers = _descendants(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.wait()
+            while any(Path(f"/proc/{pid}").exists() for pid in workers):
+                time.sleep(0.1)
             killed_at = done
             break
         time.sleep(0.2)

@@ -332,6 +332,13 @@ def test_out_of_core_gram_resumes_after_a_kill(tmp_path, monkeypatch):
     assert json.loads((progress / "state.json").read_text())["complete"]
     assert not (progress / "jacobians.npy").exists()  # the scratch rows are deleted
 
+    holder = blockgram.BlockRecord(progress, {}, ())
+    holder.acquire("M.npy")  # another computation of the same output, still running
+    try:
+        with pytest.raises(FileExistsError, match=f"another process \\(pid {os.getpid()}\\)"):
+            jacobian_gram(model, x, batch_size=6, block_size=4, out=out)
+    finally:
+        holder.release()
     counts.update(rows=0, tiles=0)
     again = jacobian_gram(model, x, batch_size=6, block_size=4, out=out)
     assert torch.equal(again, whole) and counts == {"rows": 0, "tiles": 0}

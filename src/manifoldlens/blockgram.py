@@ -170,12 +170,43 @@ class BlockRecord:
                     self.done[kind] |= _items(rec[kind])
         return True
 
+    LOCK = ".lock"
+
+    def acquire(self, what: str) -> None:
+        """An exclusive lock on the record (``flock`` on ``.lock`` in its directory, released
+        by :meth:`release` or when the process dies): a second computation of the same
+        output is refused at once, naming the holder's pid. (Workers of a ``torchrun``
+        launch killed with SIGKILL keep running: they hold it until they end.)"""
+        import fcntl
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(f"{what} is being computed by another process (pid "
+                                  f"{holder}); wait for it to end or stop it") from None
+        except OSError:  # a file system without locks: nothing to hold
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock = fd
+
+    def release(self) -> None:
+        fd, self._lock = getattr(self, "_lock", None), None
+        if fd is not None:
+            os.close(fd)
+
     def start(self) -> None:
-        """An empty directory for a new record (an old one removed). :meth:`write_state`
-        follows once the files the record describes exist."""
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        self.directory.mkdir(parents=True)
+        """An empty directory for a new record (what an old one held removed, the lock kept).
+        :meth:`write_state` follows once the files the record describes exist."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for p in self.directory.iterdir():
+            if p.name != self.LOCK:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.done = {k: set() for k in self.kinds}
         self.complete = False
 
@@ -187,8 +218,10 @@ class BlockRecord:
     def add(self, kind: str, index: int) -> None:
         """Record block ``index`` of ``kind`` as finished (after its data are written)."""
         self.done[kind].add(index)
-        text = json_text({k: _bits(v) for k, v in self.done.items()})
-        write_atomic(self.directory / f"rank-{self.rank}.json", lambda tmp: tmp.write_text(text))
+        path = self.directory / f"rank-{self.rank}.json"
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # no writer shares a scratch
+        tmp.write_text(json_text({k: _bits(v) for k, v in self.done.items()}))
+        os.replace(tmp, path)
 
     def finish(self, remove: Iterable[str] = ()) -> None:
         """Mark the record complete, then delete the per-rank files and the scratch files
@@ -428,6 +461,7 @@ def _into_file(rows_fn: Callable[[slice], torch.Tensor], out: Path, n: int, widt
     record = BlockRecord(directory, settings, ("jacobians", "tiles"), rank())
 
     def decide() -> tuple[dict[str, set[int]], bool]:
+        record.acquire(str(out))  # rank 0 holds it to the end
         found = record.load(what=str(out)) and _readable(out, (n, n), np_dtype)
         if not found:  # nothing usable: a new record, the files it describes first
             record.start()
@@ -439,26 +473,36 @@ def _into_file(rows_fn: Callable[[slice], torch.Tensor], out: Path, n: int, widt
             NpyMatrix(jac_path, (n, width), np_dtype, create=True).close()
         return record.done, record.complete
 
-    record.done, record.complete = _decided(decide)
-    if not record.complete:
-        blocks, tiles = options["blocks"], options["tiles"]
-        pairs = [(i, j) for i in range(len(tiles)) for j in range(i + 1)]
-        todo_pairs = [p for p in range(len(pairs)) if p not in record.done["tiles"]]
-        needed = np.zeros(n, dtype=bool)  # rows of 𝒥 that the missing tiles read
-        for p in todo_pairs:
-            needed[tiles[pairs[p][0]]] = needed[tiles[pairs[p][1]]] = True
-        todo_blocks = [b for b, sl in enumerate(blocks)
-                       if b not in record.done["jacobians"] and needed[sl].any()]
-        m_file = NpyMatrix(out, (n, n), np_dtype)
-        j_file = NpyMatrix(jac_path, (n, width), np_dtype)
-        try:
-            _run(rows_fn, _Rows(n, width, options["dtype"], device, j_file), _Tiles(
-                n, options["dtype"], m_file), todo_blocks=todo_blocks, todo_pairs=todo_pairs,
-                record=record, **options)
-        finally:
-            m_file.close()
-            j_file.close()
-        if is_main():
-            record.finish(remove=[jac_path.name])
-        barrier()
+    try:
+        record.done, record.complete = _decided(decide)
+        if not record.complete:
+            _resume(rows_fn, record, out, jac_path, n, width, np_dtype, device, options)
+    finally:
+        record.release()
     return torch.from_numpy(np.load(out, mmap_mode="r+"))
+
+
+def _resume(rows_fn: Callable[[slice], torch.Tensor], record: BlockRecord, out: Path,
+            jac_path: Path, n: int, width: int, np_dtype: np.dtype, device: torch.device,
+            options: dict[str, Any]) -> None:
+    """The blocks ``record`` lacks: the tiles of M, and the rows of 𝒥 that they read."""
+    blocks, tiles = options["blocks"], options["tiles"]
+    pairs = [(i, j) for i in range(len(tiles)) for j in range(i + 1)]
+    todo_pairs = [p for p in range(len(pairs)) if p not in record.done["tiles"]]
+    needed = np.zeros(n, dtype=bool)  # rows of 𝒥 that the missing tiles read
+    for p in todo_pairs:
+        needed[tiles[pairs[p][0]]] = needed[tiles[pairs[p][1]]] = True
+    todo_blocks = [b for b, sl in enumerate(blocks)
+                   if b not in record.done["jacobians"] and needed[sl].any()]
+    m_file = NpyMatrix(out, (n, n), np_dtype)
+    j_file = NpyMatrix(jac_path, (n, width), np_dtype)
+    try:
+        _run(rows_fn, _Rows(n, width, options["dtype"], device, j_file),
+             _Tiles(n, options["dtype"], m_file), todo_blocks=todo_blocks,
+             todo_pairs=todo_pairs, record=record, **options)
+    finally:
+        m_file.close()
+        j_file.close()
+    if is_main():
+        record.finish(remove=[jac_path.name])
+    barrier()

@@ -148,7 +148,9 @@ def _run(args: argparse.Namespace) -> int:
     from . import distributed
     from .runs import RunFollower, default_run_dir
 
-    _check_device(distributed.local_device(args.device))  # cuda:<LOCAL_RANK> under torchrun
+    _check_device(args.device)
+    if distributed.local_device(args.device) != args.device:  # cuda:<LOCAL_RANK> of torchrun
+        _check_device(distributed.local_device(args.device))
     experiment = getattr(args, "experiment", None)
     name = args.command + (f"-{experiment}" if experiment else "")
     several = distributed.launched() or distributed.world_size() > 1

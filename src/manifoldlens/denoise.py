@@ -201,7 +201,9 @@ def denoise_flow(flow: nn.Module, x: torch.Tensor, *, temperature: float = 0.7,
                  clamp: tuple[float, float] | None = (0.0, 1.0),
                  batch_size: int = 256) -> torch.Tensor:
     """A flow's temperature-shrunk projection ``dec(T · enc(x))`` (T < 1 pulls the latent
-    towards the mode, as sampling at reduced temperature does), clamped to ``clamp``."""
+    towards the mode, as sampling at reduced temperature does), clamped to ``clamp``. The
+    inverse of an affine coupling divides by its scale, which may vanish away from the data:
+    such rows come back NaN rather than silently replaced."""
     check_batch(x, "x")
     check_number(temperature, "temperature", low=0.0, high=1.0, strict=True)
     check_positive_int(batch_size, "batch_size")

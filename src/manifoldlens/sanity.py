@@ -219,7 +219,7 @@ def random_tangent_attribution(tangent: TangentSpace, *, seed: int = 0) -> torch
     ``(n, *input_shape)``. Point i draws z from a generator seeded with ``seed + i``: the
     "explanation" depends on the point only, never on a model. Fraction in tangent space: 1."""
     n, k, _ = tangent.basis.shape
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator()
     z = torch.empty(n, k, dtype=torch.float64)
     for i in range(n):
         g.manual_seed(seed + i)

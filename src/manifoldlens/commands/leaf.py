@@ -117,7 +117,7 @@ def run_leaf_train(run: Run, *, data: str = "fashion-mnist", root: str | None = 
     (:class:`NormalizedSeed001CNN`; the paper's: :data:`PAPER_NORMALIZE`). The metrics record
     :func:`trace_criterion_step`, the step the paper's criterion picks."""
     every = keep_every or 1000
-    metrics = run_train(
+    run_train(
         run, data=data, root=root,
         arch="seed001_cnn" if normalize is None else "seed001_cnn_normalized",
         arch_options=None if normalize is None else {"mean": normalize[0], "std": normalize[1]},

@@ -271,11 +271,15 @@ def _denoise(run: Run, m: _Models, sets: dict[str, dict[str, torch.Tensor]],
              temperature: float, device: str) -> dict[str, Any]:
     """PSNR and classifier accuracy of each noisy set's first ``leaf_n`` images before and
     after denoising: the leaf projection, the nearest clean neighbour it starts from, the
-    VAE's reconstruction and the flow's ``dec(T · enc(x))``."""
+    VAE's reconstruction and the flow's ``dec(T · enc(x))`` (PSNR over the finite outputs;
+    ``nonfinite`` counts the others, drawn black and counted wrong)."""
 
     def accuracy(y: torch.Tensor, labels: torch.Tensor) -> float:
+        """Share classified right; a non-finite image counts as wrong."""
+        ok = torch.isfinite(y.reshape(len(y), -1)).all(1)
         with torch.no_grad():
-            return float((m.classifier(y.to(device)).argmax(1).cpu() == labels).double().mean())
+            pred = m.classifier(torch.nan_to_num(y).to(device)).argmax(1).cpu()
+        return float(((pred == labels) & ok).double().mean())
 
     out: dict[str, Any] = {}
     for name, s in sets.items():
@@ -294,14 +298,16 @@ def _denoise(run: Run, m: _Models, sets: dict[str, dict[str, torch.Tensor]],
         }
         res: dict[str, Any] = {"n": k, "clean_accuracy": accuracy(clean, labels)}
         for method, y in rows.items():
-            p = psnr(y, clean).double()
+            ok = torch.isfinite(y.reshape(k, -1)).all(1)  # the flow's inverse may break
+            p = psnr(y[ok], clean[ok]).double() if ok.any() else torch.zeros(0)
             p = p[torch.isfinite(p)]
             se = float(p.std() / p.numel() ** 0.5) if p.numel() > 1 else float("nan")
-            res[method] = {"psnr_mean": float(p.mean()), "psnr_se": se,
-                           "accuracy": accuracy(y, labels)}
+            res[method] = {"psnr_mean": float(p.mean()) if p.numel() else float("nan"),
+                           "psnr_se": se, "accuracy": accuracy(y, labels),
+                           "nonfinite": int((~ok).sum())}
         out[name] = res
         run.save_figure(f"denoise_{name}", viz.plot_denoising(
-            {"clean": clean, **rows}, n=8,
+            {"clean": clean, **{k: torch.nan_to_num(v) for k, v in rows.items()}}, n=8,
             title=f"Denoising {name}: rows clean, noisy, then each method"))
     return out
 

@@ -4,7 +4,8 @@ so no GUI backend is touched; save it with ``fig.savefig`` or :meth:`Run.save_fi
 One module per subject: :mod:`.information` (the local data matrix G, the Jacobian
 correlation matrix, training curves, paths), :mod:`.flows` (normalizing flows) and
 :mod:`.attribution` (attributions and the data manifold), :mod:`.ood` (out-of-distribution
-scores and denoising); :mod:`.style` holds what they share.
+scores and denoising), :mod:`.sanity` (Bordt et al. §5: Theorem 1, sanity checks);
+:mod:`.style` holds what they share.
 """
 
 from __future__ import annotations
