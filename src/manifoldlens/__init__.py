@@ -4,7 +4,7 @@ Input Jacobians, the local data matrix G(x) and the foliation it induces, held a
 data manifold. The functional core is batched on the first axis and device/dtype agnostic.
 """
 
-from . import flows, generative
+from . import denoise, flows, generative, ood
 from ._version import __version__
 from .attribution import METHODS, TangentFraction, explain
 from .foliation import (
@@ -33,8 +33,10 @@ from .tangent import TangentSpace, principal_angles, random_fraction_baseline
 
 __all__ = [
     "__version__",
+    "denoise",
     "flows",
     "generative",
+    "ood",
     "METHODS",
     "TangentFraction",
     "TangentSpace",

@@ -59,7 +59,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from ._checks import (
@@ -125,6 +124,8 @@ def _scores(s: Any, name: str) -> np.ndarray:
 
 def _auroc_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """AUROC of each row pair (B, n_in), (B, n_out) from mid-ranks (Mann–Whitney U)."""
+    from scipy.stats import rankdata  # imported on use: scipy is slow to import
+
     na, nb = a.shape[1], b.shape[1]
     r = rankdata(np.concatenate([a, b], axis=1), axis=1)
     return (r[:, na:].sum(axis=1) - nb * (nb + 1) / 2) / (na * nb)
