@@ -572,3 +572,91 @@ def test_principal_angles(check, size):
         return
     fig = check(viz.plot_principal_angles({"trained": a, "initial": a.flip(0)}))
     assert all(ax.get_legend() is not None for ax in fig.axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# seed 004 §5: Theorem 1 and the sanity checks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_theorem1(check, size):
+    n = _n(size, 200)
+    g = torch.Generator().manual_seed(0)
+    along = torch.arange(n) % 2 == 0
+    frac = torch.where(along, 0.99, 0.02) + 0.01 * torch.rand(n, generator=g)
+    check(viz.plot_theorem1(torch.randn(n, 6, generator=g), frac.clamp(0, 1), along,
+                            accuracy=1.0))
+
+
+def _stages(k: int) -> list[str]:
+    return ["trained", *[f"layer {i}" for i in range(k)]][: k + 1]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_cascading_randomization(check, size):
+    stages, n = _stages(_n(size, 4)), _n(size, 20)
+    g = torch.Generator().manual_seed(1)
+    curves = {m: {meas: torch.rand(len(stages), n, generator=g).numpy()
+                  for meas in ("spearman_abs", "spearman", "ssim", "fraction")}
+              for m in ("gradient", "random_tangent")}
+    check(viz.plot_cascading_randomization(stages, curves, baseline=0.1), markers=False)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_randomization_maps(check, size):
+    stages = _stages(_n(size, 3))
+    g = torch.Generator().manual_seed(2)
+    maps = {m: torch.randn(len(stages), 1, 8, 8, generator=g)
+            for m in ("gradient", "smoothgrad")[: _n(size, 2)]}
+    check(viz.plot_randomization_maps(torch.rand(1, 8, 8, generator=g), maps, stages,
+                                      label="3"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_necessary_not_sufficient(check, size):
+    n = _n(size, 30)
+    g = torch.Generator().manual_seed(3)
+    names = ("gradient", "random_tangent")
+    check(viz.plot_necessary_not_sufficient(
+        {m: torch.rand(n, generator=g).numpy() for m in names},
+        {m: torch.rand(n, generator=g).numpy() for m in names}, baseline=0.1))
+
+
+# ---------------------------------------------------------------------------------------------
+# out-of-distribution scores and denoising
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_roc_curves(check, size):
+    k = _n(size, 3)
+    curves = {f"score {i}": {f"set {j}": (np.linspace(0, 1, 11), np.linspace(0, 1, 11) ** 0.5)
+                             for j in range(k)} for i in range(k)}
+    aurocs = {s: {t: 0.7 for t in d} for s, d in curves.items()}
+    check(viz.plot_roc_curves(curves, aurocs=aurocs), markers=False)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_score_histograms(check, size):
+    k, n = _n(size, 3), _n(size, 200)
+    g = torch.Generator().manual_seed(4)
+    scores = {f"score {i}": {"fashion": torch.randn(n, generator=g).numpy(),
+                             "mnist": (torch.randn(n, generator=g) + 1).numpy()}
+              for i in range(k)}
+    check(viz.plot_score_histograms(scores, in_name="fashion"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_auroc_table(check, size):
+    k = _n(size, 4)
+    table = {f"score {i}": {f"set {j}": (i + j) / (2 * k) for j in range(k)} for i in range(k)}
+    check(viz.plot_auroc_table(table))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_denoising(check, size):
+    n = _n(size, 6)
+    g = torch.Generator().manual_seed(5)
+    rows = {r: torch.rand(n, 1, 8, 8, generator=g) for r in ("clean", "noisy", "leaf")}
+    check(viz.plot_denoising(rows, labels=["clean", "noisy 12 dB", "leaf 18 dB"]))

@@ -82,7 +82,9 @@ def plot_score_histograms(scores: Mapping[str, Mapping[str, object]], *, in_name
         ax.set_xlabel(score, fontsize=8)
         ax.set_ylabel("density", fontsize=7)
         style_axes(ax)
-    legend(axes[0], fontsize=5.5)
+    handles, names = axes[0].get_legend_handles_labels()  # every panel draws the same sets
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 6),
+               frameon=False, fontsize=7)
     if title:
         suptitle(fig, title)
     return fig
@@ -95,7 +97,8 @@ def plot_auroc_table(table: Mapping[str, Mapping[str, float]], *,
     rows = list(table)
     cols = list(dict.fromkeys(c for r in rows for c in table[r]))
     m = np.array([[table[r].get(c, np.nan) for c in cols] for r in rows], dtype=float)
-    fig = Figure(figsize=(1.0 + 0.75 * len(cols), 0.9 + 0.3 * len(rows)), layout="constrained")
+    fig = Figure(figsize=(max(3.6, 2.2 + 0.75 * len(cols)), max(2.6, 1.6 + 0.3 * len(rows))),
+                 layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(m, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto")
     for i in range(len(rows)):

@@ -162,7 +162,7 @@ def plot_randomization_maps(image, maps: dict, stages: Sequence[str], *,
     if not names:
         raise ValueError("maps is empty")
     rows, cols = len(names), len(stages) + 1
-    fig = Figure(figsize=(1.05 * cols + 1.6, 1.1 * rows + 1.0), layout="constrained")
+    fig = Figure(figsize=(1.05 * cols + 1.6, max(2.8, 1.1 * rows + 1.0)), layout="constrained")
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
     im = None
     for r, name in enumerate(names):
