@@ -70,18 +70,19 @@ def worker(args: argparse.Namespace) -> None:
         rss_loaded = common.current_rss_mb()
         common.reset_peak_rss()
         common.sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = jacobian_gram(model, x, output="log_softmax", model_output=args.model_output,
                           batch_size=args.batch_size, block_size=args.block_size,
                           out=args.out or None)
         common.sync()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = common.peak_rss_mb()
         rank, world = distributed.rank(), distributed.world_size()
         if rank == 0 and not args.out and args.save:
             np.save(args.save, m.numpy())
         distributed.barrier()
     record = {"rank": rank, "world_size": world, "n": args.images, "wall_s": round(wall, 2),
+              "cpu_s": round(cpu, 2),
               "rss_after_loading_MiB": None if rss_loaded is None else round(rss_loaded, 1),
               "peak_rss_MiB": round(peak, 1), "threads": torch.get_num_threads()}
     Path(f"{args.report}.rank{rank}.json").write_text(json.dumps(record))
@@ -162,11 +163,13 @@ def bench_compare(args: argparse.Namespace, work: Path) -> dict:
                 "processes": world, "mode": mode,
                 "wall_s_of_call": max(r["wall_s"] for r in ranks),
                 "wall_s_of_launch": round(launch, 1),
+                "cpu_s_per_process": [r["cpu_s"] for r in ranks],
                 "peak_rss_MiB_per_process": [r["peak_rss_MiB"] for r in ranks],
                 "rss_after_loading_MiB_per_process": [r["rss_after_loading_MiB"] for r in ranks],
                 "sha256_of_M": digests[name],
             }
-            log(f"compare: {name}: {results[name]['wall_s_of_call']} s, peak RSS "
+            log(f"compare: {name}: {results[name]['wall_s_of_call']} s (CPU "
+                f"{results[name]['cpu_s_per_process']} s), peak RSS "
                 f"{results[name]['peak_rss_MiB_per_process']} MiB")
             if mode == "memory" or not args.keep:
                 (work / f"{name}.npy").unlink(missing_ok=True)
@@ -298,6 +301,7 @@ def bench_out_of_core(args: argparse.Namespace, work: Path) -> dict:
                                                                  for v in peak.values())},
         "part2_resumed": {"wall_s_of_launch": round(part2, 1),
                           "wall_s_of_call": max(r["wall_s"] for r in ranks),
+                          "cpu_s_per_process": [r["cpu_s"] for r in ranks],
                           "tiles_computed": total - recorded,
                           "peak_rss_MiB_per_process": peaks},
         "complete": state.get("complete"),

@@ -24,7 +24,7 @@ run() {  # run NAME SECONDS ARGS...: one benchmark under a time limit
   local name=$1 limit=$2
   shift 2
   local t0=$(date +%s)
-  timeout --signal=INT --kill-after=10 "$limit" "$python" "$@" --device "$device" \
+  timeout --signal=TERM --kill-after=5 "$limit" "$python" "$@" --device "$device" \
     >"$results/$name.json" 2>"$results/$name.log"
   local rc=$?
   echo "$name: exit $rc after $(( $(date +%s) - t0 )) s (limit $limit s)"

@@ -232,6 +232,16 @@ def test_torchrun_gram_writes_the_single_process_matrix(files, tmp_path):
     assert json.loads((tmp_path / "two" / "run.json").read_text())["config"]["world_size"] == 2
 
 
+def test_n_has_a_spelling_that_torchrun_leaves_alone():
+    # torchrun's own parser reads --n as an ambiguous abbreviation of its options
+    from manifoldlens.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["leaf", "horizontal", "c.json", "--count", "3"]).n == 3
+    assert parser.parse_args(["leaf", "across", "c.json", "--count", "4"]).n == 4
+    assert parser.parse_args(["manifold", "fraction", "ds", "m.json", "--count", "5"]).n == 5
+
+
 def test_commands_that_do_not_shard_refuse_torchrun(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

@@ -167,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         args.device = distributed.local_device(args.device)
         out = Path(args.out) if args.out else distributed.broadcast_object(
             default_run_dir(name) if distributed.is_main() else None)
+        _check_out(out)  # the same path on every rank: the same answer
         torch.manual_seed(args.seed if args.seed is not None else 0)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                   if k not in ("handler", "check", "debug", "distributed")}

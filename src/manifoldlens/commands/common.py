@@ -136,10 +136,11 @@ def checked(kind: Callable[[str], Any], low: Any = _DEFAULT_LOW,
 
 
 def option(parser: Any, flag: str, fn: Callable[..., Any], param: str | None = None, *,
-           low: Any = _DEFAULT_LOW, high: float | None = None, **kwargs: Any) -> argparse.Action:
-    """``parser.add_argument(flag, …)`` with the default of ``fn``'s parameter ``param``
-    (default: the flag's name, ``--batch-size`` → ``batch_size``). ``parser`` may be a
-    mutually exclusive group. The option keeps its own ``dest`` (the flag's name). Numeric
+           low: Any = _DEFAULT_LOW, high: float | None = None, aliases: tuple[str, ...] = (),
+           **kwargs: Any) -> argparse.Action:
+    """``parser.add_argument(flag, *aliases, …)`` with the default of ``fn``'s parameter
+    ``param`` (default: the flag's name, ``--batch-size`` → ``batch_size``). ``parser`` may be
+    a mutually exclusive group. The option keeps its own ``dest`` (the flag's name). Numeric
     types are range-checked (:func:`checked`; ``low``/``high``)."""
     param = param or flag.lstrip("-").replace("-", "_")
     default = default_of(fn, param)
@@ -147,7 +148,7 @@ def option(parser: Any, flag: str, fn: Callable[..., Any], param: str | None = N
         default = list(default)  # argparse appends to the default in place
     if kwargs.get("type") in (int, float, ints, floats):
         kwargs["type"] = checked(kwargs["type"], low, high)
-    return parser.add_argument(flag, default=default, **kwargs)
+    return parser.add_argument(flag, *aliases, default=default, **kwargs)
 
 
 def add_command(subparsers: Any, name: str, handler: Handler, help: str,

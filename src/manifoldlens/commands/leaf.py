@@ -492,7 +492,8 @@ def _add_experiment(sub: Any, name: str, handler: Any, fn: Any, help: str,
     p.add_argument("checkpoint", help="model checkpoint (.json) e.g. from `leaf train`")
     add_common(p, fn)
     add_checkpoint_data(p, fn)
-    option(p, "--n", fn, n, type=int, help="pairs" if n == "pairs" else "test images")
+    option(p, "--n", fn, n, type=int, aliases=("--count",),  # torchrun's parser takes --n
+           help="pairs" if n == "pairs" else "test images")
     return p
 
 

@@ -625,7 +625,8 @@ def _add_fraction(sub: Any) -> None:
     option(p, "--names", fn, type=names,
            help="comma-separated names of the classifiers (default: their run directories)")
     option(p, "--methods", fn, type=names, help="comma-separated attribution methods")
-    option(p, "--n", fn, type=int, help="test images")
+    option(p, "--n", fn, type=int, aliases=("--count",),  # torchrun's parser takes --n
+           help="test images")
     option(p, "--top-k", fn, type=int,
            help="D_x from the K most probable classes' gradients (default: all C)")
     p.set_defaults(distributed=True)  # shares its images under torchrun
