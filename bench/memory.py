@@ -59,7 +59,12 @@ import _common as common
 from _common import make_logger, print_json, run_metadata
 from manifoldlens import jacobian
 from manifoldlens.jacobian import jacobian_chunk_size
-from manifoldlens.memory import MemoryBudgetError, measured_costs, resolve_max_memory
+from manifoldlens.memory import (
+    MemoryBudgetError,
+    allocator_peak,
+    measured_costs,
+    resolve_max_memory,
+)
 
 SEED = 0
 CLASSES = 1000
@@ -181,19 +186,6 @@ class _Residual(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-def _allocator_peak(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, b in events:
-        live += b
-        peak = max(peak, live)
-    return peak
-
 
 def run_allocator() -> dict:
     torch.manual_seed(SEED)
@@ -213,7 +205,7 @@ def run_allocator() -> dict:
             key = ("jacobian", strategy, "logits", True, "log_softmax", (3, 16, 16),
                    x.dtype, "cpu")
             est = measured_costs(model)[key].bytes(3)
-            got = _allocator_peak(lambda m=model, s=strategy: jacobian(m, x, strategy=s))
+            got = allocator_peak(lambda m=model, s=strategy: jacobian(m, x, strategy=s))
             out[f"{name}/{strategy}"] = {"estimate_kb": round(est / 1024),
                                          "allocator_peak_kb": round(got / 1024),
                                          "ratio": round(est / max(got, 1), 2)}

@@ -15,7 +15,7 @@ from manifoldlens import memory
 from manifoldlens.attribution import explain
 from manifoldlens.information import top_k_jacobian, trace_estimate
 from manifoldlens.jacobian import jacobian_chunk_size, score_jacobian, transform_jacobian
-from manifoldlens.memory import MemoryBudgetError, MemoryMeter
+from manifoldlens.memory import MemoryBudgetError, MemoryMeter, allocator_peak
 from manifoldlens.tangent import TangentSpace
 
 from helpers import TinyCNN, TinyMLP, make
@@ -61,21 +61,6 @@ def _models():
     return {"mlp": mlp.eval(), "cnn": cnn.eval(), "residual": Residual().eval()}
 
 
-def _allocator_peak(fn) -> int:
-    """Peak bytes the CPU allocator held during ``fn()``, from its own allocation and free
-    events (``torch.profiler`` with ``profile_memory``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, b in events:
-        live += b
-        peak = max(peak, live)
-    return peak
-
 
 def _cost(model, kind, *settings):
     """The cost measured for ``model`` whose key starts with ``(kind, *settings)``."""
@@ -110,7 +95,7 @@ def test_the_estimate_is_within_a_small_factor_of_the_allocators_peak(strategy):
         assert step == 3
         cost = _cost(model, "jacobian", strategy)
         assert cost.exact  # measured on meta
-        measured = _allocator_peak(lambda m=model, x=x: ml.jacobian(m, x, strategy=strategy))
+        measured = allocator_peak(lambda m=model, x=x: ml.jacobian(m, x, strategy=strategy))
         if measured == 0:
             pytest.skip("this torch build's profiler does not report CPU allocations")
         ratio = cost.bytes(3) / measured

@@ -47,6 +47,7 @@ __all__ = [
     "MemoryBudgetError",
     "MemoryCost",
     "MemoryMeter",
+    "allocator_peak",
     "available_memory",
     "cached_cost",
     "check_max_memory",
@@ -369,3 +370,20 @@ def plan_chunk_size(
         return min(chunk_size, n)
     room = (max_memory - results) / SAFETY - cost.fixed
     return max(1, min(n, int(room // max(cost.per_sample, 1))))
+
+
+def allocator_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes the CPU allocator held during ``fn()``, from its own allocation and free
+    events (``torch.profiler`` with ``profile_memory``): what :func:`measure_cost`'s
+    estimates are checked against."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, b in events:
+        live += b
+        peak = max(peak, live)
+    return peak
