@@ -2,16 +2,21 @@
 
 Usage::
 
-    .venv/bin/python bench/memory.py [--quick] [--threads N] [--n N] [--classes C]
+    .venv/bin/python bench/memory.py [--quick] [--threads N] [--n N] [--classes C] [--device D]
 
 Prints ONE JSON object on stdout; progress goes to stderr. Every case runs in a fresh child
 process (``--case NAME``), so that its peak RSS (VmHWM of ``/proc/self/status``, reset after
 the set-up) is its own; the set-up (torch, the model, the inputs, one meta-device probe of a
 tiny model so that the probe's imports are not counted) comes before the reset.
 
-Model: a torchvision-free ResNet-18 (BasicBlocks [2, 2, 2, 2], 64–512 channels, BatchNorm in
-eval mode, 11.7 M parameters, random init, float32, CPU), 1000 classes,
-``output="log_softmax"`` as ``local_data_matrix`` uses it.
+Model: the registered ``resnet18`` (:mod:`manifoldlens.resnet`: torchvision's layout without
+torchvision, BasicBlocks [2, 2, 2, 2], 64–512 channels, BatchNorm in eval mode, 11.7 M
+parameters, random init, float32), 1000 classes, ``output="log_softmax"`` as
+``local_data_matrix`` uses it.
+
+Device: ``--device`` (default ``cpu``). On CUDA the budget is half of the GPU's free memory,
+and the measured peak is the CUDA allocator's (``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, over what was allocated before); on the CPU it is the peak RSS.
 
 Cases, all under the default budget (``max_memory=None``: half of MemAvailable) unless said:
 
@@ -30,8 +35,8 @@ Cases, all under the default budget (``max_memory=None``: half of MemAvailable) 
 * ``vmap_small``: ``"vmap"`` on 2 images at 3 × 16 × 16.
 * ``allocator``: the estimate for 3 samples of three small models (an MLP, a CNN with
   max-pooling, a residual block with BatchNorm; 3 × 16 × 16, C = 10) against the peak bytes
-  the CPU allocator itself reports (``torch.profiler`` with ``profile_memory``: its
-  allocation and free events), for each strategy.
+  the allocator itself reports (CPU: ``torch.profiler`` with ``profile_memory``, its
+  allocation and free events; CUDA: ``max_memory_allocated``), for each strategy.
 * ``overhead``: what the measurement costs, in a fresh process: the first call (imports of
   torch's meta kernels), a second model (its probe), the same call again (cached), on the
   seed-001 CNN (1 × 28 × 28, C = 10, batch 16), against the Jacobian itself; and the probe of
@@ -51,6 +56,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -65,47 +71,53 @@ from manifoldlens.memory import (
     measured_costs,
     resolve_max_memory,
 )
+from manifoldlens.models import create_model
 
 SEED = 0
 CLASSES = 1000
+#: Where every case runs (``--device``).
+DEVICE = torch.device("cpu")
 log = make_logger("memory")
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
+def resnet18(side: int, classes: int = CLASSES) -> nn.Module:
+    """The registered ResNet-18 at 3 × side × side, in eval mode on :data:`DEVICE`."""
+    return create_model("resnet18", (3, side, side), classes).to(DEVICE).eval()
 
 
-class ResNet18(nn.Module):
-    """ResNet-18 as torchvision builds it (He et al. 2016), without torchvision."""
+class _Peak:
+    """The peak memory over a block, above what was in use at its start: the CUDA
+    allocator's on a CUDA device, else the peak RSS (VmHWM, reset at the start; None where
+    /proc is missing)."""
 
-    def __init__(self, num_classes: int = CLASSES) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-        blocks, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, num_classes)
+    def __init__(self) -> None:
+        self.cuda = DEVICE.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(DEVICE)
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            self.before_mb = torch.cuda.memory_allocated(DEVICE) / 2**20
+        else:
+            common.reset_peak_rss()
+            self.before_mb = common.current_rss_mb() or 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1)
-        return self.fc(torch.flatten(h, 1))
+    def peak_mb(self) -> float | None:
+        if self.cuda:
+            torch.cuda.synchronize(DEVICE)
+            return torch.cuda.max_memory_allocated(DEVICE) / 2**20
+        return common.vm_hwm_mb()
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes the allocator held during ``fn()``: the CPU profiler's allocation and free
+    events, or CUDA's ``max_memory_allocated`` over what was allocated before."""
+    if DEVICE.type != "cuda":
+        return allocator_peak(fn)
+    torch.cuda.synchronize(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    before = torch.cuda.memory_allocated(DEVICE)
+    fn()
+    torch.cuda.synchronize(DEVICE)
+    return torch.cuda.max_memory_allocated(DEVICE) - before
 
 
 CASES = {  # name: (strategy, side, images (None: --n), chunk_size, budget of one sample)
@@ -119,26 +131,29 @@ CASES = {  # name: (strategy, side, images (None: --n), chunk_size, budget of on
 
 
 def _key(strategy: str, side: int, x: torch.Tensor) -> tuple:
-    return ("jacobian", strategy, "logits", True, "log_softmax", (3, side, side), x.dtype, "cpu")
+    return ("jacobian", strategy, "logits", True, "log_softmax", (3, side, side), x.dtype,
+            x.device.type)
 
 
 def run_case(name: str, n: int, classes: int) -> dict:
     strategy, side, images, chunk, one_sample = CASES[name]
     n = images or n
     torch.manual_seed(SEED)
-    model = ResNet18(classes).eval()
-    x = torch.rand(n, 3, side, side)
+    model = resnet18(side, classes)
+    x = torch.rand(n, 3, side, side).to(DEVICE)
     result = n * classes * 3 * side * side * x.element_size()
-    jacobian(nn.Linear(3, 2), torch.zeros(1, 3), strategy="vmap")  # the probe's imports
+    # the probe's imports (and, on CUDA, the context and its kernels' first use)
+    jacobian(nn.Linear(3, 2).to(DEVICE), torch.zeros(1, 3, device=DEVICE), strategy="vmap")
     max_memory = None
     if one_sample:  # a budget that fits one sample: measured first, outside the timing
         jacobian_chunk_size(model, x, output="log_softmax", strategy=strategy, relative=True)
         max_memory = measured_costs(model)[_key(strategy, side, x)].bytes(1) + result
-    budget = resolve_max_memory(max_memory)
-    common.reset_peak_rss()
-    rss0 = common.current_rss_mb() or 0.0
+    budget = resolve_max_memory(max_memory, DEVICE)
+    probe = _Peak()
     out: dict = {"strategy": strategy, "input": [n, 3, side, side], "chunk_size_arg": chunk,
-                 "budget_mb": round(budget / 2**20, 1), "rss_before_mb": round(rss0)}
+                 "device": str(DEVICE), "budget_mb": round(budget / 2**20, 1),
+                 "peak_of": "CUDA allocator" if probe.cuda else "RSS (VmHWM)",
+                 "before_mb": round(probe.before_mb)}
     j = None
     t0 = time.perf_counter()
     try:
@@ -157,13 +172,14 @@ def run_case(name: str, n: int, classes: int) -> dict:
     out["estimate_one_sample_mb"] = round(cost.bytes(1) / 2**20, 1)
     out["estimate_all_at_once_mb"] = round((cost.bytes(n) + result) / 2**20)
     out["estimate_mb"] = round((cost.bytes(step) + (result if step < n else 0)) / 2**20, 1)
-    peak = common.vm_hwm_mb()
+    peak = probe.peak_mb()
     if peak is not None:
-        out["peak_rss_mb"] = round(peak)
-        out["peak_increase_mb"] = round(peak - rss0)
-        out["within_budget"] = bool(peak - rss0 <= budget / 2**20)
+        rise = peak - probe.before_mb
+        out["peak_mb"] = round(peak)
+        out["peak_increase_mb"] = round(rise)
+        out["within_budget"] = bool(rise <= budget / 2**20)
         if out["outcome"] == "ran":
-            out["estimate_over_measured"] = round(out["estimate_mb"] / max(peak - rss0, 1), 2)
+            out["estimate_over_measured"] = round(out["estimate_mb"] / max(rise, 1), 2)
     if j is not None and one_sample:  # against the unchunked result (after the RSS reading)
         t1 = time.perf_counter()
         ref = jacobian(model, x, strategy=strategy)
@@ -195,17 +211,17 @@ def run_allocator() -> dict:
                              nn.Flatten(), nn.Linear(512, 10)),
         "residual": _Residual(),
     }
-    x = torch.randn(3, 3, 16, 16)
+    x = torch.randn(3, 3, 16, 16).to(DEVICE)
     out: dict = {}
     for name, model in models.items():
-        model.eval()
+        model.to(DEVICE).eval()
         for strategy in ("vjp", "vmap", "forward"):
             jacobian_chunk_size(model, x, output="log_softmax", strategy=strategy,
                                 relative=True)
             key = ("jacobian", strategy, "logits", True, "log_softmax", (3, 16, 16),
-                   x.dtype, "cpu")
+                   x.dtype, DEVICE.type)
             est = measured_costs(model)[key].bytes(3)
-            got = allocator_peak(lambda m=model, s=strategy: jacobian(m, x, strategy=s))
+            got = peak_bytes(lambda m=model, s=strategy: jacobian(m, x, strategy=s))
             out[f"{name}/{strategy}"] = {"estimate_kb": round(est / 1024),
                                          "allocator_peak_kb": round(got / 1024),
                                          "ratio": round(est / max(got, 1), 2)}
@@ -217,9 +233,9 @@ def run_overhead() -> dict:
 
     def cnn() -> nn.Module:
         torch.manual_seed(SEED)
-        return Seed001CNN(in_shape=(1, 28, 28), num_classes=10).eval()
+        return Seed001CNN(in_shape=(1, 28, 28), num_classes=10).to(DEVICE).eval()
 
-    x = torch.rand(16, 1, 28, 28)
+    x = torch.rand(16, 1, 28, 28).to(DEVICE)
     out: dict = {}
     for label, model in (("first_call_s", cnn()), ("new_model_s", cnn()), ("cached_s", None)):
         model = model or out.pop("_model")
@@ -231,11 +247,11 @@ def run_overhead() -> dict:
     t0 = time.perf_counter()
     jacobian(model, x)
     out["jacobian_s"] = round(time.perf_counter() - t0, 3)
-    big = ResNet18().eval()
+    big = resnet18(64)
     for strategy in ("vjp", "vmap", "forward"):
         t0 = time.perf_counter()
         try:
-            jacobian_chunk_size(big, torch.rand(4, 3, 64, 64), strategy=strategy,
+            jacobian_chunk_size(big, torch.rand(4, 3, 64, 64).to(DEVICE), strategy=strategy,
                                 output="log_softmax", relative=True)
         except MemoryBudgetError:
             pass
@@ -252,12 +268,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n", type=int, default=4, help="images per call")
     p.add_argument("--classes", type=int, default=CLASSES, help="C, the model's outputs")
+    common.add_device(p)
     p.add_argument("--case", choices=[*sorted(CASES), *EXTRA], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     args = parse_args(argv)
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     n, classes = (2, 10) if args.quick else (args.n, args.classes)
     if args.case:
@@ -267,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t_start = time.perf_counter()
     out: dict = {"meta": {**run_metadata("memory"), "n": n, "classes": classes,
-                          "loadavg_at_start": common.loadavg()}}
+                          "device": str(DEVICE), "loadavg_at_start": common.loadavg()}}
     for name in [*CASES, *EXTRA]:
         log(f"case {name}")
         child = ["--case", name, "--threads", str(args.threads), "--n", str(n),
-                 "--classes", str(classes)]
+                 "--classes", str(classes), "--device", str(DEVICE)]
         out[name] = common.run_json_child(__file__, child)
         log(json.dumps(out[name]))
     print_json(out, t_start)

@@ -62,9 +62,18 @@ class Captured(RunFollower):
         return super().save_json(name, obj)
 
 
-def _sharded(files: Path, out: Path) -> dict[str, dict[str, object]]:
+def _unseeded_fraction(run: Captured, files: Path, rank: int) -> dict[str, object]:
+    """``manifold fraction`` with SmoothGrad seeded by the global RNG, seeded here per rank
+    as the single process seeds it on rank 0: the other rank's draw must not matter."""
+    torch.manual_seed(100 + rank)
+    return run_manifold_fraction(run, [str(files / "mclf.json")], str(files / "mds"),
+                                 names=["m"], n=11, methods=("smoothgrad",),
+                                 options={"smoothgrad": {"samples": 4}})
+
+
+def _sharded(files: Path, out: Path, rank: int = 0) -> dict[str, dict[str, object]]:
     """The sharded commands' functions, small, each on a :class:`Captured` run in
-    ``out/<name>``: what each saved."""
+    ``out/<name>``: what each saved (``rank``: this process's, 0 in a single one)."""
     model, meta = load_checkpoint(files / "clf.json")
     ds = dataset_for(meta, limit=30)
     calls = {
@@ -79,7 +88,9 @@ def _sharded(files: Path, out: Path) -> dict[str, dict[str, object]]:
             step_size=0.3, progress=False),
         "fraction": lambda run: run_manifold_fraction(
             run, [str(files / "mclf.json")], str(files / "mds"), names=["m"], n=11, top_k=2,
-            methods=("gradient", "input_x_gradient", "integrated_gradients")),
+            methods=("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"),
+            options={"smoothgrad": {"samples": 4, "seed": 5}}),
+        "fraction_rng": lambda run: _unseeded_fraction(run, files, rank),
     }
     saved = {}
     for name, call in calls.items():
@@ -108,7 +119,7 @@ def _worker(rank: int, world: int, tmp: Path) -> None:
                                        cache_dir=tmp / "cache")
         got["file"] = jacobian_gram(model, x, batch_size=4, block_size=5, normalize=True,
                                     out=tmp / "m.npy").clone()
-        got["commands"] = _sharded(tmp / "files", tmp / "two")
+        got["commands"] = _sharded(tmp / "files", tmp / "two", rank)
         if rank == 0:
             torch.save(got, tmp / "library.pt")
         assert main(["leaf", "across", str(tmp / "files" / "clf.json"), "--n", "3", "--steps",
@@ -194,9 +205,14 @@ def _close(a: object, b: object, where: str) -> None:
 def test_sharded_commands_in_two_processes_equal_one(files, two, tmp_path):
     got = torch.load(two / "library.pt")["commands"]
     one = _sharded(files, tmp_path)
-    assert set(got) == set(one) == {"gram", "spectrum", "across", "horizontal", "fraction"}
+    assert set(got) == set(one) == {"gram", "spectrum", "across", "horizontal", "fraction",
+                                    "fraction_rng"}
     for name in one:
         _close(one[name], got[name], name)
+    for name in ("fraction", "fraction_rng"):  # SmoothGrad too: the noise one process draws
+        sg = [r[name]["results"]["models"]["m"]["methods"]["smoothgrad"] for r in (one, got)]
+        for space in ("tangent", "dx"):
+            assert sg[1][space] == pytest.approx(sg[0][space], rel=1e-5, abs=1e-6), space
     assert got["spectrum"]["metrics"]["top_k"] == 4 and got["fraction"]["results"]["models"][
         "m"]["top_k"] == 2
     gram = np.load(two / "two" / "gram" / "gram.npy")

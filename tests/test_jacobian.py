@@ -14,12 +14,14 @@ from manifoldlens.jacobian import (
     gram_spectrum,
     jacobian,
     jacobian_gram,
+    jacobian_gram_plan,
     jacobian_neighbors,
     kernel_target_alignment,
     score_jacobian,
     select_strategy,
     transform_jacobian,
 )
+from manifoldlens.memory import MemoryBudgetError, allocator_peak
 
 from helpers import TinyCNN, TinyMLP, make
 
@@ -227,3 +229,94 @@ def test_gram_analysis():
     assert 0 <= nb.label_agreement <= 1
     single = class_correlation(m[:6, :6], labels[:6])  # one-sample class: no within pairs
     assert torch.isnan(single.block_means[2, 2])
+
+
+# ------------------------------------------- jacobian_gram's max_memory: the whole call's budget
+
+
+class _Counting(nn.Module):
+    """Counts its forward passes on real data (the meta-device measurement is free)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        if x.device.type != "meta":
+            self.calls += 1
+        return self.inner(x)
+
+
+@pytest.fixture(scope="module")
+def gram_budget():
+    model = make(TinyCNN())
+    x = torch.randn(23, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    return model, x, jacobian_gram(model, x, batch_size=23, block_size=23)
+
+
+def test_gram_sizes_shrink_with_the_budget_and_the_result_does_not_change(gram_budget):
+    model, x, ref = gram_budget
+    plans = [jacobian_gram_plan(model, x, max_memory=b) for b in (2**30, 2e5, 1e5, 5e4, 2e4)]
+    assert (plans[0].batch_size, plans[0].block_size, plans[0].low_memory) == (23, 23, False)
+    for big, small in zip(plans, plans[1:], strict=False):
+        assert small.batch_size <= big.batch_size and small.block_size <= big.block_size
+    assert plans[-1].block_size < 23 and plans[-1].batch_size < 23 and plans[-1].low_memory
+    for plan in plans:
+        assert plan.peak <= plan.budget and plan.held <= plan.peak
+        got = jacobian_gram(model, x, max_memory=plan.budget)
+        # the sizes the budget gave: bit for bit what they give when passed
+        assert torch.equal(got, jacobian_gram(model, x, batch_size=plan.batch_size,
+                                              block_size=plan.block_size))
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_gram_given_sizes_are_used_as_given_and_give_the_same_bits(gram_budget, tmp_path):
+    model, x, _ = gram_budget
+    plan = jacobian_gram_plan(model, x, batch_size=4, block_size=5, max_memory=5e4)
+    assert (plan.batch_size, plan.block_size) == (4, 5)
+    loose = jacobian_gram(model, x, batch_size=4, block_size=5, max_memory=2**30)
+    tight = jacobian_gram(model, x, batch_size=4, block_size=5, max_memory=5e4,
+                          cache_dir=tmp_path)
+    assert torch.equal(loose, tight)
+
+
+def test_gram_peak_stays_within_max_memory(gram_budget):
+    model, x, _ = gram_budget
+    for budget in (2e5, 1e5, 3e4):  # the CPU allocator's own count, M and 𝒥 included
+        assert allocator_peak(lambda b=budget: jacobian_gram(model, x, max_memory=b)) <= budget
+
+
+def test_gram_budget_too_small_is_refused_before_any_forward_pass(gram_budget, tmp_path):
+    _, x, _ = gram_budget
+    model = _Counting(make(TinyCNN()))
+    with pytest.raises(MemoryBudgetError, match=r"jacobian_gram needs ~.* for one sample of "
+                                                r"\(1, 6, 6\).*max_memory is 1 KiB") as err:
+        jacobian_gram(model, x, max_memory=1024)
+    assert isinstance(err.value, ValueError) and "raise max_memory" in str(err.value)
+    m_bytes = 23 * 23 * 8  # M alone takes more than the budget: out= is the way out
+    with pytest.raises(MemoryBudgetError, match=r"for M \(23 × 23\) in memory.*pass out="):
+        jacobian_gram(model, x, max_memory=m_bytes)
+    with pytest.raises(MemoryBudgetError, match=r"for 𝒥 \(23 × 180\) in memory.*low_memory=True"):
+        jacobian_gram(model, x, low_memory=False, max_memory=2e4)
+    with pytest.raises(MemoryBudgetError, match="needs"):
+        jacobian_gram(model, x, out=tmp_path / "m.npy", max_memory=1024)
+    assert not (tmp_path / "m.npy").exists() and model.calls == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, -0.5, float("nan"), float("inf"), True, "1GB"])
+def test_gram_bad_budgets_are_refused(gram_budget, bad):
+    model, x, _ = gram_budget
+    with pytest.raises(ValueError, match="max_memory"):
+        jacobian_gram(model, x, max_memory=bad)
+
+
+def test_gram_resumed_with_another_budget_keeps_the_recorded_sizes(gram_budget, tmp_path):
+    model, x, ref = gram_budget
+    out = tmp_path / "m.npy"
+    first = jacobian_gram(model, x, out=out, max_memory=3e4).clone()
+    recorded = jacobian_gram_plan(model, x, out=out, max_memory=2**30)
+    assert recorded.block_size < 23  # the record's, not the 23 a larger budget alone gives
+    assert jacobian_gram_plan(model, x, max_memory=2**30).block_size == 23
+    again = jacobian_gram(model, x, out=out, max_memory=2**30)  # not refused as "other settings"
+    assert torch.equal(again, first)
+    torch.testing.assert_close(first, ref, rtol=1e-12, atol=1e-14)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from manifoldlens import viz
 from manifoldlens.callbacks import TraceOfG
@@ -154,3 +155,28 @@ def test_resume_after_crash_keeps_logs_consistent(digits, tmp_path):
         with Run(tmp_path / "r", "train", resume=True) as run:
             train_classifier(model, train, steps=30, batch_size=17, progress=False,
                              run=RunOptions(run, checkpoint_every=5, resume=True))
+
+
+def test_a_single_leftover_point_joins_the_last_batch_of_a_batch_norm_model():
+    """BatchNorm in train mode cannot normalise one point: with n = 2·batch + 1 the epoch has
+    two steps, the second of batch + 1 points; without BatchNorm it has three."""
+    from manifoldlens.training import fit
+
+    x, y = torch.randn(9, 3), torch.randint(0, 2, (9,))
+    sizes = []
+
+    def loss(model):
+        def step_loss(xb, yb, step):
+            sizes.append(len(xb))
+            return F.cross_entropy(model(xb), yb)
+        return step_loss
+
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    fit(bn, x, y, loss(bn), torch.optim.SGD(bn.parameters(), lr=0.1), batch_size=4, epochs=2,
+        progress=False)
+    assert sizes == [4, 5, 4, 5]
+    sizes.clear()
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    fit(plain, x, y, loss(plain), torch.optim.SGD(plain.parameters(), lr=0.1), batch_size=4,
+        epochs=1, progress=False)
+    assert sizes == [4, 4, 1]

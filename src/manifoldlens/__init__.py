@@ -4,7 +4,7 @@ Input Jacobians, the local data matrix G(x) and the foliation it induces, held a
 data manifold. The functional core is batched on the first axis and device/dtype agnostic.
 """
 
-from . import denoise, flows, generative, ood
+from . import denoise, flows, generative, ood, resnet
 from ._version import __version__
 from .attribution import METHODS, TangentFraction, explain
 from .foliation import (
@@ -26,6 +26,7 @@ from .jacobian import (
     gram_spectrum,
     jacobian,
     jacobian_gram,
+    jacobian_gram_plan,
     jacobian_neighbors,
     kernel_target_alignment,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "flows",
     "generative",
     "ood",
+    "resnet",
     "METHODS",
     "TangentFraction",
     "TangentSpace",
@@ -54,6 +56,7 @@ __all__ = [
     "gram_spectrum",
     "jacobian",
     "jacobian_gram",
+    "jacobian_gram_plan",
     "jacobian_neighbors",
     "kernel_target_alignment",
     "local_data_matrix",

@@ -94,6 +94,11 @@ def check_batch(x: torch.Tensor, name: str = "x", min_ndim: int = 2) -> torch.Te
 _BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm,)
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether a module of ``model`` normalises over the batch (BatchNorm) in train mode."""
+    return any(isinstance(m, _BATCH_COUPLED) for m in model.modules())
+
+
 def check_independent_samples(model: nn.Module, x: torch.Tensor | None = None) -> None:
     """Refuse models whose outputs couple the samples of a batch.
 

@@ -108,7 +108,7 @@ def _check_ig_options(baseline: Any, steps: Any, multiply_by_inputs: Any, quadra
 
 
 def _check_smoothgrad_options(noise_level: Any, samples: Any, samples_batch_size: Any,
-                              seed: Any) -> None:
+                              seed: Any, index_offset: Any = 0) -> None:
     if isinstance(noise_level, bool) or not isinstance(noise_level, numbers.Real) or not (
         math.isfinite(noise_level) and noise_level >= 0
     ):
@@ -120,6 +120,9 @@ def _check_smoothgrad_options(noise_level: Any, samples: Any, samples_batch_size
     ):
         raise TypeError(f"seed must be a non-negative int, a torch.Generator or None, "
                         f"got {seed!r}")
+    if not (_is_int(index_offset) and index_offset >= 0):
+        raise ValueError(f"index_offset must be a non-negative int (the index of x[0] in the "
+                         f"whole dataset), got {index_offset!r}")
 
 
 def _check_call(model: Any, x: torch.Tensor, target: Any, model_output: str,
@@ -402,6 +405,7 @@ def smoothgrad(
     samples: int = 25,
     samples_batch_size: int | None = None,
     seed: int | torch.Generator | None = None,
+    index_offset: int = 0,
     model_output: str = "logits",
     batch_size: int | None = None,
     max_memory: float | None = None,
@@ -415,10 +419,15 @@ def smoothgrad(
     images in [0, 1] (``replicate-paper/mnist/mnist-32-compute.ipynb``; the paper does not
     state them). ``samples_batch_size``: noisy copies of each input per forward pass (the noise
     of a chunk, ``batch_size · samples · d`` numbers, is drawn at once). ``seed``: an int or a
-    ``torch.Generator`` (None: the global RNG). Each sample's noise comes from its own
-    generator seeded by (seed, sample index): results do not depend on ``batch_size`` or
-    ``samples_batch_size`` (beyond the rounding of the sum). Unset, they are chosen to fit
-    ``max_memory`` bytes (None: half the memory available).
+    ``torch.Generator`` (None: the global RNG; a generator or the global RNG gives one base
+    seed per call). Each sample's noise comes from its own generator seeded by (seed,
+    ``index_offset`` + i) for sample i of x: results do not depend on ``batch_size`` or
+    ``samples_batch_size`` (beyond the rounding of the sum), and a shard ``x[a:b]`` of a
+    dataset explained with ``index_offset=a`` (and the same int seed) gets rows a:b of the
+    whole dataset's attributions: how the processes of a ``torch.distributed`` run
+    (:func:`~manifoldlens.distributed.shard`) draw the noise one process would. Unset,
+    ``batch_size`` and ``samples_batch_size`` are chosen to fit ``max_memory`` bytes (None:
+    half the memory available).
 
     >>> import torch
     >>> model = torch.nn.Linear(3, 2).double()
@@ -426,7 +435,7 @@ def smoothgrad(
     >>> torch.allclose(smoothgrad(model, x, 1, samples=8, seed=0), model.weight[1].expand(4, 3))
     True
     """
-    _check_smoothgrad_options(noise_level, samples, samples_batch_size, seed)
+    _check_smoothgrad_options(noise_level, samples, samples_batch_size, seed, index_offset)
     t_all = _check_call(model, x, target, model_output, batch_size, max_memory)
     # per noisy input: its noise and the noisy copy
     m = _inputs_per_pass(model, x, model_output, max_memory, len(x) * samples,
@@ -436,7 +445,7 @@ def smoothgrad(
             samples_batch_size, batch_size = m, batch_size or 1
         elif m < len(x) * samples:
             batch_size = batch_size or m // samples
-    base_seed = _base_seed(seed)
+    base_seed, offset = _base_seed(seed), int(index_offset)  # a Python int: no overflow
 
     def attribute(xc: torch.Tensor, tc: torch.Tensor | None, sl: slice) -> torch.Tensor:
         t = _predicted(model, xc, tc, model_output, sl.start)  # the class predicted at x
@@ -447,7 +456,7 @@ def smoothgrad(
         if noise_level > 0:
             gen = torch.Generator(device=xc.device)
             for i in range(n):
-                gen.manual_seed(_sample_seed(base_seed, sl.start + i))
+                gen.manual_seed(_sample_seed(base_seed, offset + sl.start + i))
                 noise[i] = torch.randn((samples, *shape), generator=gen, dtype=xc.dtype,
                                        device=xc.device)
         total = torch.zeros_like(xc)

@@ -30,15 +30,17 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ._utils import chunks, differing, json_text, progress_bar, write_atomic
 from .distributed import barrier, broadcast_object, gather, is_main, rank, shares, world_size
+from .memory import MemoryBudgetError, format_bytes
 
-__all__ = ["BlockRecord", "NpyMatrix", "blocked_gram", "gram_tile", "tile_rows"]
+__all__ = ["BlockRecord", "GramPlan", "NpyMatrix", "blocked_gram", "gram_tile", "plan_gram",
+           "recorded_settings", "tile_rows"]
 
 
 class NpyMatrix:
@@ -242,10 +244,141 @@ class BlockRecord:
 MAX_TILE = 2048
 
 
+#: Rows of 𝒥 per batch when none is given (fewer when the budget says so).
+DEFAULT_BATCH = 256
+
+
 def tile_rows(width: int, itemsize: int, max_memory: int) -> int:
-    """The default ``block_size``: rows per tile such that the two row blocks a tile needs
-    take at most half of ``max_memory`` bytes, at most :data:`MAX_TILE`."""
+    """Rows per tile such that the two row blocks a tile needs take at most half of
+    ``max_memory`` bytes, at most :data:`MAX_TILE` (a rule of thumb: :func:`plan_gram` sizes
+    the tiles of :func:`~manifoldlens.jacobian.jacobian_gram`)."""
     return max(1, min(MAX_TILE, max_memory // (4 * width * itemsize)))
+
+
+class GramPlan(NamedTuple):
+    """How :func:`blocked_gram` runs within a budget of ``budget`` bytes (:func:`plan_gram`)."""
+
+    batch_size: int  #: rows of 𝒥 computed per batch (phase 1)
+    block_size: int  #: rows of M per tile (phase 2)
+    low_memory: bool  #: whether 𝒥 goes through a scratch file (always with ``out``)
+    held: int  #: bytes held throughout: M (unless written to ``out``) and 𝒥 (in memory)
+    peak: int  #: the bound on the call's bytes: ``held`` + the larger phase
+    budget: int  #: max_memory, in bytes
+
+
+def _largest(cap: int, cost: Callable[[int], int], room: int) -> int:
+    """The largest k in [1, cap] with ``cost(k) <= room`` (cost increasing), 0 if none."""
+    lo, hi = 0, cap
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_gram(
+    n: int, width: int, itemsize: int, budget: int, *, batch_bytes: Callable[[int], int],
+    batch_size: int | None = None, block_size: int | None = None,
+    low_memory: bool | None = None, to_file: bool = False, processes: int = 1,
+    device: Any = "cpu", prefer: tuple[Any, Any] = (None, None),
+    shape: tuple[int, ...] = (), what: str = "jacobian_gram",
+) -> GramPlan:
+    """Batch and tile sizes that keep :func:`blocked_gram` within ``budget`` bytes, all its
+    memory together, wherever it lives (M on the CPU, 𝒥 and the work on ``device``):
+
+    * held throughout: M (n² numbers of ``itemsize`` bytes) unless ``to_file`` (``out=``),
+      and 𝒥 (n · ``width``) when it stays in memory;
+    * phase 1, one batch of b rows: ``batch_bytes(b)`` (the caller's work to compute them,
+      its result and the model's activations included), the rows in M's dtype, and under
+      a process group of W > 1 with 𝒥 in memory the all-gather's (2W + 1) copies;
+    * phase 2, one tile of t rows: two row blocks (three when read from a file onto another
+      device than the CPU) and 5 t × t tiles (the product, the normalisation, the exactly
+      symmetric diagonal tile, the mirror written to a file), plus (2W + 1) for the
+      all-gather when M is in memory under a group.
+
+    ``batch_size`` / ``block_size`` None: the largest that fit, at most :data:`DEFAULT_BATCH`
+    and :data:`MAX_TILE` (``prefer``: sizes to take instead when they fit, e.g. those of a
+    record being resumed); given ones are used as given (as an explicit ``chunk_size`` is
+    elsewhere). ``low_memory`` None: 𝒥 stays in memory when it takes at most half of what M
+    leaves of the budget and the plan fits, else it goes through a scratch file. Raises
+    :class:`~manifoldlens.memory.MemoryBudgetError` (naming what one sample needs, what is
+    held and the way out) when not even a batch of one row and a tile of one row fit.
+    """
+    w = max(int(processes), 1)
+    prefer = tuple(v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+                   for v in prefer)  # e.g. read from a record: anything else is ignored
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    m_held = 0 if to_file else n * n * itemsize
+    rows_held = n * width * itemsize
+    row = width * itemsize
+
+    def attempt(low: bool) -> tuple[GramPlan | None, int, int]:
+        held = m_held + (0 if low else rows_held)
+        room = budget - held
+        gather1 = 2 * w + 1 if (w > 1 and not low) else 0
+        gather2 = 2 * w + 1 if (w > 1 and not to_file) else 0
+        blocks = 3 if (low and device_type != "cpu") else 2
+
+        def phase1(b: int) -> int:
+            return batch_bytes(b) + b * row * (1 + gather1)
+
+        def phase2(t: int) -> int:
+            return t * row * blocks + t * t * itemsize * (5 + gather2)
+
+        one = max(phase1(1), phase2(1))
+        if one > room:
+            return None, held, one
+        b, t = batch_size, block_size
+        if b is None:
+            b = prefer[0] if prefer[0] and phase1(min(prefer[0], n)) <= room else _largest(
+                min(DEFAULT_BATCH, n), phase1, room)
+        if t is None:
+            t = prefer[1] if prefer[1] and phase2(min(prefer[1], n)) <= room else _largest(
+                min(MAX_TILE, n), phase2, room)
+        peak = held + max(phase1(min(b, n)), phase2(min(t, n)))
+        return GramPlan(b, t, low, held, peak, budget), held, one
+
+    if to_file:
+        candidates = [True]
+    elif low_memory is None:
+        in_memory = rows_held <= (budget - m_held) / 2
+        candidates = [False, True] if in_memory else [True]
+    else:
+        candidates = [bool(low_memory)]
+    for low in candidates:
+        plan, held, one = attempt(low)
+        if plan is not None:
+            return plan
+    parts = []
+    if m_held:
+        parts.append(f"{format_bytes(m_held)} for M ({n} × {n}) in memory")
+    if held > m_held:
+        parts.append(f"{format_bytes(rows_held)} for 𝒥 ({n} × {width}) in memory")
+    held_s = f" plus {' and '.join(parts)}" if parts else ""
+    ways = (["pass out= (M into a .npy file)"] if m_held else []) + (
+        ["low_memory=True (𝒥 through a scratch file)"] if held > m_held else []) + [
+        "raise max_memory"]
+    raise MemoryBudgetError(
+        f"{what} needs ~{format_bytes(one)} for one sample of {tuple(shape)} (a batch and a "
+        f"tile of one row){held_s}; max_memory is {format_bytes(budget)}; "
+        f"{', or '.join(ways)}")
+
+
+def recorded_settings(out: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings of the record beside the ``.npy`` file ``out`` (``<out>.progress/``),
+    read on rank 0 and sent to every rank; None when there is none that reads."""
+    def read() -> dict[str, Any] | None:
+        path = Path(out)
+        state = path.with_name(path.name + ".progress") / BlockRecord.STATE
+        try:
+            settings = json.loads(state.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return settings if isinstance(settings, dict) else None
+
+    return broadcast_object(read() if is_main() else None)
 
 
 def gram_tile(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> torch.Tensor:

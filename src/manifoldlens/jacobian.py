@@ -42,8 +42,10 @@ from ._checks import (
     check_positive_int,
 )
 from ._utils import chunks, model_fingerprint, scores_with_graph, tensor_sha256, to_scores
-from .blockgram import blocked_gram, tile_rows
+from .blockgram import GramPlan, blocked_gram, plan_gram, recorded_settings
+from .distributed import gather_objects, world_size
 from .memory import (
+    MemoryCost,
     cached_cost,
     check_max_memory,
     measure_cost,
@@ -63,6 +65,7 @@ __all__ = [
     "count_classes",
     "jacobian_chunk_size",
     "jacobian_gram",
+    "jacobian_gram_plan",
     "gram_spectrum",
     "class_correlation",
     "cosine_gram",
@@ -260,19 +263,27 @@ def jacobian_chunk_size(
                                result_per_sample=(top_k if stacked else 1) * d * item,
                                what=f"G over the top {top_k} classes", shape=shape,
                                hint="raise max_memory or lower top_k")
+    cost = _jacobian_cost(model, x, strategy, model_output, relative, output, c)
+    return plan_chunk_size(n, cost, budget, chunk_size=chunk_size, result_per_sample=c * d * item,
+                           what=f"strategy {strategy!r}", shape=shape, hint=_HINTS[strategy])
+
+
+def _jacobian_cost(model: nn.Module, x: torch.Tensor, strategy: str, model_output: str,
+                   relative: bool, output: str, c: int) -> MemoryCost:
+    """The measured memory of one chunk of ``strategy`` (a resolved one), its result
+    included (:func:`jacobian_chunk_size`)."""
     fn = _STRATEGY_FNS[strategy]
 
     def run(m: nn.Module, xb: torch.Tensor):  # the chain rule runs in place, on all n
         return fn(m, xb, model_output, check=False, relative=relative, passes=2)
 
-    out = c * d * item
+    shape, d = tuple(x.shape[1:]), math.prod(x.shape[1:])
+    out = c * d * x.element_size()
     factor = {"vjp": 1, "vmap": c, "forward": d}[strategy]
     key = ("jacobian", strategy, model_output, relative, output, shape, x.dtype, x.device.type)
-    cost = cached_cost(model, key, lambda: measure_cost(
+    return cached_cost(model, key, lambda: measure_cost(
         model, x, run, fallback=lambda m, xb: _forward_backward(m, xb, model_output),
         factor=factor, extra=3 * out))
-    return plan_chunk_size(n, cost, budget, chunk_size=chunk_size, result_per_sample=out,
-                           what=f"strategy {strategy!r}", shape=shape, hint=_HINTS[strategy])
 
 
 def score_jacobian(
@@ -433,6 +444,65 @@ def jacobian(
 # --------------------------------------------------------------------------------------
 
 
+def _gram_plan(
+    model: nn.Module, x: torch.Tensor, output: str, model_output: str, strategy: str,
+    batch_size: int | None, block_size: int | None, low_memory: bool | None,
+    max_memory: float | None, out: str | os.PathLike | None,
+) -> tuple[GramPlan, int, torch.dtype]:
+    """:func:`jacobian_gram_plan`, and C · d and M's dtype; every argument checked first."""
+    check_batch(x)  # every check before the first forward pass: a refused call changes
+    check_choice(output, OUTPUTS, "output")  # nothing (e.g. BatchNorm running statistics)
+    check_choice(model_output, MODEL_OUTPUTS, "model_output")
+    check_choice(strategy, STRATEGIES, "strategy")
+    check_positive_int(batch_size, "batch_size", allow_none=True)
+    check_positive_int(block_size, "block_size", allow_none=True)
+    check_max_memory(max_memory)
+    if out is not None and not os.fspath(out).endswith(".npy"):
+        raise ValueError(f"out must be a path ending in .npy, got {os.fspath(out)!r}")
+    check_independent_samples(model, x)
+    c, d = count_classes(model, x), math.prod(x.shape[1:])
+    if strategy == "auto":
+        strategy = select_strategy(model, x, c)
+    # half-precision inputs accumulate M in float32 (products overflow float16)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    budget = resolve_max_memory(max_memory, x.device)
+    if world_size() > 1:  # one plan for every process: the smallest of their budgets
+        budget = min(gather_objects(budget))
+    cost = _jacobian_cost(model, x, strategy, model_output, output != "logits", output, c)
+    rec = None  # resuming: the record's sizes, if they fit
+    if out is not None and (batch_size is None or block_size is None):
+        rec = recorded_settings(out)
+    prefer = (rec.get("batch_size"), rec.get("block_size")) if rec else (None, None)
+    plan = plan_gram(x.shape[0], c * d, dtype.itemsize, budget, batch_bytes=cost.bytes,
+                     batch_size=batch_size, block_size=block_size, low_memory=low_memory,
+                     to_file=out is not None, processes=world_size(), device=x.device,
+                     prefer=prefer, shape=tuple(x.shape[1:]))
+    return plan, c * d, dtype
+
+
+def jacobian_gram_plan(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output: Output = "softmax",
+    model_output: ModelOutput = "logits",
+    batch_size: int | None = None,
+    block_size: int | None = None,
+    strategy: Strategy = "auto",
+    low_memory: bool | None = None,
+    max_memory: float | None = None,
+    out: str | os.PathLike | None = None,
+) -> GramPlan:
+    """How :func:`jacobian_gram` with these arguments runs within ``max_memory`` bytes, without
+    running it (:class:`~manifoldlens.blockgram.GramPlan` from
+    :func:`~manifoldlens.blockgram.plan_gram`: batch and tile sizes, whether 𝒥 goes through
+    a scratch file, the bytes held and the bound on the peak); raises
+    :class:`~manifoldlens.memory.MemoryBudgetError` when one sample does not fit. Under
+    ``torch.distributed`` every process must call it (the budget is their smallest)."""
+    return _gram_plan(model, x, output, model_output, strategy, batch_size, block_size,
+                      low_memory, max_memory, out)[0]
+
+
 def jacobian_gram(
     model: nn.Module,
     x: torch.Tensor,
@@ -440,11 +510,11 @@ def jacobian_gram(
     output: Output = "softmax",
     model_output: ModelOutput = "logits",
     normalize: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     block_size: int | None = None,
     strategy: Strategy = "auto",
     low_memory: bool | None = None,
-    max_memory: int = 2**30,
+    max_memory: float | None = None,
     out: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
@@ -456,13 +526,30 @@ def jacobian_gram(
     samples whose Jacobian vanishes).
 
     Blocks (:func:`manifoldlens.blockgram.blocked_gram`): the Jacobians of ``batch_size``
-    samples are computed at a time, then M in tiles of ``block_size`` rows (default: as many
-    as keep two row blocks of 𝒥 within half of ``max_memory`` bytes, at most 2048). When 𝒥
-    (n·C·d numbers) exceeds ``max_memory`` bytes, or ``low_memory=True``, 𝒥 goes to a
-    scratch file (in ``cache_dir`` or the system temp dir): peak RAM O(block · C · d + n²).
+    samples are computed at a time (phase 1), then M in tiles of ``block_size`` rows
+    (phase 2). 𝒥 (n · C · d numbers) stays in memory or, with ``low_memory=True``, goes
+    to a scratch file (in ``cache_dir`` or the system temp dir).
 
-    ``out`` names a ``.npy`` file for M, written tile by tile (peak RAM O(block · C · d),
-    n limited by the disk); the returned tensor is a memory map of it. The run is
+    Memory: ``max_memory`` is, as for every batched routine, the budget in bytes of the
+    whole call (None: :data:`~manifoldlens.memory.DEFAULT_FRACTION` of the memory available
+    on x's device; under ``torch.distributed`` the smallest over the processes): M when
+    it is returned in memory (n² numbers, on the CPU), 𝒥 when it stays in memory, and the
+    larger of one batch's Jacobians (the model's activations and backward passes, measured
+    on the ``meta`` device as :func:`jacobian_chunk_size` does) and one tile's two row
+    blocks and products, all counted together wherever they live
+    (:func:`~manifoldlens.blockgram.plan_gram`; :func:`jacobian_gram_plan` shows the plan
+    without running it). Unset, ``batch_size`` is the largest that fits, at most 256, and
+    ``block_size`` the largest that fits, at most 2048 (resuming ``out``: the record's, if
+    they fit); given ones are used as given, as an explicit ``chunk_size`` is elsewhere.
+    ``low_memory`` unset: 𝒥 stays in memory when it takes at most half of what M leaves
+    of the budget, else it goes to a scratch file. A budget too small for a batch and a
+    tile of one row (besides M and 𝒥 held) raises
+    :class:`~manifoldlens.memory.MemoryBudgetError` (a ``ValueError``) naming the bytes
+    needed, before any forward pass. For given ``batch_size`` and ``block_size`` the result
+    does not depend on the budget (nor on ``low_memory``).
+
+    ``out`` names a ``.npy`` file for M, written tile by tile (M and 𝒥 are not held in
+    memory, n is limited by the disk); the returned tensor is a memory map of it. The run is
     resumable: finished blocks are recorded in ``<out>.progress/`` with the fingerprints of
     the model's weights and of x and these settings, and a later call with the same ones
     computes only the missing blocks (one with others is refused; delete both to start
@@ -478,26 +565,12 @@ def jacobian_gram(
     >>> M.shape, bool(torch.allclose(M.diagonal(), torch.ones(10)))
     (torch.Size([10, 10]), True)
     """
-    check_batch(x)  # every check before the first forward pass: a refused call changes
-    check_choice(output, OUTPUTS, "output")  # nothing (e.g. BatchNorm running statistics)
-    check_choice(model_output, MODEL_OUTPUTS, "model_output")
-    check_choice(strategy, STRATEGIES, "strategy")
-    check_positive_int(batch_size, "batch_size")
-    check_positive_int(block_size, "block_size", allow_none=True)
-    check_positive_int(max_memory, "max_memory")
-    if out is not None and not os.fspath(out).endswith(".npy"):
-        raise ValueError(f"out must be a path ending in .npy, got {os.fspath(out)!r}")
-    check_independent_samples(model, x)
-    n = x.shape[0]
-    with torch.no_grad():
-        c = check_output_type(model(x[:1])).shape[-1]
-    width = c * math.prod(x.shape[1:])
-    # half-precision inputs accumulate M in float32 (products overflow float16)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    itemsize = 8 if dtype == torch.float64 else 4
-    if low_memory is None:
-        low_memory = n * width * itemsize > max_memory
-    block_size = block_size or tile_rows(width, itemsize, max_memory)
+    plan, width, dtype = _gram_plan(model, x, output, model_output, strategy, batch_size,
+                                    block_size, low_memory, max_memory, out)
+    n, batch_size, block_size = x.shape[0], plan.batch_size, plan.block_size
+    # the bytes one batch's Jacobians may take: what the plan leaves them, or (a batch_size
+    # given beyond the budget) what they need; the same on every process
+    grant = max(plan.budget - plan.held, plan.peak - plan.held)
     settings = None
     if out is not None:  # what decides M, for the record a resumed call is checked against
         settings = {"n": n, "input_shape": list(x.shape[1:]), "input_dtype": str(x.dtype),
@@ -507,11 +580,11 @@ def jacobian_gram(
 
     def rows(sl: slice) -> torch.Tensor:  # one batch exactly: the same on every process
         j = jacobian(model, x[sl], output=output, model_output=model_output, strategy=strategy,
-                     chunk_size=batch_size)
+                     chunk_size=batch_size, max_memory=grant)
         return j.reshape(j.shape[0], width).to(dtype)
 
     return blocked_gram(rows, n, width, dtype, device=x.device, batch_size=batch_size,
-                        block_size=block_size, normalize=normalize, low_memory=low_memory,
+                        block_size=block_size, normalize=normalize, low_memory=plan.low_memory,
                         out=out, cache_dir=cache_dir, settings=settings, progress=progress)
 
 

@@ -109,7 +109,7 @@ def _make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def _positive_int(value: Any, name: str) -> int:
+def positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
@@ -120,13 +120,13 @@ def _int_tuple(values: Any, name: str, *, allow_empty: bool = False) -> tuple[in
         values = (values,)
     if not isinstance(values, Sequence) or isinstance(values, str):
         raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}")
-    out = tuple(_positive_int(v, f"{name} entry") for v in values)
+    out = tuple(positive_int(v, f"{name} entry") for v in values)
     if not out and not allow_empty:
         raise ValueError(f"{name} must not be empty")
     return out
 
 
-def _image_shape(in_shape: Any, min_hw: int, arch: str) -> tuple[int, int, int]:
+def image_shape(in_shape: Any, min_hw: int, arch: str) -> tuple[int, int, int]:
     shape = _int_tuple(in_shape, "in_shape")
     if len(shape) != 3:
         raise ValueError(f"{arch} needs in_shape (C, H, W), got {shape}")
@@ -142,7 +142,7 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _as_batch(x: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
+def as_batch(x: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
     """Reshape ``x`` of shape ``(n, ...)`` to ``(n, *in_shape)``, with a clear error."""
     if x.ndim < 1:
         raise ValueError("input must be batched on the first axis, got a 0-d tensor")
@@ -156,7 +156,7 @@ def _as_batch(x: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
     return x.reshape(x.shape[0], *in_shape)
 
 
-def _spec(arch: str, **kwargs: Any) -> dict[str, Any]:
+def make_spec(arch: str, **kwargs: Any) -> dict[str, Any]:
     """A JSON-ready spec: tuples become lists."""
     spec: dict[str, Any] = {"arch": arch}
     for key, value in kwargs.items():
@@ -186,16 +186,16 @@ class Seed001CNN(nn.Module):
         log_softmax: bool = False,
     ) -> None:
         super().__init__()
-        c, h, w = _image_shape(in_shape, 6, "Seed001CNN")
+        c, h, w = image_shape(in_shape, 6, "Seed001CNN")
         self.in_shape: tuple[int, ...] = (c, h, w)
-        self.num_classes = _positive_int(num_classes, "num_classes")
+        self.num_classes = positive_int(num_classes, "num_classes")
         self.conv1 = nn.Conv2d(c, 32, 3, 1)
         self.conv2 = nn.Conv2d(32, 64, 3, 1)
         self.fc_in = 64 * ((h - 4) // 2) * ((w - 4) // 2)
         self.fc1 = nn.Linear(self.fc_in, 128)
         self.fc2 = nn.Linear(128, self.num_classes)
         self.log_softmax = nn.LogSoftmax(dim=1) if log_softmax else None
-        self.spec = _spec(
+        self.spec = make_spec(
             "seed001_cnn",
             in_shape=self.in_shape,
             num_classes=self.num_classes,
@@ -203,7 +203,7 @@ class Seed001CNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _as_batch(x, self.in_shape)
+        x = as_batch(x, self.in_shape)
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
         x = F.max_pool2d(x, 2)
@@ -227,7 +227,7 @@ class MLP(nn.Module):
         super().__init__()
         _make_activation(activation)
         self.in_shape = _int_tuple(in_shape, "in_shape")
-        self.num_classes = _positive_int(num_classes, "num_classes")
+        self.num_classes = positive_int(num_classes, "num_classes")
         hidden = _int_tuple(hidden, "hidden", allow_empty=True)
         layers: list[nn.Module] = [nn.Flatten(1)]
         width = _numel(self.in_shape)
@@ -236,7 +236,7 @@ class MLP(nn.Module):
             width = h
         layers.append(nn.Linear(width, self.num_classes))
         self.net = nn.Sequential(*layers)
-        self.spec = _spec(
+        self.spec = make_spec(
             "mlp",
             in_shape=self.in_shape,
             num_classes=self.num_classes,
@@ -245,7 +245,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(_as_batch(x, self.in_shape))
+        return self.net(as_batch(x, self.in_shape))
 
 
 @register_architecture("small_cnn")
@@ -266,11 +266,11 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         _make_activation(activation)
-        c, h, w = _image_shape(in_shape, 2, "SmallCNN")
+        c, h, w = image_shape(in_shape, 2, "SmallCNN")
         self.in_shape: tuple[int, ...] = (c, h, w)
-        self.num_classes = _positive_int(num_classes, "num_classes")
+        self.num_classes = positive_int(num_classes, "num_classes")
         channels = _int_tuple(channels, "channels")
-        hidden = _positive_int(hidden, "hidden")
+        hidden = positive_int(hidden, "hidden")
         feats: list[nn.Module] = []
         prev = c
         for ch in channels:
@@ -285,7 +285,7 @@ class SmallCNN(nn.Module):
             _make_activation(activation),
             nn.Linear(hidden, self.num_classes),
         )
-        self.spec = _spec(
+        self.spec = make_spec(
             "small_cnn",
             in_shape=self.in_shape,
             num_classes=self.num_classes,
@@ -295,7 +295,7 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(_as_batch(x, self.in_shape)))
+        return self.classifier(self.features(as_batch(x, self.in_shape)))
 
 
 @register_architecture("linear")
@@ -308,9 +308,9 @@ class Linear(nn.Module):
     def __init__(self, in_shape: Sequence[int] | int, num_classes: int = 10) -> None:
         super().__init__()
         self.in_shape = _int_tuple(in_shape, "in_shape")
-        self.num_classes = _positive_int(num_classes, "num_classes")
+        self.num_classes = positive_int(num_classes, "num_classes")
         self.fc = nn.Linear(_numel(self.in_shape), self.num_classes)
-        self.spec = _spec("linear", in_shape=self.in_shape, num_classes=self.num_classes)
+        self.spec = make_spec("linear", in_shape=self.in_shape, num_classes=self.num_classes)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -321,7 +321,7 @@ class Linear(nn.Module):
         return self.fc.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _as_batch(x, self.in_shape)
+        x = as_batch(x, self.in_shape)
         return self.fc(x.reshape(x.shape[0], -1))
 
 

@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import MODEL_OUTPUTS, check_batch, check_choice, check_number, check_positive_int
+from ._checks import (
+    MODEL_OUTPUTS,
+    check_batch,
+    check_choice,
+    check_number,
+    check_positive_int,
+    has_batch_norm,
+)
 from ._utils import (
     differing,
     eval_mode,
@@ -450,12 +457,13 @@ def _short(value: Any) -> Any:
 
 
 def check_schedule(n: int, batch_size: int, epochs: float | None, steps: int | None, *,
-                   warmup_steps: int = 0, clip_grad_norm: float | None = None
-                   ) -> tuple[int, int]:
+                   warmup_steps: int = 0, clip_grad_norm: float | None = None,
+                   merge_single: bool = False) -> tuple[int, int]:
     """Validate a training schedule before anything runs; returns ``(steps per epoch, total
     steps)``. ``batch_size`` must not exceed the ``n`` points; ``clip_grad_norm`` must be None
     (no clipping) or > 0: a negative norm would turn descent into ascent and 0 would freeze
-    the model."""
+    the model. ``merge_single``: a last batch of one point joins the one before it (BatchNorm
+    in train mode cannot normalise a single point)."""
     check_positive_int(batch_size, "batch_size")
     if batch_size > n:  # every batch would hold all n points, not the batch_size recorded
         raise ValueError(f"batch_size={batch_size} exceeds the {n} training points; give at "
@@ -467,6 +475,8 @@ def check_schedule(n: int, batch_size: int, epochs: float | None, steps: int | N
     check_positive_int(steps, "steps", minimum=0, allow_none=True)
     check_number(epochs, "epochs", low=0.0, allow_none=True)
     per_epoch = math.ceil(n / batch_size)
+    if merge_single and n % batch_size == 1 and n > batch_size:
+        per_epoch -= 1
     total = steps if steps is not None else int(round(epochs * per_epoch))
     return per_epoch, total
 
@@ -558,7 +568,8 @@ def fit(
     run = options.run  # the directory; options hold the checkpoint settings
     n = x.shape[0]
     per_epoch, total = check_schedule(n, batch_size, epochs, steps, warmup_steps=warmup_steps,
-                                      clip_grad_norm=clip_grad_norm)
+                                      clip_grad_norm=clip_grad_norm,
+                                      merge_single=has_batch_norm(model))
     device, opt = torch.device(device), optimizer
     base_lrs = [g["lr"] for g in opt.param_groups]
     state = TrainState(model, opt, run=run, model_output=model_output)
@@ -622,7 +633,7 @@ def fit(
             for b in range(offset, per_epoch):
                 if state.step >= total:
                     break
-                idx = perm[b * batch_size : (b + 1) * batch_size]
+                idx = perm[b * batch_size : n if b == per_epoch - 1 else (b + 1) * batch_size]
                 train_step(x[idx].to(device), y[idx].to(device) if y is not None else None)
                 after_step(bar)
     finally:

@@ -37,7 +37,7 @@ from .._utils import differing, tensor_sha256, write_atomic
 from ..attribution import METHODS, explain
 from ..callbacks import TangentFractionDuringTraining
 from ..data import load_dataset
-from ..distributed import gather, is_main, shard, world_size
+from ..distributed import broadcast_object, gather, is_main, shard, world_size
 from ..generative import (
     VAE,
     AutoEncoder,
@@ -333,8 +333,10 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
     ``top_k=K``: D_x spanned by the K most probable classes' gradients only.
 
     Under ``torch.distributed`` each process explains a share of the images and rank 0
-    writes the gathered results (the others return ``{}``); SmoothGrad's noise is drawn per
-    share, so it differs from a single process's (the other methods are deterministic).
+    writes the gathered results (the others return ``{}``), equal to a single process's
+    for every method: SmoothGrad seeds image i's noise by (its seed, i) over the n images
+    (``index_offset``), its seed, when none is given in ``options``, being the global RNG's
+    draw on rank 0 (what one process draws), sent to the others.
     """
     names = names or [Path(c).parent.name or Path(c).stem for c in checkpoints]
     if len(names) != len(checkpoints):
@@ -378,6 +380,10 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
         parts = {}
         for method in methods:
             opts = {**CHUNKS.get(method, {}), **(options or {}).get(method, {})}
+            if method == "smoothgrad":  # the noise one process draws for these images
+                opts["index_offset"] = opts.get("index_offset", 0) + part.start
+                if opts.get("seed") is None:  # smoothgrad's own draw, made once on rank 0
+                    opts["seed"] = broadcast_object(int(torch.randint(0, 2**62, (1,))))
             a = explain(model, x, method, batch_size=batch_size, **opts).cpu()
             in_dx = gather(dx.fraction(a))
             a = gather(a)
@@ -510,7 +516,7 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
 # the command line
 # ---------------------------------------------------------------------------------------------
 
-ARCHS = ["seed001_cnn", "small_cnn", "mlp"]
+ARCHS = ["seed001_cnn", "small_cnn", "mlp", "resnet18", "resnet18_cifar"]
 
 
 def _vae(args: argparse.Namespace, run: Run) -> None:
