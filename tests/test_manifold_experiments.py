@@ -44,6 +44,8 @@ def test_vae_and_dataset(pipeline):
     assert ds["n_train"] == 120 and ds["k"] == 4 and ds["d"] == 256
     assert 0 < ds["acceptance_rate"] <= 1 and 0 <= ds["labeller_heldout_accuracy"] <= 1
     assert math.isclose(ds["random_baseline"], random_fraction_baseline(4, 256))
+    four = {"min": 4, "median": 4, "max": 4, "below_k": 0}  # every image has k directions
+    assert ds["tangent_dim"] == {"train": four, "test": four} and "warning" not in ds
     test = ManifoldDataset.load(pipeline / "ds" / "test")
     assert test.images.shape == (40, 1, 16, 16) and test.tangent.shape == (40, 4, 256)
     gram = test.tangent @ test.tangent.mT  # orthonormal tangent bases
@@ -71,6 +73,8 @@ def test_fraction_and_roar(pipeline, tmp_path):
             assert 0 <= entry["methods"][m]["tangent"]["mean"] <= 1
         assert 0 <= entry["smallest_angle_deg"]["mean"] <= 90
     assert abs(res["random_vectors"]["mean"] - res["random_baseline"]) < 0.04
+    assert res["random_baseline"] == random_fraction_baseline(4, 256)
+    assert res["tangent_dim"] == {"min": 4, "median": 4, "max": 4, "below_k": 0}
     assert (out / "fraction_by_method.png").is_file()
     out = tmp_path / "roar"
     assert main(["manifold", "roar", str(pipeline / "ds"), str(pipeline / "std/model.json"),

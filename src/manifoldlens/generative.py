@@ -11,7 +11,10 @@
 the prior, label them with a labelling function trained on (latent, reconstruction) → label,
 accept each with probability p_max², and keep the decoder's tangent space at every image.
 :func:`reconstructive_dataset` keeps autoencoder reconstructions of real images with their
-labels and tangent spaces. Tangent spaces come from :meth:`TangentSpace.from_decoder`.
+labels and tangent spaces. Tangent spaces come from :meth:`TangentSpace.from_decoder`; a
+decoder whose Jacobian has rank below k at an image (narrow layers, dead ReLUs, a latent it
+ignores) spans fewer than k directions there: the datasets record the dimension per image
+(``info["tangent_dim"]``, :func:`tangent_dim_summary`) and warn when it is below k.
 
 References
 ----------
@@ -30,6 +33,8 @@ Variational Autoencoders." NeurIPS 2018. arXiv:1802.04942.
 from __future__ import annotations
 
 import math
+import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +58,8 @@ __all__ = [
     "Labeller",
     "UpsampledDecoder",
     "ManifoldDataset",
+    "tangent_dim_summary",
+    "thin_tangent_message",
     "train_generative",
     "generative_dataset",
     "reconstructive_dataset",
@@ -389,7 +396,10 @@ class ManifoldDataset:
     """Images on a known manifold: labels, latent codes and the tangent space of every image.
 
     ``tangent`` holds orthonormal rows (n, k, d); ``tangent_space()`` wraps them in a
-    :class:`~manifoldlens.tangent.TangentSpace`. Saved as safetensors + JSON.
+    :class:`~manifoldlens.tangent.TangentSpace`. Saved as safetensors + JSON. Rows that are
+    zero span nothing: an image's tangent dimension (:meth:`tangent_dims`) is its number of
+    nonzero rows, k or fewer; ``info["tangent_dim"]`` (:func:`tangent_dim_summary`, kept up
+    to date by :meth:`subset`) summarises it.
     """
 
     images: torch.Tensor
@@ -413,9 +423,20 @@ class ManifoldDataset:
     def tangent_space(self, index: Any = slice(None)):
         return TangentSpace(self.tangent[index], input_shape=self.shape)
 
+    def tangent_dims(self, chunk_size: int = 256) -> torch.Tensor:
+        """Dimension of each image's tangent space (n,) int64: its nonzero rows (read
+        ``chunk_size`` images at a time, no copy of the whole basis)."""
+        return torch.cat([(self.tangent[i:i + chunk_size] != 0).any(-1).sum(-1)
+                          for i in range(0, len(self), chunk_size)]
+                         or [torch.zeros(0, dtype=torch.long)])
+
     def subset(self, index: Any) -> ManifoldDataset:
-        return ManifoldDataset(self.images[index], self.labels[index], self.latents[index],
-                               self.tangent[index], self.classes, dict(self.info))
+        info = dict(self.info)
+        part = ManifoldDataset(self.images[index], self.labels[index], self.latents[index],
+                               self.tangent[index], self.classes, info)
+        if "tangent_dim" in info:  # the subset's own images
+            info["tangent_dim"] = tangent_dim_summary(part.tangent_dims(), self.tangent.shape[1])
+        return part
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json``; returns the JSON path."""
@@ -451,14 +472,63 @@ class ManifoldDataset:
         return cls(t["images"], t["labels"], t["latents"], t["tangent"], meta["classes"], info)
 
 
-def _train_labeller(model, images, labels, num_classes, *, steps, batch_size, seed, progress):
-    """The labelling function, trained on 90 % of the encoded data; its accuracy is measured
-    on the held-out 10 % (Bordt et al. report 96 % on MNIST's test images)."""
-    device = next(model.parameters()).device
+def tangent_dim_summary(dims: torch.Tensor, k: int) -> dict[str, Any]:
+    """Min, median and max of the tangent dimensions ``dims`` (n,) and how many images have
+    fewer than ``k`` directions (``below_k``): what ``info["tangent_dim"]`` records."""
+    values = [int(m) for m in torch.as_tensor(dims).flatten().tolist()]
+    if not values:
+        return {"min": None, "median": None, "max": None, "below_k": 0}
+    median = statistics.median(values)
+    return {"min": min(values), "median": int(median) if median == int(median) else median,
+            "max": max(values), "below_k": sum(m < k for m in values)}
+
+
+def thin_tangent_message(summaries: dict[str, dict[str, Any]], sizes: dict[str, int],
+                         k: int) -> str | None:
+    """A sentence when some images' tangent spaces have fewer than k directions, naming how
+    many of each part (``summaries`` of :func:`tangent_dim_summary` and ``sizes`` by name,
+    e.g. the splits) and the range of their dimensions; None when every image has k."""
+    parts = [f"{s['below_k']} of {sizes[name]} {name} images (dimension {s['min']}–{s['max']}, "
+             f"median {s['median']})" for name, s in summaries.items() if s["below_k"]]
+    if not parts:
+        return None
+    return (f"the decoder's tangent space has fewer than k = {k} directions at "
+            f"{'; '.join(parts)}: its Jacobian has lower rank there (narrow layers, dead ReLUs "
+            "or a latent the decoder ignores); the random baseline is computed from each "
+            "image's dimension, not from k")
+
+
+def _record_dims(info: dict[str, Any], ts: TangentSpace, k: int, warn: bool) -> None:
+    """``info["tangent_dim"]`` of a new dataset, and its warning when some are below k."""
+    info["tangent_dim"] = tangent_dim_summary(ts.dim.cpu(), k)
+    message = thin_tangent_message({"dataset": info["tangent_dim"]}, {"dataset": len(ts)}, k)
+    if warn and message:
+        warnings.warn(message, stacklevel=3)
+
+
+def _posterior(model, images, device):
+    """``(μ, σ)`` of q(z|x) for a VAE; ``(code, 0)`` for an autoencoder."""
+    mus, sigmas = [], []
     with torch.no_grad():
-        mu = torch.cat([model.encode(images[i:i + 512].to(device))[0]
-                        for i in range(0, len(images), 512)])
-        rec = torch.cat([model.decode(mu[i:i + 512]) for i in range(0, len(mu), 512)])
+        for i in range(0, len(images), 512):
+            out = model.encode(images[i:i + 512].to(device))
+            mu, logvar = out if isinstance(out, tuple) else (out, None)
+            mus.append(mu)
+            sigmas.append(torch.zeros_like(mu) if logvar is None else (0.5 * logvar).exp())
+    return torch.cat(mus), torch.cat(sigmas)
+
+
+def _train_labeller(model, images, labels, num_classes, *, steps, batch_size, seed, progress):
+    """The labelling function c(ẑ, x̂) of Algorithm 1, on latent states drawn from the
+    encoder, ẑ ~ q(z|x) (a fresh draw at every step), and their decodings x̂ = dec(ẑ);
+    trained on 90 % of the data, its accuracy measured on the held-out 10 % (one draw each;
+    Bordt et al. report 96 % on MNIST's test images).
+
+    Drawn, not the posterior mean: a latent the decoder ignores has q(z|x) ≈ N(0, 1), so
+    drawn codes teach c that it carries no label. Trained on μ(x) ≈ 0 there, c would label
+    prior samples (where that latent is N(0, 1)) by features the images do not show."""
+    device = next(model.parameters()).device
+    mu, sigma = _posterior(model, images, device)
     labels = labels.to(device)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(device)
     cut = len(labels) - max(1, len(labels) // 10)
@@ -467,36 +537,44 @@ def _train_labeller(model, images, labels, num_classes, *, steps, batch_size, se
     labeller = Labeller(model.shape, model.latent_dim, num_classes).to(device)
     opt = torch.optim.Adam(labeller.parameters(), lr=1e-3)
     k = model.latent_dim
-    joined = torch.cat([mu, rec.reshape(len(rec), -1)], 1)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = m + s * torch.randn(m.shape, generator=gen, device=device, dtype=m.dtype)
+        with torch.no_grad():
+            return z, model.decode(z)
 
     def step_loss(xb, yb, step):
-        return F.cross_entropy(labeller(xb[:, :k], xb[:, k:].reshape(-1, *model.shape)), yb)
+        z, rec = draw(xb[:, :k], xb[:, k:])
+        return F.cross_entropy(labeller(z, rec), yb)
 
-    fit(labeller, joined[fit_idx], labels[fit_idx], step_loss, opt,
+    fit(labeller, torch.cat([mu, sigma], 1)[fit_idx], labels[fit_idx], step_loss, opt,
         batch_size=min(batch_size, len(fit_idx)),
         steps=steps, seed=seed, progress=progress, desc="labeller", device=device)
     labeller.eval()
     with torch.no_grad():
-        pred = torch.cat([labeller(mu[held[i:i + 512]], rec[held[i:i + 512]]).argmax(1)
-                          for i in range(0, len(held), 512)])
+        pred = torch.cat([labeller(*draw(mu[h], sigma[h])).argmax(1)
+                          for h in held.split(512)])
     return labeller, float((pred == labels[held]).double().mean())
 
 
 def generative_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n: int, *,
                        classes: Sequence[str] | None = None, upsample: int | None = None,
                        labeller_steps: int = 2000, batch_size: int = 256, seed: int = 0,
-                       progress: bool = True,
-                       labeller: Callable | None = None) -> tuple[ManifoldDataset, dict]:
+                       progress: bool = True, labeller: Callable | None = None,
+                       warn: bool = True) -> tuple[ManifoldDataset, dict]:
     """Bordt et al., Algorithm 1 (appendix): a dataset with a completely known manifold.
 
-    1. pass the dataset through the trained (β-TC)VAE ``model``: ẑ = μ(x), x̂ = dec(ẑ);
-    2. train a labelling function c(ẑ, x̂) → y (:class:`Labeller`);
+    1. pass the dataset through the trained (β-TC)VAE ``model``: ẑ ~ q(z|x), x̂ = dec(ẑ);
+    2. train a labelling function c(ẑ, x̂) → y (:class:`Labeller`), a fresh ẑ at every step;
     3. draw z ~ N(0, I), decode x = dec(z), label y = argmax c(z, x) and accept with
        probability p_max² (rejection sampling, as in Bordt et al., A.1), until n are accepted;
     4. keep the tangent space span ∂dec/∂z at each accepted z (forward mode).
 
     ``upsample=S`` appends a differentiable bilinear upsampling to S × S (Bordt et al.'s MNIST256).
-    Returns the dataset and statistics (labeller accuracy, acceptance rate).
+    Returns the dataset and statistics (labeller accuracy, acceptance rate, the tangent
+    dimensions ``tangent_dim``); ``warn``: a ``UserWarning`` when some tangent spaces have
+    fewer than k directions.
     """
     model.eval()
     num_classes = int(labels.max()) + 1
@@ -528,6 +606,7 @@ def generative_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     ts = TangentSpace.from_decoder(decoder, z, chunk_size=256)
     info = {"approach": "generative", "latent_dim": model.latent_dim, "upsample": upsample,
             "labeller_heldout_accuracy": acc, "acceptance_rate": accepted / tried, "seed": seed}
+    _record_dims(info, ts, model.latent_dim, warn)
     ds = ManifoldDataset(x.float().cpu(), y, z.float().cpu(), ts.basis.float().cpu(),
                          list(classes) if classes else [str(c) for c in range(num_classes)],
                          info)
@@ -536,9 +615,10 @@ def generative_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Ten
 
 def reconstructive_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                            classes: Sequence[str] | None = None,
-                           upsample: int | None = None) -> ManifoldDataset:
+                           upsample: int | None = None, warn: bool = True) -> ManifoldDataset:
     """The reconstructive approach of Bordt et al.: autoencoder reconstructions of real images,
-    with the original labels and the decoder's tangent space at each code."""
+    with the original labels and the decoder's tangent space at each code (its dimensions in
+    ``info["tangent_dim"]``; ``warn``: a ``UserWarning`` when some are below k)."""
     model.eval()
     with torch.no_grad():
         z = torch.cat([latent_code(model, images[i:i + 512])
@@ -549,6 +629,7 @@ def reconstructive_dataset(model: nn.Module, images: torch.Tensor, labels: torch
     ts = TangentSpace.from_decoder(decoder, z, chunk_size=256)
     num_classes = int(labels.max()) + 1
     info = {"approach": "reconstructive", "latent_dim": model.latent_dim, "upsample": upsample}
+    _record_dims(info, ts, model.latent_dim, warn)
     return ManifoldDataset(x.float(), labels.clone(), z.float(), ts.basis.float(),
                            list(classes) if classes else [str(c) for c in range(num_classes)],
                            info)

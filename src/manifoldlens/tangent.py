@@ -7,7 +7,10 @@ mask (n, k) for per-point dimensions. Never a d × d projector: ``P_T v = Bᵀ(B
 
 * ``fraction(E) = ‖P_T E‖ / ‖E‖ ∈ [0, 1]`` (Bordt et al., eq. 1).
 * A random direction has fraction ``E[√Beta(k/2, (d−k)/2)] ≈ √(k/d)``
-  (:func:`random_fraction_baseline`).
+  (:func:`random_fraction_baseline`); over points whose subspaces have different dimensions,
+  its mean over the points (:func:`mean_random_fraction_baseline`,
+  :meth:`TangentSpace.random_baseline`): a decoder whose Jacobian has rank below k spans
+  fewer than k directions, and √(k/d) would overstate the baseline.
 * Tangent spaces come from a decoder (span of ∂dec/∂z, forward mode: k JVPs, k ≪ d), from the
   classifier itself (``D_x = (ker G)^⊥``, Grementieri & Fioresi) or from data (local PCA).
 
@@ -41,7 +44,12 @@ from .memory import (
     resolve_max_memory,
 )
 
-__all__ = ["TangentSpace", "principal_angles", "random_fraction_baseline"]
+__all__ = [
+    "TangentSpace",
+    "mean_random_fraction_baseline",
+    "principal_angles",
+    "random_fraction_baseline",
+]
 
 
 def _linalg_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -190,6 +198,12 @@ class TangentSpace:
     def ambient_dim(self) -> int:
         """d, the number of coordinates of one point."""
         return self.basis.shape[-1]
+
+    def random_baseline(self) -> float:
+        """The fraction a random direction has, on average over the points, each from its
+        own ``dim`` (:func:`mean_random_fraction_baseline`): ``random_fraction_baseline(k,
+        d)`` exactly when every point has k directions."""
+        return mean_random_fraction_baseline(self.dim, self.ambient_dim)
 
     def to(self, *args, **kwargs) -> TangentSpace:
         """Move / cast the basis like ``Tensor.to``; the mask follows the device, stays bool."""
@@ -500,3 +514,24 @@ def random_fraction_baseline(k: int, d: int) -> float:
         - math.lgamma(k / 2) - math.lgamma((d + 1) / 2)
     )
     return math.exp(log)
+
+
+def mean_random_fraction_baseline(dims: torch.Tensor | list[int], d: int) -> float:
+    """:func:`random_fraction_baseline` averaged over points whose subspaces of ℝ^d have the
+    dimensions ``dims`` (e.g. :attr:`TangentSpace.dim`): the expected fraction of a random
+    direction at a point drawn from them. Equal dimensions m give ``random_fraction_baseline
+    (m, d)`` exactly (no averaging round-off).
+
+    Examples
+    --------
+    >>> mean_random_fraction_baseline([3, 3], 3), mean_random_fraction_baseline([0, 3], 3)
+    (1.0, 0.5)
+    """
+    values, counts = torch.as_tensor(dims).flatten().long().unique(return_counts=True)
+    if values.numel() == 0:
+        raise ValueError("dims is empty: no point to average over")
+    if values.numel() == 1:
+        return random_fraction_baseline(int(values[0]), d)
+    total = sum(int(c) * random_fraction_baseline(int(m), d)
+                for m, c in zip(values.tolist(), counts.tolist(), strict=True))
+    return total / int(counts.sum())

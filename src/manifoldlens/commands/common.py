@@ -23,7 +23,7 @@ from torch import nn
 
 from .._checks import check_positive_int
 from .._utils import predict_probs, tensor_sha256
-from ..data import DATASETS, ImageDataset, load_dataset
+from ..data import DATASETS, ImageDataset, load_dataset, locate_dataset
 
 __all__ = [
     "DATA_HELP",
@@ -40,6 +40,8 @@ __all__ = [
     "allow_change",
     "checked",
     "checkpoint_data",
+    "data_directory",
+    "data_root",
     "dataset_for",
     "default_of",
     "floats",
@@ -280,6 +282,30 @@ def dataset_for(meta: dict[str, Any], data: str | None = None, split: str = "tes
         raise ValueError(f"limit={limit} exceeds the {len(ds)} images of the {split} split "
                          f"of {name!r}")
     return ds.subset(limit, seed=seed) if limit is not None and limit < len(ds) else ds
+
+
+def data_directory(name: str, root: str | None = None) -> str | None:
+    """The absolute directory :func:`load_dataset` reads ``name``'s IDX files from (given
+    ``root``, ``$MANIFOLDLENS_DATA``, …), for a checkpoint to record; None for the datasets
+    that ship with a package (digits, mnist-5k), which have none."""
+    try:
+        images, _ = locate_dataset(name, "train", root)
+    except ValueError:  # embedded: no IDX files (a missing directory raises FileNotFoundError)
+        return None
+    return str(images.parent.resolve())
+
+
+def data_root(meta: dict[str, Any], root: str | None, checkpoint: str) -> str | None:
+    """``root`` when given, else the data directory a checkpoint records (``data_dir`` of
+    ``manifold vae``; None in older checkpoints and for embedded datasets). The recorded
+    ``data_sha256`` still guards against other data found there (:func:`verify_split`)."""
+    if root is not None:
+        return root
+    recorded = meta.get("data_dir")
+    if recorded is not None and not isinstance(recorded, str):
+        raise ValueError(f"{checkpoint}: its metadata field 'data_dir' should be a path "
+                         f"string, got {type(recorded).__name__}")
+    return recorded
 
 
 def verify_split(meta: dict[str, Any], ds: ImageDataset, split: str, hint: str) -> None:

@@ -58,7 +58,7 @@ from ..models import (
 )
 from ..roar import roar, tangent_importance
 from ..runs import Run
-from ..tangent import TangentSpace, principal_angles, random_fraction_baseline
+from ..tangent import TangentSpace, principal_angles
 from ..training import RunOptions, evaluate, train_classifier
 from . import manifold_checks
 from .common import (
@@ -68,6 +68,8 @@ from .common import (
     add_length,
     add_resume,
     allow_change,
+    data_directory,
+    data_root,
     floats,
     names,
     option,
@@ -79,7 +81,9 @@ from .manifold_checks import (
     CHUNKS,
     load_manifold_dataset,
     manifold_split_sha256,
+    split_dims,
     summary,
+    tangent_baseline,
     verify_manifold_split,
 )
 
@@ -118,7 +122,9 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
                      ) -> dict[str, Any]:
     """Train the generative model of the data manifold (Bordt et al.: β-TCVAE, α = γ = 1,
     β = 6, k = 10); write ``model.json``, reconstructions and latent traversals. Training
-    length: ``steps`` or ``epochs``; 10 epochs when neither is given."""
+    length: ``steps`` or ``epochs``; 10 epochs when neither is given. ``model.json`` records
+    the data's directory (``data_dir``; None for digits and mnist-5k), where ``manifold
+    dataset`` looks for it by default."""
     if steps is None and epochs is None:
         epochs = 10.0
     if kind not in KINDS:
@@ -138,7 +144,8 @@ def run_manifold_vae(run: Run, *, data: str = "fashion-mnist", root: str | None 
                           gamma=gamma)
     else:
         model = KINDS[kind](shape, latent_dim, network=network)
-    meta = {"data": train.name, "classes": train.classes, "size": size, "data_sha256": splits}
+    meta = {"data": train.name, "data_dir": data_directory(data, root), "classes": train.classes,
+            "size": size, "data_sha256": splits}
     res = train_generative(model, x, steps=steps, epochs=epochs if steps is None else None,
                            batch_size=batch_size, lr=lr, seed=seed,
                            run=RunOptions(run, checkpoint_every=checkpoint_every, resume=resume,
@@ -170,7 +177,14 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
                          progress: bool = True, seed: int = 0) -> dict[str, Any]:
     """A dataset on a known manifold from a trained (β-TC)VAE or autoencoder (Bordt et al.,
     Algorithm 1, or the reconstructive approach): ``train`` and ``test`` splits with labels,
-    latent codes and tangent bases, a figure of samples, and k/d with the random baseline."""
+    latent codes and tangent bases, a figure of samples, and k/d with the random baseline.
+
+    The source data are read from ``root``, by default the directory ``manifold vae``
+    recorded (``data_dir``); their sha256 must be the recorded one. Each split's info records
+    its tangent dimensions (``tangent_dim``: min, median, max, ``below_k``); when some images
+    have fewer than k directions (a decoder of lower rank) the run warns, and the random
+    baseline is the mean over the images of each one's own (:meth:`TangentSpace.
+    random_baseline`), not the baseline of k."""
     if approach not in ("generative", "reconstructive"):
         raise ValueError(f"approach must be 'generative' or 'reconstructive', got {approach!r}")
     model, meta = load_checkpoint(checkpoint)
@@ -179,6 +193,7 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
     if name is None:
         raise ValueError(f"{checkpoint} does not record its dataset")
     classes = meta.get("classes")
+    root = data_root(meta, root, checkpoint)
     hint = "pass --root to the data the model was trained with"
     if approach == "generative":
         train = load_dataset(name, "train", root)
@@ -186,7 +201,7 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
         x = resize_images(train.images, size)
         ds, info = generative_dataset(model, x, train.labels, n_train + n_test, classes=classes,
                                       upsample=upsample, labeller_steps=labeller_steps,
-                                      seed=seed, progress=progress)
+                                      seed=seed, progress=progress, warn=False)
         tr, te = ds.subset(slice(0, n_train)), ds.subset(slice(n_train, n_train + n_test))
     else:  # reconstructive
         parts = []
@@ -198,21 +213,22 @@ def run_manifold_dataset(run: Run, checkpoint: str, *, n_train: int = 6000, n_te
             order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
             parts.append(reconstructive_dataset(model, resize_images(real.images[order], size),
                                                 real.labels[order], classes=classes,
-                                                upsample=upsample))
+                                                upsample=upsample, warn=False))
         tr, te = parts
         info = dict(tr.info)
     tr.save(run.path / "train")
     te.save(run.path / "test")
     k, d = model.latent_dim, math.prod(tr.shape)
+    dims, base, sqrt_m_d, label = split_dims(run, {"train": tr, "test": te}, k)  # warns if < k
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(te), generator=g)[:32]
     run.save_figure("samples", viz.sample_grid(te.images[idx], title=f"{approach} dataset "
-                                               f"({tr.shape[-1]}×{tr.shape[-1]}, k = {k})"))
+                                               f"({tr.shape[-1]}×{tr.shape[-1]}, {label})"))
     counts = torch.bincount(tr.labels, minlength=len(tr.classes)).tolist()
-    run.metrics.update({**info, "n_train": len(tr), "n_test": len(te), "k": k, "d": d,
-                        "sqrt_k_over_d": math.sqrt(k / d),
-                        "random_baseline": random_fraction_baseline(k, d),
-                        "class_counts": counts, "source": name})
+    run.metrics.update({**{key: v for key, v in info.items() if key != "tangent_dim"},
+                        "n_train": len(tr), "n_test": len(te), "k": k, "d": d,
+                        "sqrt_k_over_d": sqrt_m_d, "random_baseline": base,
+                        "class_counts": counts, "source": name, "tangent_dim": dims})
     return run.metrics
 
 
@@ -284,20 +300,21 @@ def run_manifold_train(run: Run, dataset_dir: str, *, arch: str = "seed001_cnn",
     save_checkpoint(run.path / "model", model, metadata={
         "dataset": str(dataset_dir), "dataset_sha256": identity, "classes": tr.classes,
         "metrics": res.metrics, "adversarial": adversarial, "random_labels": random_labels})
-    k, d = tr.tangent.shape[1], math.prod(tr.shape)
-    base = random_fraction_baseline(k, d)
+    base, dims, label = tangent_baseline(probe_ts)  # the probe images' own dimensions
     curves: Any = cb.records
     if other is not None:
         curves = {_training_name(adversarial, random_labels): cb.records, **other}
     run.save_figure("fraction_over_training", viz.plot_fraction_over_training(
-        curves, baseline=base, title="fraction of the gradient in tangent space"))
+        curves, baseline=base, title="fraction of the gradient in tangent space"
+        + (f" ({label})" if dims["below_k"] else "")))
     run.save_json("fraction_over_training", cb.records)
     fit = evaluate(model, (tr.images, labels), device=device)
     run.metrics.update({**res.metrics, "fraction_start": cb.records[0]["mean"],
                         "fraction_end": cb.records[-1]["mean"],
                         "fraction_max": max(r["mean"] for r in cb.records),
                         "random_baseline": base, "probe": probe, "adversarial": adversarial,
-                        "random_labels": random_labels, "train_accuracy": fit["accuracy"]})
+                        "random_labels": random_labels, "train_accuracy": fit["accuracy"],
+                        "tangent_dim": dims})
     return run.metrics
 
 
@@ -357,10 +374,10 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
     part = shard(n)  # this process's images (all of them in one process)
     ts_part = te.tangent_space(part)
     k, d = te.tangent.shape[1], math.prod(te.shape)
-    base = random_fraction_baseline(k, d)
+    base, dims, label = tangent_baseline(ts)  # each image's own dimension, not k
     g = torch.Generator().manual_seed(seed)
     rnd = torch.randn(te.images.shape, generator=g)
-    results: dict[str, Any] = {"k": k, "d": d, "random_baseline": base,
+    results: dict[str, Any] = {"k": k, "d": d, "tangent_dim": dims, "random_baseline": base,
                                "random_vectors": summary(ts.fraction(rnd)), "models": {}}
     by_method: dict[str, torch.Tensor] = {}
     for name, (model, _) in zip(names, loaded, strict=True):
@@ -406,10 +423,12 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
         return {}
     run.save_figure("fraction_by_method", viz.plot_fraction_by_method(
         {k_: v.numpy() for k_, v in by_method.items()}, baseline=base,
-        title="fraction of each attribution in the tangent space"))
+        title="fraction of each attribution in the tangent space"
+        + (f" ({label})" if dims["below_k"] else "")))
     run.save_json("results", results)
     run.metrics.update({"random_baseline": base, "k": k, "d": d,
-                        "mean_fraction": {m: float(v.mean()) for m, v in by_method.items()}})
+                        "mean_fraction": {m: float(v.mean()) for m, v in by_method.items()},
+                        "tangent_dim": dims})
     return run.metrics
 
 
@@ -581,8 +600,8 @@ def _add_dataset(sub: Any) -> None:
     p = add_command(sub, "dataset", _dataset, "a dataset on a known manifold (Algorithm 1)")
     p.add_argument("checkpoint", help="<run>/model.json of `manifold vae`")
     add_common(p, fn)
-    option(p, "--root", fn, help="directory of the source dataset's IDX files (default: "
-           "$MANIFOLDLENS_DATA, else /usr/share/datasets/<name>)")
+    option(p, "--root", fn, help="directory of the source dataset's IDX files (default: the "
+           "one `manifold vae` recorded, else $MANIFOLDLENS_DATA, else /usr/share/datasets/<name>)")
     option(p, "--approach", fn, choices=["generative", "reconstructive"],
            help="decode latents and label them (generative) or reconstruct real images")
     option(p, "--n-train", fn, type=int, help="training images")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,11 @@ import torch
 from .. import viz
 from .._utils import tensor_sha256
 from ..attribution import METHODS
-from ..generative import ManifoldDataset
+from ..generative import ManifoldDataset, tangent_dim_summary, thin_tangent_message
 from ..models import load_checkpoint
 from ..runs import Run
 from ..sanity import MODES, SIMILARITIES, randomizable_layers, sanity_check
-from ..tangent import random_fraction_baseline
+from ..tangent import TangentSpace, mean_random_fraction_baseline, random_fraction_baseline
 from ..theorem1 import simulate
 from .common import add_command, add_common, names, option, progress
 
@@ -45,7 +46,10 @@ __all__ = [
     "manifold_split_sha256",
     "run_manifold_sanity",
     "run_manifold_theorem1",
+    "dim_label",
+    "split_dims",
     "summary",
+    "tangent_baseline",
     "verify_manifold_split",
 ]
 
@@ -68,6 +72,45 @@ def summary(f: torch.Tensor) -> dict[str, float]:
            "std": float(f.std()) if f.numel() > 1 else 0.0,
            "q05": float(torch.quantile(f, 0.05)), "q95": float(torch.quantile(f, 0.95))}
     return {**out, "nan": bad} if bad else out
+
+
+def dim_label(k: int, dims: dict[str, Any]) -> str:
+    """How a figure names the tangent dimension: ``k = 4``, or with the dimensions the
+    images' tangent spaces really have (``dims``: :func:`tangent_dim_summary`) when thinner:
+    ``k = 4, tangent dim 2–3``."""
+    lo, hi = dims["min"], dims["max"]
+    if lo is None or (lo == k and hi == k):
+        return f"k = {k}"
+    return f"k = {k}, tangent dim {lo}" + (f"–{hi}" if hi != lo else "")
+
+
+def tangent_baseline(ts: TangentSpace) -> tuple[float, dict[str, Any], str]:
+    """The random baseline of tangent spaces ``ts`` from each point's own dimension, not from
+    the k rows of their bases (a decoder of lower rank spans fewer), the dimensions'
+    summary and their label in figures (:func:`dim_label`)."""
+    k = ts.basis.shape[1]
+    dims = tangent_dim_summary(ts.dim.cpu(), k)
+    return ts.random_baseline(), dims, dim_label(k, dims)
+
+
+def split_dims(run: Run, splits: dict[str, ManifoldDataset], k: int
+               ) -> tuple[dict[str, Any], float, float, str]:
+    """What ``manifold dataset`` reports of its splits' tangent dimensions: each split's
+    summary (as its ``info["tangent_dim"]``), over all their images the random baseline and
+    √(m/d) from each image's own dimension m (those of k when every image has k
+    directions), and the figures' label. Warns — on stderr, in the run log and as the run's
+    ``warning`` — when some images have fewer than k directions."""
+    each = {name: ds.tangent_dims() for name, ds in splits.items()}
+    both = torch.cat(list(each.values()))
+    d = math.prod(next(iter(splits.values())).shape)
+    dims: dict[str, Any] = {name: tangent_dim_summary(m, k) for name, m in each.items()}
+    warning = thin_tangent_message(dims, {name: len(ds) for name, ds in splits.items()}, k)
+    if warning:
+        run.metrics["warning"] = warning
+        run.log(warning=warning)
+        print(f"warning: {warning}", file=sys.stderr)
+    return (dims, mean_random_fraction_baseline(both, d),
+            math.sqrt(float(both.double().mean()) / d), dim_label(k, tangent_dim_summary(both, k)))
 
 
 def load_manifold_dataset(directory: str | Path, split: str) -> ManifoldDataset:
@@ -181,9 +224,10 @@ def run_manifold_sanity(run: Run, dataset_dir: str, checkpoint: str, *,
                        mode=mode, options={m: CHUNKS.get(m, {}) for m in methods},
                        keep=figure_images, batch_size=batch_size, seed=seed)
     k, d = te.tangent.shape[1], math.prod(te.shape)
-    base = random_fraction_baseline(k, d)
+    base, dims, _ = tangent_baseline(ts)
     curves = {m: {**res.similarity[m], "fraction": res.fraction[m]} for m in res.fraction}
-    results = {"k": k, "d": d, "random_baseline": base, "n": n, "mode": mode,
+    results = {"k": k, "d": d, "tangent_dim": dims, "random_baseline": base, "n": n,
+               "mode": mode,
                "test_indices": pick.sort().values.tolist(),
                "stages": res.stages, "accuracy": res.accuracy,
                "similarity_of": "the trained model's attribution; spearman_abs ranks |a|, "
@@ -218,7 +262,7 @@ def run_manifold_sanity(run: Run, dataset_dir: str, checkpoint: str, *,
                                       ["mean"],
                                       **{s: results["methods"][m][s][-1]["mean"]
                                          for s in SIMILARITIES}}
-                                  for m in curves}})
+                                  for m in curves}, "tangent_dim": dims})
     return run.metrics
 
 
