@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def digits():
+    """120 training digits (8 × 8), stratified, seed 0; modules may define their own."""
+    from manifoldlens.data import load_dataset
+
+    return load_dataset("digits", "train").subset(120, seed=0)
+
+
 @pytest.fixture
 def relu_mlp():
     return make(TinyMLP(act=nn.ReLU))

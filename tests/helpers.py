@@ -35,3 +35,24 @@ def make(model: nn.Module, seed: int = 0) -> nn.Module:
     for p in model.parameters():
         nn.init.normal_(p, std=0.5)
     return model.double().eval()
+
+
+class Counting(nn.Module):
+    """Counts its forward passes on real data (the meta-device measurements are free)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "meta":
+            self.calls += 1
+        return self.inner(x)
+
+
+def digits_mlp(activation: str = "relu", seed: int = 0) -> nn.Module:
+    """The 64–16–10 MLP the run-level tests train on the 8 × 8 digits."""
+    from manifoldlens.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model("mlp", (1, 8, 8), 10, hidden=(16,), activation=activation)

@@ -23,7 +23,7 @@ from manifoldlens.jacobian import (
 )
 from manifoldlens.memory import MemoryBudgetError, allocator_peak
 
-from helpers import TinyCNN, TinyMLP, make
+from helpers import Counting, TinyCNN, TinyMLP, make
 
 OUTPUT_FNS = {
     "logits": lambda s: s,
@@ -234,17 +234,6 @@ def test_gram_analysis():
 # ------------------------------------------- jacobian_gram's max_memory: the whole call's budget
 
 
-class _Counting(nn.Module):
-    """Counts its forward passes on real data (the meta-device measurement is free)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        if x.device.type != "meta":
-            self.calls += 1
-        return self.inner(x)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +277,7 @@ def test_gram_peak_stays_within_max_memory(gram_budget):
 
 def test_gram_budget_too_small_is_refused_before_any_forward_pass(gram_budget, tmp_path):
     _, x, _ = gram_budget
-    model = _Counting(make(TinyCNN()))
+    model = Counting(make(TinyCNN()))
     with pytest.raises(MemoryBudgetError, match=r"jacobian_gram needs ~.* for one sample of "
                                                 r"\(1, 6, 6\).*max_memory is 1 KiB") as err:
         jacobian_gram(model, x, max_memory=1024)

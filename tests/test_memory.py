@@ -18,7 +18,7 @@ from manifoldlens.jacobian import jacobian_chunk_size, score_jacobian, transform
 from manifoldlens.memory import MemoryBudgetError, MemoryMeter, allocator_peak
 from manifoldlens.tangent import TangentSpace
 
-from helpers import TinyCNN, TinyMLP, make
+from helpers import Counting, TinyCNN, TinyMLP, make
 
 # ------------------------------------------------------------------------------- models
 
@@ -39,18 +39,6 @@ class Residual(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-class Counting(nn.Module):
-    """A model that counts its forward passes on real data (the meta-device probe is free)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x):
-        if x.device.type != "meta":
-            self.calls += 1
-        return self.inner(x)
 
 
 def _models():

@@ -12,25 +12,14 @@ import torch
 from torch import nn
 
 from manifoldlens.cli import main
-from manifoldlens.data import load_dataset
 from manifoldlens.flows import RealNVP
 from manifoldlens.flows.training import train_flow
 from manifoldlens.foliation import horizontal_path, leaf_crossing_path
-from manifoldlens.models import create_model, load_weights
+from manifoldlens.models import load_weights
 from manifoldlens.runs import Run
 from manifoldlens.training import RunOptions, train_classifier
 
-from helpers import TinyMLP, make
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train").subset(120, seed=0)
-
-
-def _mlp(activation="relu", seed=0):
-    torch.manual_seed(seed)
-    return create_model("mlp", (1, 8, 8), 10, hidden=(16,), activation=activation)
+from helpers import TinyMLP, digits_mlp, make
 
 
 def _state(model):
@@ -39,9 +28,9 @@ def _state(model):
 
 def test_training_resume_with_another_model_is_refused_and_leaves_it_untouched(digits, tmp_path):
     with Run(tmp_path / "r", "train") as run:
-        train_classifier(_mlp(), digits, steps=4, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), digits, steps=4, batch_size=30, progress=False,
                          run=RunOptions(run, checkpoint_every=2))
-    other = _mlp("tanh", seed=3)
+    other = digits_mlp("tanh", seed=3)
     before = _state(other)
     with Run(tmp_path / "r", "train", resume=True) as run, \
             pytest.raises(ValueError, match=r"other settings \(model\)"):
@@ -53,12 +42,12 @@ def test_training_resume_with_another_model_is_refused_and_leaves_it_untouched(d
 
 def test_training_resume_on_other_data_is_refused(digits, tmp_path):
     with Run(tmp_path / "r", "train") as run:
-        train_classifier(_mlp(), digits, steps=4, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), digits, steps=4, batch_size=30, progress=False,
                          run=RunOptions(run, checkpoint_every=2))
     shifted = (digits.images.flip(-1), digits.labels)  # same size and shape, other images
     with Run(tmp_path / "r", "train", resume=True) as run, \
             pytest.raises(ValueError, match=r"other settings \(data\)"):
-        train_classifier(_mlp(), shifted, steps=8, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), shifted, steps=8, batch_size=30, progress=False,
                          run=RunOptions(run, checkpoint_every=2, resume=True))
 
 
@@ -76,13 +65,13 @@ def test_flow_resume_on_other_data_is_refused(tmp_path):
 
 def test_an_allowed_change_is_applied_and_recorded(digits, tmp_path):
     with Run(tmp_path / "r", "train") as run:
-        train_classifier(_mlp(), digits, steps=4, batch_size=30, lr=0.1, progress=False,
+        train_classifier(digits_mlp(), digits, steps=4, batch_size=30, lr=0.1, progress=False,
                          run=RunOptions(run, checkpoint_every=2))
     with Run(tmp_path / "r", "train", resume=True) as run, \
             pytest.raises(ValueError, match=r"other settings \(lr\)"):
-        train_classifier(_mlp(), digits, steps=8, batch_size=30, lr=0.01, progress=False,
+        train_classifier(digits_mlp(), digits, steps=8, batch_size=30, lr=0.01, progress=False,
                          run=RunOptions(run, checkpoint_every=2, resume=True))
-    model = _mlp()
+    model = digits_mlp()
     with Run(tmp_path / "r", "train", resume=True) as run:
         res = train_classifier(model, digits, steps=8, batch_size=30, lr=0.01, progress=False,
                                run=RunOptions(run, checkpoint_every=2, resume=True,
@@ -101,14 +90,14 @@ def test_the_resumed_optimizer_uses_the_new_learning_rate(digits, tmp_path):
     """After an allowed lr change the optimizer steps with the new lr, not the checkpoint's."""
     x, y = digits.images, digits.labels
     with Run(tmp_path / "r", "train") as run:
-        train_classifier(_mlp(), (x, y), steps=2, batch_size=30, lr=0.1, progress=False,
+        train_classifier(digits_mlp(), (x, y), steps=2, batch_size=30, lr=0.1, progress=False,
                          run=RunOptions(run, checkpoint_every=2))
-    resumed = _mlp()
+    resumed = digits_mlp()
     with Run(tmp_path / "r", "train", resume=True) as run:
         train_classifier(resumed, (x, y), steps=3, batch_size=30, lr=0.0, progress=False,
                          run=RunOptions(run, checkpoint_every=1, resume=True,
                                         allow_changes=("lr",)))
-    step2 = _mlp()
+    step2 = digits_mlp()
     load_weights(tmp_path / "r" / "checkpoints" / "step-00000003.json", resumed)
     with Run(tmp_path / "s", "train") as run:
         train_classifier(step2, (x, y), steps=2, batch_size=30, lr=0.1, progress=False,

@@ -15,23 +15,14 @@ import manifoldlens as ml
 from manifoldlens.callbacks import TraceOfG
 from manifoldlens.cli import main
 from manifoldlens.data import load_dataset
-from manifoldlens.models import create_model
 from manifoldlens.runs import Run
 from manifoldlens.training import RunOptions, train_classifier
+
+from helpers import digits_mlp
 
 TRAIN = ["train", "--arch", "mlp", "--hidden", "16", "--limit", "200", "--steps", "20",
          "--checkpoint-every", "10", "--trace-every", "10", "--probe-size", "10",
          "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train").subset(120, seed=0)
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return create_model("mlp", (1, 8, 8), 10, hidden=(16,))
 
 
 def test_a_resume_of_another_commands_run_is_refused_and_changes_nothing(tmp_path, capsys):
@@ -57,11 +48,11 @@ def test_a_refused_resume_leaves_the_runs_record_as_it_was(tmp_path, capsys):
 
 def test_adversarial_training_cannot_be_switched_on_at_a_resume(digits, tmp_path):
     with Run(tmp_path / "r", "train") as run:
-        train_classifier(_mlp(), digits, steps=4, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), digits, steps=4, batch_size=30, progress=False,
                          run=RunOptions(run, checkpoint_every=2))
     with Run(tmp_path / "r", "train", resume=True) as run, \
             pytest.raises(ValueError, match=r"other settings \(adversarial\)"):
-        train_classifier(_mlp(), digits, steps=8, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), digits, steps=8, batch_size=30, progress=False,
                          adversarial={"eps": (1.0,), "steps": 2},
                          run=RunOptions(run, checkpoint_every=2, resume=True))
 
@@ -69,12 +60,12 @@ def test_adversarial_training_cannot_be_switched_on_at_a_resume(digits, tmp_path
 def test_the_trace_probe_is_part_of_the_fingerprint(digits, tmp_path):
     test = load_dataset("digits", "test")
     with Run(tmp_path / "r", "train") as run:
-        train_classifier(_mlp(), digits, steps=4, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), digits, steps=4, batch_size=30, progress=False,
                          callbacks=[TraceOfG(test.images[:10], every=2)],
                          run=RunOptions(run, checkpoint_every=2))
     with Run(tmp_path / "r", "train", resume=True) as run, \
             pytest.raises(ValueError, match=r"other settings \(callbacks\)"):
-        train_classifier(_mlp(), digits, steps=8, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), digits, steps=8, batch_size=30, progress=False,
                          callbacks=[TraceOfG(test.images[:20], every=2)],
                          run=RunOptions(run, checkpoint_every=2, resume=True))
     with pytest.raises(ValueError, match="cannot include"):
@@ -83,9 +74,9 @@ def test_the_trace_probe_is_part_of_the_fingerprint(digits, tmp_path):
 
 def test_a_resume_past_its_steps_and_unknown_allowed_changes_are_refused(digits, tmp_path):
     with Run(tmp_path / "r", "train") as run:
-        train_classifier(_mlp(), digits, steps=4, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), digits, steps=4, batch_size=30, progress=False,
                          run=RunOptions(run, checkpoint_every=2))
-    model = _mlp()
+    model = digits_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with Run(tmp_path / "r", "train", resume=True) as run, \
             pytest.raises(ValueError, match="at step 4, past the 2 steps"):

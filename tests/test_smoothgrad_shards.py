@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import manifoldlens as ml
 from manifoldlens.attribution import explain, method_options, smoothgrad
 
-from helpers import TinyCNN, make
+from helpers import Counting, TinyCNN, make
 
 OPTS = {"samples": 6, "seed": 11, "noise_level": 0.1}
 
@@ -51,15 +51,6 @@ def test_without_the_offset_a_shard_draws_other_noise(setup):
     assert method_options("smoothgrad")["index_offset"] == 0
 
 
-class Counting(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        if x.device.type != "meta":
-            self.calls += 1
-        return self.inner(x)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, 2.0, True, False, None, "3", np.float64(1.0)])

@@ -13,25 +13,16 @@ from manifoldlens.cli import main
 from manifoldlens.commands.classifier import run_gram
 from manifoldlens.commands.common import split_sha256, verify_split
 from manifoldlens.data import load_dataset
-from manifoldlens.models import create_model
 from manifoldlens.runs import Run
 from manifoldlens.training import RunOptions, check_schedule, train_classifier
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train").subset(120, seed=0)
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return create_model("mlp", (1, 8, 8), 10, hidden=(16,))
+from helpers import digits_mlp
 
 
 def test_a_batch_larger_than_the_data_is_refused(digits):
     with pytest.raises(ValueError, match=r"batch_size=500 exceeds the 120 training points"):
         check_schedule(120, 500, None, 10)
-    model = _mlp()
+    model = digits_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="batch_size"):
         train_classifier(model, digits, steps=3, batch_size=121, progress=False)
@@ -79,7 +70,7 @@ def test_a_limit_beyond_the_split_is_refused(tmp_path, capsys):
     six = load_dataset("digits", "test").subset(6, seed=0)
     with Run(tmp_path / "g", "gram") as run, \
             pytest.raises(ValueError, match="neighbors=6 needs more than 6 images"):
-        run_gram(run, _mlp(), six, neighbors=6, progress=False)
+        run_gram(run, digits_mlp(), six, neighbors=6, progress=False)
     assert not (tmp_path / "g" / "gram.npy").exists()
 
 
@@ -105,13 +96,13 @@ def test_verify_split_refuses_data_rewritten_under_the_same_name(digits):
 ])
 def test_hostile_training_metadata_is_refused_by_name(digits, tmp_path, field, value, message):
     with Run(tmp_path / "r", "train") as run:
-        train_classifier(_mlp(), digits, steps=4, batch_size=30, progress=False,
+        train_classifier(digits_mlp(), digits, steps=4, batch_size=30, progress=False,
                          run=RunOptions(run, checkpoint_every=2))
     for manifest in (tmp_path / "r" / "checkpoints").glob("*.json"):
         doc = json.loads(manifest.read_text())
         doc["metadata"][field] = value
         manifest.write_text(json.dumps(doc))
-    model = _mlp()
+    model = digits_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with Run(tmp_path / "r", "train", resume=True) as run, \
             pytest.raises(ValueError, match=message):
