@@ -314,6 +314,15 @@ class UpsampledDecoder(nn.Module):
                              align_corners=False)
 
 
+def _tangent_rtol(model: nn.Module, z: torch.Tensor) -> float:
+    """The rank tolerance of the decoder's own output, ``max(d, k) · eps``, also for its
+    upsampled copy: the exact linear upsampling neither adds directions nor the rounding error
+    that the default ``max(d_up, k) · eps`` assumes, which would drop at 256 × 256 the weak
+    directions (latents the decoder barely uses) kept at the decoder's size."""
+    d = math.prod(model.shape)
+    return max(d, z.shape[1]) * torch.finfo(torch.promote_types(z.dtype, torch.float32)).eps
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -603,7 +612,7 @@ def generative_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     decoder = UpsampledDecoder(model, upsample) if upsample else model.decode
     with torch.no_grad():
         x = torch.cat([decoder(z[i:i + 512]) for i in range(0, n, 512)])
-    ts = TangentSpace.from_decoder(decoder, z, chunk_size=256)
+    ts = TangentSpace.from_decoder(decoder, z, chunk_size=256, rtol=_tangent_rtol(model, z))
     info = {"approach": "generative", "latent_dim": model.latent_dim, "upsample": upsample,
             "labeller_heldout_accuracy": acc, "acceptance_rate": accepted / tried, "seed": seed}
     _record_dims(info, ts, model.latent_dim, warn)
@@ -626,7 +635,7 @@ def reconstructive_dataset(model: nn.Module, images: torch.Tensor, labels: torch
     decoder = UpsampledDecoder(model, upsample) if upsample else model.decode
     with torch.no_grad():
         x = torch.cat([decoder(z[i:i + 512]) for i in range(0, len(z), 512)])
-    ts = TangentSpace.from_decoder(decoder, z, chunk_size=256)
+    ts = TangentSpace.from_decoder(decoder, z, chunk_size=256, rtol=_tangent_rtol(model, z))
     num_classes = int(labels.max()) + 1
     info = {"approach": "reconstructive", "latent_dim": model.latent_dim, "upsample": upsample}
     _record_dims(info, ts, model.latent_dim, warn)
