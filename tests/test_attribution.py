@@ -11,7 +11,7 @@ from torch import nn
 
 from manifoldlens.attribution import METHODS, TangentFraction, explain
 
-from helpers import TinyMLP, make
+from helpers import Counting, TinyCNN, TinyMLP, make
 
 F64 = torch.float64
 
@@ -423,3 +423,19 @@ def test_roar_resumes_after_an_interruption_with_the_same_results():
     built.clear()
     resumed = roar(*args, done=done, **opts)
     assert resumed == full and len(built) == 1  # only the missing cell is retrained
+
+
+@pytest.mark.parametrize("method,many", [("integrated_gradients", "steps"),
+                                         ("smoothgrad", "samples")])
+def test_an_explicit_batch_size_stays_within_the_memory_budget(method, many):
+    """An explicit batch_size is kept, but its passes are split so that no forward pass takes
+    more inputs than the budget allows; the values do not change."""
+    x = torch.rand(12, 1, 6, 6, dtype=torch.float64)
+    opts = {many: 20, **({"seed": 0} if method == "smoothgrad" else {})}
+    free = Counting(make(TinyCNN()))
+    ref = explain(free, x, method, batch_size=6, **opts)
+    assert free.largest == 6 * 20  # a generous budget: one pass per batch
+    tight = Counting(make(TinyCNN()))
+    out = explain(tight, x, method, batch_size=6, max_memory=3e5, **opts)
+    assert 1 <= tight.largest < 6 * 20
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)

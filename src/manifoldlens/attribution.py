@@ -372,8 +372,8 @@ def integrated_gradients(
     m = _inputs_per_pass(model, x, model_output, max_memory, len(x) * steps,
                          4 * x[0].numel() * x.element_size(), "integrated_gradients")
     if internal_batch_size is None:
-        if m < steps:
-            internal_batch_size = m
+        if m < steps or (batch_size is not None and batch_size * steps > m):
+            internal_batch_size = m  # an explicit batch_size is kept; its passes are split
         elif m < len(x) * steps:
             batch_size = batch_size or m // steps
     from captum.attr import IntegratedGradients  # lazy: captum takes ~1 s to import
@@ -441,7 +441,9 @@ def smoothgrad(
     m = _inputs_per_pass(model, x, model_output, max_memory, len(x) * samples,
                          2 * x[0].numel() * x.element_size(), "smoothgrad")
     if samples_batch_size is None:
-        if m < samples:
+        if batch_size is not None and batch_size * samples > m:
+            samples_batch_size = max(1, m // batch_size)  # keep the explicit batch_size
+        elif m < samples:
             samples_batch_size, batch_size = m, batch_size or 1
         elif m < len(x) * samples:
             batch_size = batch_size or m // samples

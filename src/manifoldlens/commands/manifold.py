@@ -78,7 +78,6 @@ from .common import (
     verify_split,
 )
 from .manifold_checks import (
-    CHUNKS,
     load_manifold_dataset,
     manifold_split_sha256,
     split_dims,
@@ -96,7 +95,6 @@ __all__ = [
     "run_manifold_fraction",
     "run_manifold_roar",
     "load_manifold_dataset",
-    "CHUNKS",
     "summary",
     "verify_manifold_split",
 ]
@@ -340,7 +338,7 @@ def _beside_records(directory: str) -> dict[str, list[dict[str, float]]]:
 def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
                           methods: tuple[str, ...] = METHODS, n: int = 500,
                           names: list[str] | None = None, options: dict[str, dict] | None = None,
-                          figure_images: int = 8, batch_size: int = 32, device: str = "cpu",
+                          figure_images: int = 8, batch_size: int | None = None, device: str = "cpu",
                           seed: int = 0, top_k: int | None = None) -> dict[str, Any]:
     """Fractions of each attribution in the data's tangent space (Figures 2, 3, 7) and in the
     classifier's own D_x, and the principal angles between D_x and the tangent space.
@@ -396,7 +394,7 @@ def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
             entry["top_k"] = top_k
         parts = {}
         for method in methods:
-            opts = {**CHUNKS.get(method, {}), **(options or {}).get(method, {})}
+            opts = dict((options or {}).get(method, {}))
             if method == "smoothgrad":  # the noise one process draws for these images
                 opts["index_offset"] = opts.get("index_offset", 0) + part.start
                 if opts.get("seed") is None:  # smoothgrad's own draw, made once on rank 0
@@ -499,9 +497,8 @@ def run_manifold_roar(run: Run, checkpoint: str, dataset_dir: str, *,
         model, _ = load_checkpoint(checkpoint, map_location=device)
         scores = {}
         for method in methods:
-            opts = CHUNKS.get(method, {})
-            scores[method] = tuple(explain(model, part.images.to(device), method,
-                                           batch_size=64, **opts).cpu() for part in (tr, te))
+            scores[method] = tuple(explain(model, part.images.to(device), method).cpu()
+                                   for part in (tr, te))
         scores["tangent space"] = (tangent_importance(tr.tangent_space()),
                                    tangent_importance(te.tangent_space()))
         g = torch.Generator().manual_seed(seed)

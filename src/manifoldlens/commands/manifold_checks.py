@@ -40,7 +40,6 @@ from ..theorem1 import simulate
 from .common import add_command, add_common, names, option, progress
 
 __all__ = [
-    "CHUNKS",
     "add_subcommands",
     "load_manifold_dataset",
     "manifold_split_sha256",
@@ -53,10 +52,6 @@ __all__ = [
     "verify_manifold_split",
 ]
 
-#: Memory bounds of :func:`explain`: at most 512 interpolated inputs (IG) or 25 noisy copies
-#: (SmoothGrad) per pass.
-CHUNKS = {"integrated_gradients": {"internal_batch_size": 512},
-          "smoothgrad": {"samples_batch_size": 25}}
 
 
 def summary(f: torch.Tensor) -> dict[str, float]:
@@ -221,7 +216,7 @@ def run_manifold_sanity(run: Run, dataset_dir: str, checkpoint: str, *,
     te = full.subset(pick.sort().values)  # n test images drawn with the seed, in their order
     ts = te.tangent_space()
     res = sanity_check(model, te.images, ts, methods=methods, labels=te.labels, layers=layers,
-                       mode=mode, options={m: CHUNKS.get(m, {}) for m in methods},
+                       mode=mode,
                        keep=figure_images, batch_size=batch_size, seed=seed)
     k, d = te.tangent.shape[1], math.prod(te.shape)
     base, dims, _ = tangent_baseline(ts)
