@@ -338,8 +338,9 @@ def _beside_records(directory: str) -> dict[str, list[dict[str, float]]]:
 def run_manifold_fraction(run: Run, checkpoints: list[str], dataset_dir: str, *,
                           methods: tuple[str, ...] = METHODS, n: int = 500,
                           names: list[str] | None = None, options: dict[str, dict] | None = None,
-                          figure_images: int = 8, batch_size: int | None = None, device: str = "cpu",
-                          seed: int = 0, top_k: int | None = None) -> dict[str, Any]:
+                          figure_images: int = 8, batch_size: int | None = None,
+                          device: str = "cpu", seed: int = 0,
+                          top_k: int | None = None) -> dict[str, Any]:
     """Fractions of each attribution in the data's tangent space (Figures 2, 3, 7) and in the
     classifier's own D_x, and the principal angles between D_x and the tangent space.
 
