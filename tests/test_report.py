@@ -145,6 +145,9 @@ def test_the_tangent_fractions_are_held_against_the_baseline():
     assert "no method lies above it" in _text(manifold={"mean_fraction": low})
     one = _text(manifold={"mean_fraction": {**low, "smoothgrad": 0.6}, "latent_dim": 4})
     assert "only SmoothGrad lies above it" in one and "k = 4 dimensional" in one
+    assert "as few as" not in above
+    thin = _text(manifold={"tangent_dim_min": 4})
+    assert "the decoder spans as few as 4 directions at some images" in thin
 
 
 class _Cells(HTMLParser):

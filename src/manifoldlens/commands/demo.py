@@ -35,7 +35,7 @@ from ..generative import AutoEncoder, reconstructive_dataset, train_generative
 from ..models import load_checkpoint
 from ..report import Section, percent, quantity, write_report
 from ..runs import Run
-from ..tangent import TangentSpace, principal_angles, random_fraction_baseline
+from ..tangent import TangentSpace, principal_angles
 from .classifier import run_gram, run_spectrum, run_train
 from .common import add_command, add_common, interpolation, option, pick, pick_pairs, progress
 
@@ -157,14 +157,14 @@ def _demo_manifold(run: Run, model: nn.Module, progress: bool) -> dict[str, Any]
         if method in ("gradient", "input_x_gradient"):
             parts[method] = {"attribution": a[:8], "tangent": ts.project(a)[:8],
                              "orthogonal": ts.orthogonal(a)[:8]}
-    base = random_fraction_baseline(6, 64)
+    base = ts.random_baseline()  # from each image's tangent dimension (6 unless thinner)
     run.save_figure("demo_decomposition", viz.plot_attribution_decomposition(
         ds.images[:8], parts, labels=[test.classes[int(c)] for c in ds.labels[:8]]))
     run.save_figure("demo_fraction", viz.plot_fraction_by_method(
         {m: f.numpy() for m, f in fractions.items()}, baseline=base))
     angles = principal_angles(TangentSpace.from_model(model, ds.images), ts)
     run.save_figure("demo_angles", viz.plot_principal_angles(angles))
-    return {"latent_dim": 6, "random_baseline": base,
+    return {"latent_dim": 6, "tangent_dim_min": int(ts.dim.min()), "random_baseline": base,
             "mean_fraction": {m: float(f.mean()) for m, f in fractions.items()},
             "median_smallest_angle_deg": float(angles[:, 0].rad2deg().median()),
             "reconstruction_mse": float(((ds.images - test.images) ** 2).mean())}
@@ -397,6 +397,9 @@ def _manifold_section(manifold: dict[str, Any]) -> Section:
     else:
         lean = f"and only {', '.join(above)} {'lies' if len(above) == 1 else 'lie'} above it"
     angle = manifold["median_smallest_angle_deg"]
+    low = manifold.get("tangent_dim_min", k)
+    thin = (f"; the decoder spans as few as {low} directions at some images, and the baseline "
+            "counts each image's own" if low < k else "")
     return Section(
         "Explanations against the data manifold",
         f"An autoencoder with a k = {k} dimensional code learns the digits' manifold (mean "
@@ -406,7 +409,7 @@ def _manifold_section(manifold: dict[str, Any]) -> Section:
         "al., the reconstructive approach). Each attribution of the classifier splits into "
         "its part in the tangent space and the rest. Mean fraction in the tangent space: "
         + ", ".join(f"{m} {v:.2f}" for m, v in fractions.items())
-        + f"; a random direction gets {base:.2f} (≈ √(k/d), d = 64), {lean}. The "
+        + f"; a random direction gets {base:.2f} (≈ √(k/d), d = 64{thin}), {lean}. The "
         "classifier's own D_x (from G, rank ≤ C − 1) against the data's tangent space: "
         f"median smallest principal angle {angle:.0f}° (0° would mean they share a "
         "direction, 90° that they are orthogonal).",
