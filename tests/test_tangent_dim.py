@@ -246,3 +246,15 @@ def test_thin_tangent_space_is_reported_and_its_baseline_used(vae, tmp_path, mon
     assert results["tangent_dim"] == {**three, "below_k": 6}
     rt = results["methods"]["random_tangent"]["fraction"][0]["mean"]
     assert rt == pytest.approx(1.0)  # drawn in the 3 directions spanned: still inside
+
+
+def test_nonzero_rows_in_chunks_are_the_mask_of_the_tangent_space():
+    from manifoldlens.tangent import TangentSpace, nonzero_rows
+
+    basis = torch.linalg.qr(torch.randn(7, 12, 4, dtype=torch.float64)).Q.mT.contiguous()
+    basis[2, 1] = 0
+    basis[5, :3] = 0
+    rows = nonzero_rows(basis, chunk_size=3)
+    assert torch.equal(rows, TangentSpace(basis).mask)
+    assert rows.sum(-1).tolist() == [4, 4, 3, 4, 4, 1, 4]
+    assert nonzero_rows(basis[:0]).shape == (0, 4)

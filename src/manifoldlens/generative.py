@@ -48,7 +48,7 @@ from ._checks import check_batch
 from ._utils import eval_mode
 from .models import register_architecture
 from .runs import Run
-from .tangent import TangentSpace
+from .tangent import TangentSpace, default_rank_rtol, nonzero_rows
 from .training import RunOptions, TrainResult, fit
 
 __all__ = [
@@ -315,12 +315,12 @@ class UpsampledDecoder(nn.Module):
 
 
 def _tangent_rtol(model: nn.Module, z: torch.Tensor) -> float:
-    """The rank tolerance of the decoder's own output, ``max(d, k) · eps``, also for its
-    upsampled copy: the exact linear upsampling neither adds directions nor the rounding error
-    that the default ``max(d_up, k) · eps`` assumes, which would drop at 256 × 256 the weak
-    directions (latents the decoder barely uses) kept at the decoder's size."""
-    d = math.prod(model.shape)
-    return max(d, z.shape[1]) * torch.finfo(torch.promote_types(z.dtype, torch.float32)).eps
+    """The rank tolerance of the decoder's own output (:func:`~manifoldlens.tangent.
+    default_rank_rtol` at its d), also for its upsampled copy: the exact linear upsampling
+    neither adds directions nor the rounding error that the default at the upsampled d
+    assumes, which would drop at 256 × 256 the weak directions (latents the decoder barely
+    uses) kept at the decoder's size."""
+    return default_rank_rtol(math.prod(model.shape), z.shape[1], z.dtype)
 
 
 # ----------------------------------------------------------------------------- training
@@ -432,12 +432,11 @@ class ManifoldDataset:
     def tangent_space(self, index: Any = slice(None)):
         return TangentSpace(self.tangent[index], input_shape=self.shape)
 
-    def tangent_dims(self, chunk_size: int = 256) -> torch.Tensor:
-        """Dimension of each image's tangent space (n,) int64: its nonzero rows (read
-        ``chunk_size`` images at a time, no copy of the whole basis)."""
-        return torch.cat([(self.tangent[i:i + chunk_size] != 0).any(-1).sum(-1)
-                          for i in range(0, len(self), chunk_size)]
-                         or [torch.zeros(0, dtype=torch.long)])
+    def tangent_dims(self) -> torch.Tensor:
+        """Dimension of each image's tangent space (n,) int64: its nonzero rows, as
+        :attr:`TangentSpace.dim <manifoldlens.tangent.TangentSpace.dim>` counts them
+        (:func:`~manifoldlens.tangent.nonzero_rows`, no copy of the whole basis)."""
+        return nonzero_rows(self.tangent).sum(-1)
 
     def subset(self, index: Any) -> ManifoldDataset:
         info = dict(self.info)

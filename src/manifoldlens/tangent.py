@@ -46,7 +46,9 @@ from .memory import (
 
 __all__ = [
     "TangentSpace",
+    "default_rank_rtol",
     "mean_random_fraction_baseline",
+    "nonzero_rows",
     "principal_angles",
     "random_fraction_baseline",
 ]
@@ -55,6 +57,23 @@ __all__ = [
 def _linalg_dtype(dtype: torch.dtype) -> torch.dtype:
     """LAPACK works in float32/float64 only: half precisions are factorised in float32."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def default_rank_rtol(d: int, k: int, dtype: torch.dtype) -> float:
+    """The relative tolerance below which a direction of k vectors in ℝ^d is dropped,
+    ``max(d, k) · eps`` in the dtype the factorisation runs in (as numpy's ``matrix_rank``)."""
+    return max(d, k) * torch.finfo(_linalg_dtype(dtype)).eps
+
+
+def nonzero_rows(basis: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """Which rows of the bases ``basis`` (n, k, d) are not zero, (n, k) bool: the directions
+    they span (a zero row spans nothing). Read ``chunk_size`` points at a time, so a large
+    basis is never copied whole."""
+    n, k = basis.shape[:2]
+    if n == 0:
+        return torch.zeros((0, k), dtype=torch.bool, device=basis.device)
+    return torch.cat([basis[i:i + chunk_size].abs().amax(-1) > 0
+                      for i in range(0, n, chunk_size)])
 
 
 def _deterministic_signs(rows: torch.Tensor) -> torch.Tensor:
@@ -83,7 +102,7 @@ def _orthonormal_rows(
     u, s, _ = torch.linalg.svd(r, full_matrices=False)
     rows = _deterministic_signs((q @ u).mT)
     if rtol is None:
-        rtol = max(d, k) * torch.finfo(work.dtype).eps
+        rtol = default_rank_rtol(d, k, dtype)
     mask = (s > rtol * s[:, :1]) & (s > 0)
     return (rows * mask.unsqueeze(-1).to(rows.dtype)).to(dtype), mask
 
@@ -162,7 +181,7 @@ class TangentSpace:
         check_finite(basis, "basis")
         n, k, d = basis.shape
         if mask is None:
-            mask = basis.abs().amax(-1) > 0
+            mask = nonzero_rows(basis)
         elif mask.shape != (n, k) or mask.dtype != torch.bool:
             raise ValueError(
                 f"mask must be a bool tensor shaped (n, k) = ({n}, {k}), got "
