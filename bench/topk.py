@@ -146,15 +146,6 @@ def scale_report(logits: torch.Tensor, s: float) -> dict[str, float]:
 # --------------------------------------------------------------------------------------
 
 
-def top_vectors(G: LocalDataMatrix, m: int) -> torch.Tensor:
-    """The top ``m`` unit eigenvectors (n, m, d) of G from its Gram: ``v = Aᵀu / √λ``."""
-    evals, u = torch.linalg.eigh(G.gram)
-    evals, u = evals.flip(-1)[..., :m].clamp_min(0), u.flip(-1)[..., :m]
-    v = G.jac_logp.mT @ (G.weights.sqrt().unsqueeze(-1) * u)  # (n, d, m)
-    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-30)
-    return v.mT.contiguous()
-
-
 def spectrum(G: LocalDataMatrix) -> LocalDataMatrix:
     """G with its eigenvalues and trace computed (what each method's timing includes)."""
     _ = (G.eigenvalues, G.trace)
@@ -166,7 +157,7 @@ def quantities(G: LocalDataMatrix) -> dict[str, torch.Tensor]:
     mass."""
     m = min(SPACE, G.eigenvalues.shape[1])
     return {"trace": G.trace.double().cpu(), "eigenvalues": G.eigenvalues[:, :EIGS].double().cpu(),
-            "vectors": top_vectors(G, m).cpu(), "dropped_mass": G.dropped_mass.double().cpu()}
+            "vectors": G.top_eigenvectors(m).cpu(), "dropped_mass": G.dropped_mass.double().cpu()}
 
 
 def _orthonormal(v: torch.Tensor) -> torch.Tensor:

@@ -215,3 +215,14 @@ def test_basis_keeps_improbable_classes_in_float32():
         rows = j[:, c]
         rel = G.project_kernel(rows).norm(dim=1) / rows.norm(dim=1)
         assert rel.max() < 1e-4, (c, rel)
+
+
+def test_top_eigenvectors_are_the_first_rows_of_the_eigenvectors():
+    model = make(TinyMLP(d=12, c=6))
+    G = local_data_matrix(model, torch.randn(3, 12, dtype=torch.float64))
+    top = G.top_eigenvectors(3)
+    assert top.shape == (3, 3, 12)
+    assert torch.allclose(top, G.eigenvectors[:, :3], atol=1e-12)
+    assert G.top_eigenvectors(50).shape == (3, 6, 12)  # at most the C rows there are
+    with pytest.raises(ValueError, match="m"):
+        G.top_eigenvectors(0)

@@ -158,6 +158,14 @@ class _FactoredPSD:
         evals, u = self._eigh
         return _orthonormalize(self._right(u), evals)
 
+    def top_eigenvectors(self, m: int) -> torch.Tensor:
+        """The first ``m`` rows of :attr:`eigenvectors` (n, m, D), without forming the other
+        C − m (at C = 1000, d = 150 528 all of them take 0.6 GB per sample in float32)."""
+        check_positive_int(m, "m")
+        evals, u = self._eigh
+        m = min(m, evals.shape[-1])
+        return _orthonormalize(self._right(u[..., :m]), evals[..., :m])
+
 
 def _orthonormalize(v: torch.Tensor, evals: torch.Tensor) -> torch.Tensor:
     """Rows (n, C, D) of ``v / √λ`` (v: (n, D, C)) made orthonormal by a thin QR, signs kept;
