@@ -10,6 +10,7 @@ probes for the child processes that measure memory, and the JSON printing.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -155,6 +156,17 @@ def sync() -> None:
     """Wait for the CUDA device's queued work (nothing on a machine without CUDA)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int ≥ 1, else a one-line usage error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
 
 
 def add_device(p: object, default: str = "cpu") -> None:

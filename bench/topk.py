@@ -286,18 +286,30 @@ def warm_probes(model: torch.nn.Module, x: torch.Tensor, classes: int) -> float:
     return round(time.perf_counter() - t0, 2)
 
 
+def _factors(text: str) -> list[float]:
+    """``--scales``: comma-separated finite factors > 0."""
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"factors must be finite and > 0, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=8, help="images (default 8)")
-    p.add_argument("--side", type=int, default=224, help="image side (default 224)")
-    p.add_argument("--classes", type=int, default=1000, help="C (default 1000)")
-    p.add_argument("--width", type=int, default=64, help="channels of the first stage (64)")
+    pos = common.positive_int
+    p.add_argument("--batch", type=pos, default=8, help="images (default 8)")
+    p.add_argument("--side", type=pos, default=224, help="image side (default 224)")
+    p.add_argument("--classes", type=pos, default=1000, help="C (default 1000)")
+    p.add_argument("--width", type=pos, default=64, help="channels of the first stage (64)")
     p.add_argument("--target-confidence", type=float, default=0.698,
                    help="mean max-probability the logit scale is set to (default 0.698)")
-    p.add_argument("--scales", type=lambda s: [float(v) for v in s.split(",") if v],
+    p.add_argument("--scales", type=_factors,
                    default=[], help="comma-separated factors of the logit scale at which "
                    "the accuracy is measured again (exact G derived, not recomputed)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=pos, default=2, help="torch threads (default 2)")
     common.add_device(p)
     return p.parse_args(argv)
 
